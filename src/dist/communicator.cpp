@@ -1,0 +1,203 @@
+#include "dist/communicator.h"
+
+#include <climits>
+#include <numeric>
+
+#include "core/error.h"
+
+namespace moeprune {
+namespace {
+
+void mpi_check(int rc, const char* what) {
+  if (rc != MPI_SUCCESS) {
+    char msg[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    MPI_Error_string(rc, msg, &len);
+    throw std::runtime_error(concat("MPI ", what, " failed: ", std::string(msg, len)));
+  }
+}
+
+int64_t row_bytes(const at::Tensor& t) {
+  int64_t elems = 1;
+  for (int64_t d = 1; d < t.dim(); ++d) elems *= t.size(d);
+  return elems * static_cast<int64_t>(t.element_size());
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& like, int64_t rows) {
+  std::vector<int64_t> shape(like.sizes().begin(), like.sizes().end());
+  if (shape.empty()) shape.push_back(rows);
+  else shape[0] = rows;
+  return shape;
+}
+
+MPI_Datatype mpi_type(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return MPI_FLOAT;
+    case at::kDouble: return MPI_DOUBLE;
+    case at::kLong: return MPI_INT64_T;
+    case at::kInt: return MPI_INT32_T;
+    case at::kByte: return MPI_UINT8_T;
+    case at::kChar: return MPI_INT8_T;
+    case at::kBool: return MPI_C_BOOL;
+    default: return MPI_DATATYPE_NULL;
+  }
+}
+
+constexpr int64_t kChunkBytes = int64_t{1} << 30;
+
+}  // namespace
+
+void check_splits(const Communicator& comm, const at::Tensor& send, const std::vector<int64_t>& send_splits,
+                  const std::vector<int64_t>& recv_splits) {
+  const size_t w = static_cast<size_t>(comm.size());
+  if (send_splits.size() != w || recv_splits.size() != w)
+    throw std::invalid_argument(concat("all_to_all: ", send_splits.size(), " send and ", recv_splits.size(),
+                                    " recv splits for ", w, " ranks"));
+  int64_t total = 0;
+  for (int64_t s : send_splits) {
+    if (s < 0) throw std::invalid_argument("all_to_all: negative send split");
+    total += s;
+  }
+  for (int64_t s : recv_splits)
+    if (s < 0) throw std::invalid_argument("all_to_all: negative recv split");
+  const int64_t rows = send.dim() == 0 ? 1 : send.size(0);
+  if (total != rows)
+    throw std::invalid_argument(concat("all_to_all: send splits sum to ", total, " but the tensor has ", rows, " rows"));
+}
+
+// ---------------------------------------------------------------------------
+at::Tensor SelfCommunicator::all_to_all(const at::Tensor& send, const std::vector<int64_t>& send_splits,
+                                        const std::vector<int64_t>& recv_splits) {
+  check_splits(*this, send, send_splits, recv_splits);
+  if (send_splits[0] != recv_splits[0])
+    throw std::invalid_argument("all_to_all: single process must receive what it sends");
+  return send.clone();
+}
+
+std::vector<int64_t> SelfCommunicator::exchange_counts(const std::vector<int64_t>& send, int block) {
+  if (static_cast<int>(send.size()) != block) throw std::invalid_argument("exchange_counts: size mismatch");
+  return send;
+}
+
+void SelfCommunicator::send(const at::Tensor&, int, int) {
+  throw std::logic_error("SelfCommunicator::send: a single process has no peer");
+}
+void SelfCommunicator::recv(at::Tensor&, int, int) {
+  throw std::logic_error("SelfCommunicator::recv: a single process has no peer");
+}
+
+// ---------------------------------------------------------------------------
+MpiCommunicator::MpiCommunicator(MPI_Comm comm) : comm_(comm) {
+  mpi_check(MPI_Comm_rank(comm_, &rank_), "Comm_rank");
+  mpi_check(MPI_Comm_size(comm_, &size_), "Comm_size");
+}
+
+at::Tensor MpiCommunicator::all_to_all(const at::Tensor& send_in, const std::vector<int64_t>& send_splits,
+                                       const std::vector<int64_t>& recv_splits) {
+  check_splits(*this, send_in, send_splits, recv_splits);
+  TORCH_CHECK(send_in.device().is_cpu(), "MpiCommunicator::all_to_all needs a CPU tensor");
+  at::Tensor send = send_in.contiguous();
+  const int64_t total_recv = std::accumulate(recv_splits.begin(), recv_splits.end(), int64_t{0});
+  at::Tensor recv = at::empty(out_shape(send, total_recv), send.options());
+  const int64_t rb = row_bytes(send);
+  if (rb == 0) return recv;
+  // One datatype element = one row; counts and displacements are in rows.
+  MPI_Datatype row;
+  mpi_check(MPI_Type_contiguous(static_cast<int>(rb), MPI_BYTE, &row), "Type_contiguous");
+  mpi_check(MPI_Type_commit(&row), "Type_commit");
+  std::vector<int> sc(size_), sd(size_), rc(size_), rd(size_);
+  int64_t so = 0, ro = 0;
+  for (int r = 0; r < size_; ++r) {
+    if (send_splits[r] > INT_MAX || recv_splits[r] > INT_MAX || so > INT_MAX || ro > INT_MAX)
+      throw std::runtime_error("MpiCommunicator::all_to_all: more than 2^31 rows in one exchange");
+    sc[r] = static_cast<int>(send_splits[r]);
+    sd[r] = static_cast<int>(so);
+    rc[r] = static_cast<int>(recv_splits[r]);
+    rd[r] = static_cast<int>(ro);
+    so += send_splits[r];
+    ro += recv_splits[r];
+  }
+  const int rcode = MPI_Alltoallv(send.data_ptr(), sc.data(), sd.data(), row, recv.data_ptr(), rc.data(), rd.data(),
+                                  row, comm_);
+  MPI_Type_free(&row);
+  mpi_check(rcode, "Alltoallv");
+  return recv;
+}
+
+std::vector<int64_t> MpiCommunicator::exchange_counts(const std::vector<int64_t>& send, int block) {
+  if (static_cast<int64_t>(send.size()) != static_cast<int64_t>(size_) * block)
+    throw std::invalid_argument("exchange_counts: expected size()*block values");
+  std::vector<int64_t> recv(send.size());
+  mpi_check(MPI_Alltoall(send.data(), block, MPI_INT64_T, recv.data(), block, MPI_INT64_T, comm_), "Alltoall");
+  return recv;
+}
+
+void MpiCommunicator::all_reduce(at::Tensor& t, ReduceOp op) {
+  TORCH_CHECK(t.device().is_cpu(), "MpiCommunicator::all_reduce needs a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), "MpiCommunicator::all_reduce needs a contiguous tensor");
+  MPI_Datatype dt = mpi_type(t.scalar_type());
+  if (dt == MPI_DATATYPE_NULL) {  // bf16 / fp16: reduce in float32
+    at::Tensor f = t.to(at::kFloat);
+    all_reduce(f, op);
+    t.copy_(f);
+    return;
+  }
+  const MPI_Op mop = op == ReduceOp::Sum ? MPI_SUM : MPI_MAX;
+  const int64_t n = t.numel();
+  const int64_t step = INT_MAX / 2;
+  auto* base = static_cast<char*>(t.data_ptr());
+  for (int64_t off = 0; off < n; off += step) {
+    const int cnt = static_cast<int>(std::min(step, n - off));
+    mpi_check(MPI_Allreduce(MPI_IN_PLACE, base + off * t.element_size(), cnt, dt, mop, comm_), "Allreduce");
+  }
+}
+
+void MpiCommunicator::broadcast(at::Tensor& t, int root) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "MpiCommunicator::broadcast needs a contiguous CPU tensor");
+  auto* base = static_cast<char*>(t.data_ptr());
+  const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
+  for (int64_t off = 0; off < bytes; off += kChunkBytes)
+    mpi_check(MPI_Bcast(base + off, static_cast<int>(std::min(kChunkBytes, bytes - off)), MPI_BYTE, root, comm_),
+              "Bcast");
+}
+
+at::Tensor MpiCommunicator::all_gather(const at::Tensor& t_in) {
+  TORCH_CHECK(t_in.device().is_cpu(), "MpiCommunicator::all_gather needs a CPU tensor");
+  at::Tensor t = t_in.contiguous();
+  std::vector<int64_t> shape{size_};
+  shape.insert(shape.end(), t.sizes().begin(), t.sizes().end());
+  at::Tensor out = at::empty(shape, t.options());
+  const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
+  if (bytes == 0) return out;
+  MPI_Datatype blob;
+  mpi_check(MPI_Type_contiguous(static_cast<int>(bytes), MPI_BYTE, &blob), "Type_contiguous");
+  MPI_Type_commit(&blob);
+  const int rc = MPI_Allgather(t.data_ptr(), 1, blob, out.data_ptr(), 1, blob, comm_);
+  MPI_Type_free(&blob);
+  mpi_check(rc, "Allgather");
+  return out;
+}
+
+void MpiCommunicator::send(const at::Tensor& t_in, int dst, int tag) {
+  TORCH_CHECK(t_in.device().is_cpu(), "MpiCommunicator::send needs a CPU tensor");
+  at::Tensor t = t_in.contiguous();
+  auto* base = static_cast<const char*>(t.data_ptr());
+  const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
+  for (int64_t off = 0; off < bytes; off += kChunkBytes)
+    mpi_check(MPI_Send(base + off, static_cast<int>(std::min(kChunkBytes, bytes - off)), MPI_BYTE, dst, tag, comm_),
+              "Send");
+}
+
+void MpiCommunicator::recv(at::Tensor& t, int src, int tag) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "MpiCommunicator::recv needs a contiguous CPU tensor");
+  auto* base = static_cast<char*>(t.data_ptr());
+  const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
+  for (int64_t off = 0; off < bytes; off += kChunkBytes)
+    mpi_check(MPI_Recv(base + off, static_cast<int>(std::min(kChunkBytes, bytes - off)), MPI_BYTE, src, tag, comm_,
+                       MPI_STATUS_IGNORE),
+              "Recv");
+}
+
+void MpiCommunicator::barrier() { mpi_check(MPI_Barrier(comm_), "Barrier"); }
+
+}  // namespace moeprune

@@ -1,0 +1,96 @@
+#include "dist/world.h"
+
+#include <torch/cuda.h>
+#include <ATen/Parallel.h>
+
+#include <cstdlib>
+#include <thread>
+
+#include "core/error.h"
+#include "core/log.h"
+#ifdef MOEPRUNE_WITH_CUDA
+#include "dist/nccl_communicator.h"
+#endif
+
+namespace moeprune {
+
+World::World(int* argc, char*** argv, const std::string& device_pref) {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  if (!initialized) {
+    int provided = 0;
+    MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided);
+  }
+  // Errors come back as return codes so that they become exceptions with a message.
+  MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
+  MPI_Comm_size(MPI_COMM_WORLD, &size_);
+  MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &local_comm_);
+  MPI_Comm_rank(local_comm_, &local_rank_);
+  MPI_Comm_size(local_comm_, &local_size_);
+  log::init(rank_, size_);
+  mpi_ = std::make_unique<MpiCommunicator>(MPI_COMM_WORLD);
+
+  if (device_pref != "auto" && device_pref != "cpu" && device_pref != "cuda")
+    throw UserError(concat("--device '", device_pref, "': expected auto, cpu or cuda"));
+  const bool have_gpu = torch::cuda::is_available();
+  if (device_pref == "cuda" && !have_gpu) throw UserError("--device cuda: no CUDA device is visible on this node");
+  if (have_gpu && device_pref != "cpu") {
+    const int n = static_cast<int>(torch::cuda::device_count());
+    device_ = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(local_rank_ % n));
+#ifdef MOEPRUNE_WITH_CUDA
+    device_comm_ = make_nccl_communicator(*mpi_, local_rank_ % n);
+#else
+    throw UserError("this moeprune was built without the CUDA path (MOEPRUNE_CUDA=OFF); use --device cpu");
+#endif
+  }
+}
+
+World::~World() {
+  device_comm_.reset();
+  if (local_comm_ != MPI_COMM_NULL) MPI_Comm_free(&local_comm_);
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!finalized) MPI_Finalize();
+}
+
+bool World::all_ok(bool ok) {
+  int mine = ok ? 0 : 1, any = 0;
+  MPI_Allreduce(&mine, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  return any == 0;
+}
+
+void World::abort(int code, const std::string& msg) {
+  log::error(msg);
+  MPI_Abort(MPI_COMM_WORLD, code);
+  std::_Exit(code);  // MPI_Abort does not return; this is for the type system
+}
+
+void World::set_threads() {
+  int threads = 0;
+  if (const char* env = std::getenv("OMP_NUM_THREADS")) threads = std::atoi(env);
+  if (threads <= 0) {
+    const int cores = static_cast<int>(std::thread::hardware_concurrency());
+    threads = std::max(1, cores / std::max(1, local_size_));
+  }
+  at::set_num_threads(threads);
+  at::set_num_interop_threads(1);
+}
+
+int run_ranks(World& world, const std::function<int(World&)>& body) {
+  try {
+    return body(world);
+  } catch (const UserError& e) {
+    // Every rank that validates the same replicated input reaches this point; ranks
+    // that did not fail are blocked in a collective, so abort rather than wait.
+    log::error(e.what());
+    if (world.size() > 1) {
+      MPI_Abort(MPI_COMM_WORLD, kExitUserError);
+    }
+    return kExitUserError;
+  } catch (const std::exception& e) {
+    world.abort(kExitInternal, concat("fatal: ", e.what()));
+  }
+}
+
+}  // namespace moeprune

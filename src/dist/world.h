@@ -1,0 +1,59 @@
+// The processes of one job: MPI initialisation, rank / size / local rank, the
+// device each rank computes on, the communicators, and the abort path that turns
+// an error on any rank into the end of every rank (never a hang).
+#pragma once
+#include <c10/core/Device.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "dist/communicator.h"
+
+namespace moeprune {
+
+class World {
+ public:
+  // Initialises MPI (thread level FUNNELED: only the main thread calls MPI) and
+  // picks the device: cuda:local_rank when GPUs exist (and device != "cpu"), else CPU.
+  // device_pref: "auto", "cpu" or "cuda".
+  World(int* argc, char*** argv, const std::string& device_pref = "auto");
+  ~World();  // MPI_Finalize
+  World(const World&) = delete;
+  World& operator=(const World&) = delete;
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  int local_rank() const { return local_rank_; }
+  int local_size() const { return local_size_; }
+  c10::Device device() const { return device_; }
+
+  // The communicator for tensors on device() (NCCL for CUDA, MPI for CPU).
+  Communicator& comm() { return device_comm_ ? *device_comm_ : *mpi_; }
+  // Host communicator (always MPI).
+  MpiCommunicator& host_comm() { return *mpi_; }
+
+  // Collective: true when ok is true on every rank. Use after work every rank
+  // does (config validation) so that an error seen by some ranks ends all of them.
+  bool all_ok(bool ok);
+
+  // Ends every rank with `code` after logging msg on this rank. Never returns.
+  [[noreturn]] void abort(int code, const std::string& msg);
+
+  // Sets torch's intra-op threads: OMP_NUM_THREADS when set, else cores / ranks per node.
+  void set_threads();
+
+ private:
+  int rank_ = 0, size_ = 1, local_rank_ = 0, local_size_ = 1;
+  c10::Device device_{c10::kCPU};
+  MPI_Comm local_comm_ = MPI_COMM_NULL;
+  std::unique_ptr<MpiCommunicator> mpi_;
+  std::unique_ptr<Communicator> device_comm_;
+};
+
+// Runs body on every rank. A UserError on every rank (all reached the check) is
+// printed once per rank and gives exit code 2 after a clean MPI_Finalize; any other
+// exception aborts every rank with the failing rank's message. Returns the exit code.
+int run_ranks(World& world, const std::function<int(World&)>& body);
+
+}  // namespace moeprune

@@ -1,0 +1,51 @@
+// Moves routed tokens to the ranks that hold their experts and brings the expert
+// outputs back (the Megatron-Core "token dispatcher" role: permutation and
+// all-to-all, nothing else). Knows the Placement, not the experts' internals.
+//
+// dispatch(): kept choices are sorted into send order (by the rank holding the
+// expert, then expert, then group, then capacity slot), counts are exchanged,
+// the payload moves with all-to-all-v, and the received rows are regrouped so
+// that each local expert's rows are contiguous. combine() reverses every step and
+// sums the expert outputs weighted by their gates in the original token order.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "dist/communicator.h"
+#include "model/placement.h"
+
+namespace moeprune {
+
+struct DispatchPlan {
+  // Send side (this rank's tokens).
+  at::Tensor token;        // [A] int64: source token of each kept choice, in send order
+  at::Tensor gate;         // [A] float: its gate (differentiable)
+  at::Tensor send_expert;  // [A] int64: its expert, in send order
+  std::vector<int64_t> send_splits, recv_splits;  // rows per rank
+  std::vector<int64_t> send_counts;  // [E] kept choices per expert of the layer (all ranks' experts)
+  // Receive side (rows for this rank's experts).
+  at::Tensor recv_to_expert_major;   // [R] int64: permutation from (source, expert) to (expert, source)
+  std::vector<int64_t> expert_counts;  // rows per local expert, local order
+  int64_t num_tokens = 0;
+};
+
+class Dispatcher {
+ public:
+  Dispatcher(Communicator& comm, const Placement& placement) : comm_(&comm), placement_(&placement) {}
+
+  // Builds the plan and exchanges counts. expert/keep/gate: [N, k]; group/position: [N, k].
+  // Sort key inside an expert: (group, position), the order of V-MoE's dispatch buffer.
+  DispatchPlan plan(const at::Tensor& expert, const at::Tensor& gate, const at::Tensor& keep,
+                    const at::Tensor& group, const at::Tensor& position, int64_t capacity, int64_t num_groups) const;
+  // x: [N, H] -> [sum(expert_counts), H] rows grouped by local expert.
+  at::Tensor dispatch(const at::Tensor& x, const DispatchPlan& plan) const;
+  // y: [sum(expert_counts), H] expert outputs in dispatch() order -> [N, H].
+  at::Tensor combine(const at::Tensor& y, const DispatchPlan& plan) const;
+
+ private:
+  Communicator* comm_;
+  const Placement* placement_;
+};
+
+}  // namespace moeprune

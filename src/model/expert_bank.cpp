@@ -1,0 +1,53 @@
+#include "model/expert_bank.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
+
+namespace moeprune {
+
+uint64_t expert_seed(uint64_t seed, int layer, int expert_id) {
+  // splitmix64 over the triple: distinct, well-mixed seeds per expert.
+  auto mix = [](uint64_t z) {
+    z += 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+  };
+  return mix(mix(mix(seed) ^ static_cast<uint64_t>(layer + 1)) ^ static_cast<uint64_t>(expert_id + 1));
+}
+
+ExpertBankImpl::ExpertBankImpl(int hidden, int mlp_dim, std::vector<int> expert_ids, int layer, uint64_t seed)
+    : expert_ids_(std::move(expert_ids)) {
+  const int64_t n = num_local();
+  at::Tensor W1 = at::empty({n, hidden, mlp_dim}), W2 = at::empty({n, mlp_dim, hidden});
+  const double bound = std::sqrt(6.0 / (hidden + mlp_dim));  // Xavier uniform, as the ViT MLP
+  for (int64_t i = 0; i < n; ++i) {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(expert_seed(seed, layer, expert_ids_[i]));
+    W1[i].uniform_(-bound, bound, gen);
+    W2[i].uniform_(-bound, bound, gen);
+  }
+  w1 = register_parameter("w1", W1);
+  b1 = register_parameter("b1", at::zeros({n, mlp_dim}));
+  w2 = register_parameter("w2", W2);
+  b2 = register_parameter("b2", at::zeros({n, hidden}));
+}
+
+at::Tensor ExpertBankImpl::forward(const at::Tensor& x, const std::vector<int64_t>& counts) {
+  TORCH_CHECK(static_cast<int>(counts.size()) == num_local(), "expert bank: ", counts.size(), " counts for ",
+              num_local(), " experts");
+  std::vector<at::Tensor> outs;
+  outs.reserve(counts.size());
+  int64_t off = 0;
+  for (int i = 0; i < num_local(); ++i) {
+    if (counts[i] == 0) continue;
+    at::Tensor xi = x.narrow(0, off, counts[i]);
+    at::Tensor h = at::gelu(at::addmm(b1[i], xi, w1[i]), "tanh");
+    outs.push_back(at::addmm(b2[i], h, w2[i]));
+    off += counts[i];
+  }
+  if (outs.empty()) return x.narrow(0, 0, 0) * 0;  // keeps the graph connected to x
+  return outs.size() == 1 ? outs[0] : at::cat(outs, 0);
+}
+
+}  // namespace moeprune

@@ -1,0 +1,54 @@
+// One MoE layer = Router(s) + Dispatcher + ExpertBank. For E3-MoE (M members) the
+// layer has M routers; member m routes its copy of the tokens among experts
+// [m*E/M, (m+1)*E/M) only. Routing groups are `group_size` whole images.
+#pragma once
+#include <ATen/ATen.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "core/config.h"
+#include "dist/communicator.h"
+#include "model/dispatcher.h"
+#include "model/expert_bank.h"
+#include "model/placement.h"
+#include "model/router.h"
+
+namespace moeprune {
+
+// Per-call state threaded through the model's forward pass.
+struct ForwardContext {
+  bool train = false;
+  uint64_t noise_seed = 0;     // router noise seed for this step
+  int64_t first_group = 0;     // global index of this rank's first routing group
+  int64_t total_groups = 0;    // routing groups in the global batch (per E3 member)
+  at::Tensor aux_loss;         // accumulated, weighted sum over groups of the auxiliary losses
+  // Filled per MoE layer when non-null: kept choices per expert of the layer from
+  // this rank's tokens, and the rows each local expert computed.
+  std::vector<std::vector<int64_t>>* routed_counts = nullptr;
+  std::vector<std::vector<int64_t>>* expert_rows = nullptr;
+};
+
+class MoeLayerImpl : public torch::nn::Module {
+ public:
+  MoeLayerImpl(const ModelConfig& cfg, int layer, Placement placement, Communicator& comm, uint64_t seed);
+  // x: [M*B, T, hidden], member-major for E3 (member m owns rows m*B..(m+1)*B);
+  // returns [M*B, T, hidden].
+  at::Tensor forward(const at::Tensor& x, ForwardContext& ctx);
+
+  int layer() const { return layer_; }
+  const Placement& placement() const { return placement_; }
+  ExpertBank experts{nullptr};
+  torch::nn::ModuleList routers{nullptr};  // M routers, each over E/M experts
+
+ private:
+  ModelConfig cfg_;
+  int layer_;
+  Placement placement_;
+  Dispatcher dispatcher_;
+};
+TORCH_MODULE(MoeLayer);
+
+}  // namespace moeprune

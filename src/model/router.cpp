@@ -1,0 +1,92 @@
+#include "model/router.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
+
+namespace moeprune {
+
+int64_t expert_capacity(int64_t group_tokens, int top_k, double capacity_factor, int num_experts) {
+  auto c = static_cast<int64_t>(std::ceil(static_cast<double>(group_tokens) * top_k * capacity_factor / num_experts));
+  c = std::max<int64_t>(c, 1);
+  return (c + 3) / 4 * 4;
+}
+
+std::pair<at::Tensor, at::Tensor> assign_slots(const at::Tensor& top_expert, const at::Tensor& top_gate,
+                                               int num_experts, int64_t capacity, bool bpr) {
+  const int64_t G = top_expert.size(0), S = top_expert.size(1), K = top_expert.size(2);
+  at::Tensor order;  // [G, S]: the i-th token in priority order
+  if (bpr) {
+    order = std::get<1>(at::sort(top_gate.select(2, 0).detach(), /*stable=*/true, /*dim=*/1, /*descending=*/true));
+  } else {
+    order = at::arange(S, top_expert.options()).unsqueeze(0).expand({G, S});
+  }
+  at::Tensor sorted = top_expert.gather(1, order.unsqueeze(2).expand({G, S, K}));  // [G, S, K]
+  // Choice-major: all top-1 choices of the group, then all top-2 choices, ...
+  at::Tensor flat = sorted.transpose(1, 2).reshape({G, K * S});
+  at::Tensor onehot = at::one_hot(flat, num_experts);                 // [G, K*S, E]
+  at::Tensor pos = (onehot.cumsum(1) * onehot).sum(2) - 1;            // [G, K*S]
+  pos = pos.reshape({G, K, S}).transpose(1, 2);                       // [G, S, K] in priority order
+  at::Tensor position = at::empty_like(pos);
+  position.scatter_(1, order.unsqueeze(2).expand({G, S, K}), pos);    // back to token order
+  return {position, position < capacity};
+}
+
+at::Tensor importance_loss(const at::Tensor& probs) {
+  at::Tensor importance = probs.sum(1);  // [G, E]
+  at::Tensor cv = importance.std(1, /*unbiased=*/false) / importance.mean(1);
+  return cv.pow(2).sum();
+}
+
+at::Tensor load_loss(const at::Tensor& logits, const at::Tensor& noisy_logits, double noise_std, int top_k) {
+  // The threshold an expert must beat is the k-th largest noisy logit of the token;
+  // re-drawing that expert's noise, it wins with probability 1 - Phi((t - l) / std).
+  at::Tensor kth = std::get<0>(noisy_logits.topk(top_k, -1)).select(-1, top_k - 1).unsqueeze(-1);
+  at::Tensor z = (kth - logits) / noise_std;
+  at::Tensor p = 1.0 - 0.5 * at::erfc(-z / std::sqrt(2.0));  // 1 - Phi(z)
+  at::Tensor p_mean = p.mean(1);                                // [G, E]
+  at::Tensor cv = p_mean.std(1, /*unbiased=*/false) / p_mean.mean(1);
+  return cv.pow(2).sum();
+}
+
+RouterImpl::RouterImpl(int hidden, RouterOptions opts) : opts_(opts) {
+  weight = register_parameter("weight", at::randn({hidden, opts.num_experts}) * 0.02);
+}
+
+Routing RouterImpl::forward(const at::Tensor& x, bool train, const std::vector<uint64_t>& noise_seeds) {
+  const int64_t G = x.size(0), S = x.size(1);
+  const int E = opts_.num_experts;
+  Routing r;
+  r.num_groups = G;
+  r.group_tokens = S;
+  r.capacity = expert_capacity(S, opts_.top_k, opts_.capacity_factor, E);
+
+  at::Tensor logits = at::matmul(x, weight);  // [G, S, E]
+  at::Tensor noisy = logits;
+  const double std_noise = opts_.noise_std / E;
+  const bool noisy_routing = train && std_noise > 0;
+  if (noisy_routing) {
+    TORCH_CHECK(static_cast<int64_t>(noise_seeds.size()) == G, "router: need one noise seed per group");
+    std::vector<at::Tensor> noise;
+    noise.reserve(G);
+    for (int64_t g = 0; g < G; ++g) {
+      auto gen = at::make_generator<at::CPUGeneratorImpl>(noise_seeds[g]);
+      noise.push_back(at::randn({S, E}, gen, at::TensorOptions().dtype(at::kFloat)));
+    }
+    noisy = logits + (at::stack(noise).to(logits.options()) * std_noise);
+  }
+  at::Tensor probs = at::softmax(noisy, -1);
+  auto [top_gate, top_expert] = probs.topk(opts_.top_k, -1);  // [G, S, k]
+  auto [position, keep] = assign_slots(top_expert, top_gate, E, r.capacity, opts_.bpr);
+
+  r.importance_loss = importance_loss(probs);
+  r.load_loss = noisy_routing ? load_loss(logits, noisy, std_noise, opts_.top_k) : at::zeros({}, logits.options());
+  r.expert = top_expert.reshape({G * S, opts_.top_k});
+  r.gate = top_gate.reshape({G * S, opts_.top_k});
+  r.position = position.reshape({G * S, opts_.top_k});
+  r.keep = keep.reshape({G * S, opts_.top_k});
+  r.probs = probs.reshape({G * S, E});
+  return r;
+}
+
+}  // namespace moeprune

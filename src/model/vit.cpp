@@ -1,0 +1,135 @@
+#include "model/vit.h"
+
+#include <torch/nn/init.h>
+
+#include <cmath>
+
+namespace moeprune {
+namespace {
+
+torch::nn::Linear make_linear(int in, int out) {
+  torch::nn::Linear l(torch::nn::LinearOptions(in, out));
+  torch::nn::init::xavier_uniform_(l->weight);
+  torch::nn::init::zeros_(l->bias);
+  return l;
+}
+
+torch::nn::LayerNorm make_ln(int dim) {
+  return torch::nn::LayerNorm(torch::nn::LayerNormOptions({dim}).eps(1e-6));
+}
+
+}  // namespace
+
+BlockImpl::BlockImpl(const ModelConfig& cfg, MoeLayer moe_layer) : heads_(cfg.num_heads) {
+  ln1 = register_module("ln1", make_ln(cfg.hidden));
+  qkv = register_module("qkv", make_linear(cfg.hidden, 3 * cfg.hidden));
+  proj = register_module("proj", make_linear(cfg.hidden, cfg.hidden));
+  ln2 = register_module("ln2", make_ln(cfg.hidden));
+  if (moe_layer) {
+    moe = register_module("moe", moe_layer);
+  } else {
+    fc1 = register_module("fc1", make_linear(cfg.hidden, cfg.mlp_dim));
+    fc2 = register_module("fc2", make_linear(cfg.mlp_dim, cfg.hidden));
+  }
+}
+
+at::Tensor BlockImpl::forward(const at::Tensor& x, ForwardContext& ctx) {
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), D = H / heads_;
+  at::Tensor qkv_out = qkv->forward(ln1->forward(x)).reshape({B, T, 3, heads_, D}).permute({2, 0, 3, 1, 4});
+  at::Tensor q = qkv_out[0], k = qkv_out[1], v = qkv_out[2];  // [B, heads, T, D]
+  at::Tensor attn = at::softmax(at::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(D)), -1);
+  at::Tensor a = at::matmul(attn, v).transpose(1, 2).reshape({B, T, H});
+  at::Tensor h = x + proj->forward(a);
+  at::Tensor y = ln2->forward(h);
+  y = is_moe() ? moe->forward(y, ctx) : fc2->forward(at::gelu(fc1->forward(y), "tanh"));
+  return h + y;
+}
+
+VisionTransformerImpl::VisionTransformerImpl(const ModelConfig& cfg, const std::vector<Placement>& placements,
+                                             Communicator& comm, uint64_t seed)
+    : cfg_(cfg) {
+  patch_embed = register_module(
+      "patch_embed",
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(cfg.channels, cfg.hidden, cfg.patch_size).stride(cfg.patch_size)));
+  cls_token = register_parameter("cls_token", at::zeros({1, 1, cfg.hidden}));
+  pos_embed = register_parameter("pos_embed", at::randn({1, cfg.tokens_per_image(), cfg.hidden}) * 0.02);
+  blocks = register_module("blocks", torch::nn::ModuleList());
+  const std::vector<int> moe_blocks = cfg.moe_blocks();
+  TORCH_CHECK(placements.size() == moe_blocks.size(), "model: ", placements.size(), " placements for ",
+              moe_blocks.size(), " MoE blocks");
+  size_t next = 0;
+  for (int b = 0; b < cfg.num_layers; ++b) {
+    MoeLayer moe{nullptr};
+    if (next < moe_blocks.size() && moe_blocks[next] == b) {
+      moe = MoeLayer(cfg, b, placements[next], comm, seed);
+      ++next;
+    }
+    blocks->push_back(Block(cfg, moe));
+  }
+  norm = register_module("norm", make_ln(cfg.hidden));
+  head = register_module("head", torch::nn::Linear(cfg.hidden, cfg.num_classes));
+  torch::nn::init::normal_(head->weight, 0.0, 0.02);
+  torch::nn::init::zeros_(head->bias);
+}
+
+at::Tensor VisionTransformerImpl::forward(const at::Tensor& images, ForwardContext& ctx) {
+  const int64_t B = images.size(0);
+  at::Tensor x = patch_embed->forward(images).flatten(2).transpose(1, 2);  // [B, P, H]
+  x = at::cat({cls_token.expand({B, 1, cfg_.hidden}), x}, 1) + pos_embed;
+  const int M = cfg_.moe.ensemble_size;
+  bool repeated = M == 1;
+  for (const auto& blk : *blocks) {
+    auto* block = blk->as<BlockImpl>();
+    if (!repeated && block->is_moe()) {
+      x = x.repeat({M, 1, 1});  // member-major copies: [M*B, T, H]
+      repeated = true;
+    }
+    x = block->forward(x, ctx);
+  }
+  at::Tensor cls = norm->forward(x.select(1, 0));  // [M*B, H]
+  return head->forward(cls).reshape({M, B, cfg_.num_classes});
+}
+
+std::vector<MoeLayer> VisionTransformerImpl::moe_layers() const {
+  std::vector<MoeLayer> out;
+  for (const auto& blk : *blocks) {
+    auto* block = blk->as<BlockImpl>();
+    if (block->is_moe()) out.push_back(block->moe);
+  }
+  return out;
+}
+
+std::vector<at::Tensor> VisionTransformerImpl::dense_parameters() const {
+  std::vector<at::Tensor> out;
+  for (const auto& item : named_parameters())
+    if (item.key().find(".experts.") == std::string::npos) out.push_back(item.value());
+  return out;
+}
+
+std::vector<at::Tensor> VisionTransformerImpl::expert_parameters() const {
+  std::vector<at::Tensor> out;
+  for (const auto& item : named_parameters())
+    if (item.key().find(".experts.") != std::string::npos) out.push_back(item.value());
+  return out;
+}
+
+std::vector<Placement> default_placements(const ModelConfig& cfg, int world_size) {
+  std::vector<Placement> out;
+  for (size_t i = 0; i < cfg.moe_blocks().size(); ++i)
+    out.push_back(Placement::contiguous(cfg.moe.num_experts, world_size));
+  return out;
+}
+
+at::Tensor ensemble_log_probs(const at::Tensor& logits) {
+  const double M = static_cast<double>(logits.size(0));
+  return at::logsumexp(at::log_softmax(logits, -1), 0) - std::log(M);
+}
+
+at::Tensor cross_entropy_sum(const at::Tensor& logits, const at::Tensor& labels) {
+  const int64_t M = logits.size(0);
+  at::Tensor lp = at::log_softmax(logits, -1);  // [M, B, C]
+  at::Tensor picked = lp.gather(2, labels.view({1, -1, 1}).expand({M, labels.size(0), 1})).squeeze(2);
+  return -picked.sum() / static_cast<double>(M);
+}
+
+}  // namespace moeprune

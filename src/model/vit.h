@@ -1,0 +1,78 @@
+// The V-MoE vision transformer (google-research/vmoe): patch embedding, class
+// token, learned position embeddings, pre-LayerNorm blocks of multi-head
+// self-attention and MLP (GELU), token classifier head. The MLP of the blocks
+// listed by ModelConfig::moe_blocks() is an MoE layer. E3-MoE: the tokens are
+// repeated M times before the first MoE block and each copy runs to its own
+// prediction.
+#pragma once
+#include <ATen/ATen.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/normalization.h>
+
+#include <vector>
+
+#include "core/config.h"
+#include "dist/communicator.h"
+#include "model/moe_layer.h"
+#include "model/placement.h"
+
+namespace moeprune {
+
+class BlockImpl : public torch::nn::Module {
+ public:
+  // moe is null for a dense block.
+  BlockImpl(const ModelConfig& cfg, MoeLayer moe);
+  // x: [B, T, hidden] -> [B, T, hidden]
+  at::Tensor forward(const at::Tensor& x, ForwardContext& ctx);
+  bool is_moe() const { return !moe.is_empty(); }
+
+  torch::nn::LayerNorm ln1{nullptr}, ln2{nullptr};
+  torch::nn::Linear qkv{nullptr}, proj{nullptr}, fc1{nullptr}, fc2{nullptr};
+  MoeLayer moe{nullptr};
+
+ private:
+  int heads_;
+};
+TORCH_MODULE(Block);
+
+class VisionTransformerImpl : public torch::nn::Module {
+ public:
+  // placements: one per MoE block (in moe_blocks() order). Dense parameters come
+  // from torch's global generator (seed it identically on every rank first);
+  // experts from their own seeds, so every rank builds the same model.
+  VisionTransformerImpl(const ModelConfig& cfg, const std::vector<Placement>& placements, Communicator& comm,
+                        uint64_t seed);
+  // images: [B, C, H, W] float -> logits [M, B, num_classes] (M = 1 for V-MoE).
+  at::Tensor forward(const at::Tensor& images, ForwardContext& ctx);
+
+  const ModelConfig& config() const { return cfg_; }
+  std::vector<MoeLayer> moe_layers() const;
+  // Parameters replicated on every rank (everything but the experts).
+  std::vector<at::Tensor> dense_parameters() const;
+  // Parameters of the experts this rank holds.
+  std::vector<at::Tensor> expert_parameters() const;
+
+  torch::nn::Conv2d patch_embed{nullptr};
+  at::Tensor cls_token, pos_embed;
+  torch::nn::ModuleList blocks{nullptr};
+  torch::nn::LayerNorm norm{nullptr};
+  torch::nn::Linear head{nullptr};
+
+ private:
+  ModelConfig cfg_;
+};
+TORCH_MODULE(VisionTransformer);
+
+// Default placements: contiguous blocks of experts per rank in every MoE layer.
+std::vector<Placement> default_placements(const ModelConfig& cfg, int world_size);
+
+// logits [M, B, C] -> log of the mean of the members' probabilities, [B, C].
+at::Tensor ensemble_log_probs(const at::Tensor& logits);
+// Sum over images of the per-member cross-entropy averaged over members.
+// logits [M, B, C], labels [B] int64 -> scalar.
+at::Tensor cross_entropy_sum(const at::Tensor& logits, const at::Tensor& labels);
+
+}  // namespace moeprune

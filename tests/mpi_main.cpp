@@ -1,0 +1,22 @@
+// GoogleTest main for the multi-rank suite: one World for all tests. Ranks other
+// than 0 print only failures, so the log reads like a single run.
+#include <ATen/Parallel.h>
+#include <gtest/gtest.h>
+
+#include "test_world.h"
+
+namespace moeprune::test {
+World* g_world = nullptr;
+}
+
+int main(int argc, char** argv) {
+  moeprune::World world(&argc, &argv, "cpu");
+  moeprune::test::g_world = &world;
+  ::testing::InitGoogleTest(&argc, argv);
+  if (world.rank() != 0) GTEST_FLAG_SET(brief, true);
+  at::set_num_threads(1);
+  const int rc = RUN_ALL_TESTS();
+  // A test that failed on any rank fails the job on every rank.
+  const bool ok = world.all_ok(rc == 0);
+  return ok ? 0 : 1;
+}

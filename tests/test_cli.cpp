@@ -1,0 +1,100 @@
+// The command line under mpirun: bad input gives a clear one-line error on every
+// rank and exit code 2, an exception on one rank ends every rank (no hang), and
+// the forward smoke prints the same figures for 1, 2 and 4 ranks.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <regex>
+#include <string>
+
+namespace {
+
+struct Result {
+  int code;
+  std::string out;
+};
+
+Result run(const std::string& args, int np) {
+  const std::string cmd = "timeout 300 " MOEPRUNE_MPIEXEC " -x OMP_NUM_THREADS=1 -np " + std::to_string(np) + " " +
+                          args + " 2>&1";
+  Result r{-1, ""};
+  FILE* pipe = popen(cmd.c_str(), "r");
+  if (!pipe) return r;
+  std::array<char, 4096> buf{};
+  while (fgets(buf.data(), buf.size(), pipe)) r.out += buf.data();
+  const int status = pclose(pipe);
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+int count(const std::string& s, const std::string& what) {
+  int n = 0;
+  for (size_t p = s.find(what); p != std::string::npos; p = s.find(what, p + 1)) ++n;
+  return n;
+}
+
+void expect_user_error(const std::string& args, int np, const std::string& message) {
+  const Result r = run(std::string(MOEPRUNE_BIN) + " forward " + args, np);
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find(message), std::string::npos) << r.out;
+  for (int rank = 0; rank < np; ++rank)
+    EXPECT_EQ(count(r.out, "[rank " + std::to_string(rank) + "/" + std::to_string(np) + "] error"), 1)
+        << "rank " << rank << " must report the error once:\n" << r.out;
+}
+
+TEST(Cli, UnknownConfigKey) {
+  expect_user_error("--set model.moe.topk=3", 2, "unknown key 'model.moe.topk'");
+}
+
+TEST(Cli, TopKLargerThanExperts) {
+  expect_user_error("--set model.moe.top_k=9", 2, "model.moe.top_k=9 must be <=");
+}
+
+TEST(Cli, ExpertsNotDivisibleByMembers) {
+  expect_user_error("--set model.moe.ensemble_size=3", 2, "must be divisible by model.moe.ensemble_size=3");
+}
+
+TEST(Cli, MoreRanksThanExperts) {
+  expect_user_error("--set model.moe.num_experts=2 --set train.batch_size=128", 4,
+                    "world size 4 is larger than model.moe.num_experts=2");
+}
+
+TEST(Cli, WorldSizeDoesNotDivideGroups) {
+  expect_user_error("", 3, "world size 3 does not divide the 8 routing groups");
+}
+
+TEST(Cli, MissingConfigFile) {
+  expect_user_error("--config /nonexistent/x.yaml", 2, "cannot open '/nonexistent/x.yaml'");
+}
+
+TEST(Cli, ExceptionOnOneRankEndsAllRanks) {
+  const Result r = run(MOEPRUNE_ABORT_PROBE, 2);
+  EXPECT_NE(r.code, 0) << r.out;
+  EXPECT_NE(r.code, 124) << "timed out: a rank hung\n" << r.out;
+  EXPECT_NE(r.out.find("[rank 1/2] error: fatal: probe failure raised on rank 1"), std::string::npos) << r.out;
+}
+
+// The smoke command's figures are the same for 1, 2 and 4 ranks.
+TEST(Cli, ForwardFiguresEqualAcrossWorldSizes) {
+  auto figures = [](int np) {
+    const Result r = run(std::string(MOEPRUNE_BIN) + " forward", np);
+    EXPECT_EQ(r.code, 0) << r.out;
+    std::string keep;
+    std::regex line(R"(^(loss|output|dense grad|expert grad)[^\n]*$)", std::regex::multiline);
+    for (auto it = std::sregex_iterator(r.out.begin(), r.out.end(), line); it != std::sregex_iterator(); ++it)
+      keep += it->str() + "\n";
+    std::string rows;  // per-expert rows without the rank grouping
+    std::regex cell(R"(e(\d+)=(\d+))");
+    for (auto it = std::sregex_iterator(r.out.begin(), r.out.end(), cell); it != std::sregex_iterator(); ++it)
+      rows += it->str() + " ";
+    EXPECT_EQ(count(keep, "\n"), 7) << r.out;
+    return keep + rows;
+  };
+  const std::string one = figures(1);
+  EXPECT_EQ(figures(2), one);
+  EXPECT_EQ(figures(4), one);
+}
+
+}  // namespace
