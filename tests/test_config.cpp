@@ -59,7 +59,7 @@ TEST(Config, BadValues) {
             std::string::npos);
   EXPECT_NE(error_of("train: {batch_size: 20}").find("multiple of model.moe.group_size"), std::string::npos);
   EXPECT_NE(error_of("model: [1, 2]").find("'model' must be a mapping"), std::string::npos);
-  EXPECT_NE(error_of("model: {hidden: 60}").find("divisible by model.num_heads"), std::string::npos);
+  EXPECT_NE(error_of("model: {hidden: 62}").find("divisible by model.num_heads"), std::string::npos);
 }
 
 TEST(Config, WorldSize) {

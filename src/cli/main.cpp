@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
       "models over MPI (CPU) and NCCL (GPU). Launch with mpirun; every rank runs the same command.\n"
       "Without --config the embedded default (configs/vmoe-tiny.yaml) is used."};
   app.require_subcommand(1);
+  app.fallthrough();  // global options may follow the subcommand
   std::string config_path;
   std::vector<std::string> overrides;
   bool verbose = false;
