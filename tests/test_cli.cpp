@@ -57,7 +57,7 @@ TEST(Cli, ExpertsNotDivisibleByMembers) {
 }
 
 TEST(Cli, MoreRanksThanExperts) {
-  expect_user_error("--set model.moe.num_experts=2 --set train.batch_size=128", 4,
+  expect_user_error("--set model.moe.num_experts=2 --set finetune.batch_size=128", 4,
                     "world size 4 is larger than model.moe.num_experts=2");
 }
 

@@ -37,9 +37,9 @@ TEST(Config, ShippedConfigsParse) {
 }
 
 TEST(Config, OverridesApply) {
-  const JobConfig cfg = parse_config("", {"model.moe.top_k=1", "train.seed=42", "model.moe.bpr=true"});
+  const JobConfig cfg = parse_config("", {"model.moe.top_k=1", "seed=42", "model.moe.bpr=true"});
   EXPECT_EQ(cfg.model.moe.top_k, 1);
-  EXPECT_EQ(cfg.train.seed, 42u);
+  EXPECT_EQ(cfg.seed, 42u);
   EXPECT_TRUE(cfg.model.moe.bpr);
 }
 
@@ -57,7 +57,7 @@ TEST(Config, BadValues) {
   EXPECT_NE(error_of("model: {moe: {every: 2, last: 1}}").find("set only one of"), std::string::npos);
   EXPECT_NE(error_of("model: {hidden: abc}").find("'model.hidden' has value 'abc', expected an integer"),
             std::string::npos);
-  EXPECT_NE(error_of("train: {batch_size: 20}").find("multiple of model.moe.group_size"), std::string::npos);
+  EXPECT_NE(error_of("finetune: {batch_size: 20}").find("must be a multiple of model.moe.group_size"), std::string::npos);
   EXPECT_NE(error_of("model: [1, 2]").find("'model' must be a mapping"), std::string::npos);
   EXPECT_NE(error_of("model: {hidden: 62}").find("divisible by model.num_heads"), std::string::npos);
 }
@@ -72,7 +72,7 @@ TEST(Config, WorldSize) {
   } catch (const UserError& e) {
     EXPECT_NE(std::string(e.what()).find("does not divide the 8 routing groups"), std::string::npos) << e.what();
   }
-  const JobConfig small = parse_config("", {"model.moe.num_experts=2", "train.batch_size=128"});
+  const JobConfig small = parse_config("", {"model.moe.num_experts=2", "finetune.batch_size=128", "pretrain.batch_size=128"});
   EXPECT_THROW(validate_world(small, 4), UserError);
 }
 

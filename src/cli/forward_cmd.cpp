@@ -22,11 +22,11 @@ std::vector<double> global_sums(World& world, std::vector<double> local) {
 int cmd_forward(World& world, const JobConfig& cfg) {
   const ModelConfig& mc = cfg.model;
   const int W = world.size(), r = world.rank();
-  const int64_t B = cfg.train.batch_size, local_B = B / W;
+  const int64_t B = cfg.finetune.batch_size, local_B = B / W;
   const int64_t total_groups = B / mc.moe.group_size;
 
-  at::manual_seed(cfg.train.seed);
-  VisionTransformer model(mc, default_placements(mc, W), world.comm(), cfg.train.seed);
+  at::manual_seed(cfg.seed);
+  VisionTransformer model(mc, default_placements(mc, W), world.comm(), cfg.seed);
   model->to(world.device());
   model->train();
   log::info(concat("forward: model ", mc.name, " with ", mc.moe_blocks().size(), " MoE layers of ", mc.moe.num_experts,
@@ -34,7 +34,7 @@ int cmd_forward(World& world, const JobConfig& cfg) {
                 world.device().str(), ", global batch ", B));
 
   // The fixed global batch, generated identically on every rank; each takes its slice.
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(cfg.train.seed + 1);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(cfg.seed + 1);
   at::Tensor images = at::randn({B, mc.channels, mc.image_size, mc.image_size}, gen, at::kFloat);
   at::Tensor labels = at::randint(mc.num_classes, {B}, gen, at::TensorOptions().dtype(at::kLong));
   images = images.narrow(0, r * local_B, local_B).to(world.device());
@@ -43,7 +43,7 @@ int cmd_forward(World& world, const JobConfig& cfg) {
   std::vector<std::vector<int64_t>> expert_rows;
   ForwardContext ctx;
   ctx.train = true;
-  ctx.noise_seed = cfg.train.seed;
+  ctx.noise_seed = cfg.seed;
   ctx.first_group = r * local_B / mc.moe.group_size;
   ctx.total_groups = total_groups;
   ctx.expert_rows = &expert_rows;

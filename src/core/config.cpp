@@ -2,6 +2,7 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -60,8 +61,13 @@ class MapReader {
     return e.c_str();
   }
   template <class T>
+  struct is_vector : std::false_type {};
+  template <class T>
+  struct is_vector<std::vector<T>> : std::true_type {};
+  template <class T>
   static const char* type_name() {
-    if constexpr (std::is_same_v<T, bool>) return "true or false";
+    if constexpr (is_vector<T>::value) return "a list like [1, 2]";
+    else if constexpr (std::is_same_v<T, bool>) return "true or false";
     else if constexpr (std::is_integral_v<T>) return "an integer";
     else if constexpr (std::is_floating_point_v<T>) return "a number";
     else return "a string";
@@ -103,11 +109,84 @@ void read_model(const YAML::Node& n, ModelConfig& m) {
   r.finish();
 }
 
-void read_train(const YAML::Node& n, TrainConfig& t) {
-  MapReader r(n, "train");
-  r.get("seed", t.seed);
-  r.get("batch_size", t.batch_size);
+void read_data(const YAML::Node& n, DataConfig& d) {
+  MapReader r(n, "data");
+  r.get("dataset", d.dataset);
+  r.get("root", d.root);
+  r.get("cifar100_labels", d.cifar100_labels);
+  r.get("val_fraction", d.val_fraction);
+  r.get("eval_batch_size", d.eval_batch_size);
+  r.get("prefetch", d.prefetch);
+  r.get("planted_train", d.planted_train);
+  r.get("planted_test", d.planted_test);
+  r.get("planted_patches", d.planted_patches);
+  r.get("planted_noise", d.planted_noise);
+  MapReader a(r.child("augment"), "data.augment");
+  a.get("crop_padding", d.augment.crop_padding);
+  a.get("flip", d.augment.flip);
+  a.get("mean", d.augment.mean);
+  a.get("std", d.augment.std);
+  a.finish();
   r.finish();
+}
+
+void read_phase(const YAML::Node& n, const std::string& name, PhaseConfig& p) {
+  MapReader r(n, name);
+  r.get("enabled", p.enabled);
+  r.get("classes", p.classes);
+  r.get("label_map", p.label_map);
+  r.get("init", p.init);
+  r.get("optimizer", p.optimizer);
+  r.get("lr", p.lr);
+  r.get("end_lr", p.end_lr);
+  r.get("warmup_steps", p.warmup_steps);
+  r.get("steps", p.steps);
+  r.get("momentum", p.momentum);
+  r.get("beta1", p.beta1);
+  r.get("beta2", p.beta2);
+  r.get("eps", p.eps);
+  r.get("weight_decay", p.weight_decay);
+  r.get("clip_norm", p.clip_norm);
+  r.get("batch_size", p.batch_size);
+  r.get("accumulation", p.accumulation);
+  r.get("eval_every", p.eval_every);
+  r.get("log_every", p.log_every);
+  r.get("history_every", p.history_every);
+  r.finish();
+}
+
+void validate_phase(const PhaseConfig& p, const std::string& name, const ModelConfig& m) {
+  auto key = [&](const char* k) { return name + "." + k; };
+  require(p.optimizer == "sgd" || p.optimizer == "adamw",
+          concat("config: ", key("optimizer"), "='", p.optimizer, "', expected sgd or adamw"));
+  require(p.lr > 0, concat("config: ", key("lr"), "=", p.lr, " must be > 0"));
+  require(p.end_lr >= 0 && p.end_lr <= p.lr,
+          concat("config: ", key("end_lr"), "=", p.end_lr, " must be in [0, ", key("lr"), "=", p.lr, "]"));
+  require(p.steps > 0, concat("config: ", key("steps"), "=", p.steps, " must be > 0"));
+  require(p.warmup_steps >= 0 && p.warmup_steps <= p.steps,
+          concat("config: ", key("warmup_steps"), "=", p.warmup_steps, " must be in [0, ", key("steps"), "]"));
+  require(p.batch_size > 0, concat("config: ", key("batch_size"), "=", p.batch_size, " must be > 0"));
+  require(p.accumulation > 0 && p.batch_size % p.accumulation == 0,
+          concat("config: ", key("accumulation"), "=", p.accumulation, " must divide ", key("batch_size"), "=",
+                 p.batch_size));
+  require((p.batch_size / p.accumulation) % m.moe.group_size == 0,
+          concat("config: the micro-batch ", key("batch_size"), " / ", key("accumulation"), " = ",
+                 p.batch_size / p.accumulation, " must be a multiple of model.moe.group_size=", m.moe.group_size,
+                 " (routing groups are whole images)"));
+  require(p.clip_norm >= 0 && p.weight_decay >= 0 && p.momentum >= 0 && p.momentum < 1,
+          concat("config: ", name, ": clip_norm and weight_decay must be >= 0, momentum in [0, 1)"));
+  require(p.log_every > 0 && p.eval_every >= 0 && p.history_every >= 0,
+          concat("config: ", name, ": log_every must be > 0, eval_every and history_every >= 0"));
+  require(p.label_map.empty() || p.label_map.size() == p.classes.size(),
+          concat("config: ", key("label_map"), " has ", p.label_map.size(), " entries for ", p.classes.size(),
+                 " classes; expected one label per class"));
+  for (int l : p.label_map)
+    require(l >= 0, concat("config: ", key("label_map"), " has label ", l, ", expected labels >= 0"));
+  std::set<int> seen;
+  for (int c : p.classes) {
+    require(c >= 0, concat("config: ", key("classes"), " has class ", c, ", expected >= 0"));
+    require(seen.insert(c).second, concat("config: ", key("classes"), " lists class ", c, " twice"));
+  }
 }
 
 void apply_override(YAML::Node& root, const std::string& ov) {
@@ -142,6 +221,11 @@ void apply_override(YAML::Node& root, const std::string& ov) {
 }
 
 }  // namespace
+
+int PhaseConfig::num_labels() const {
+  if (!label_map.empty()) return *std::max_element(label_map.begin(), label_map.end()) + 1;
+  return static_cast<int>(classes.size());
+}
 
 int ModelConfig::tokens_per_image() const {
   const int side = image_size / patch_size;
@@ -178,7 +262,6 @@ void validate(const JobConfig& cfg) {
   positive(e.top_k, "model.moe.top_k");
   positive(e.group_size, "model.moe.group_size");
   positive(e.ensemble_size, "model.moe.ensemble_size");
-  positive(cfg.train.batch_size, "train.batch_size");
   require(m.image_size % m.patch_size == 0,
           concat("config: model.image_size=", m.image_size, " must be divisible by model.patch_size=", m.patch_size));
   require(m.hidden % m.num_heads == 0,
@@ -205,9 +288,28 @@ void validate(const JobConfig& cfg) {
   require(e.noise_std >= 0, concat("config: model.moe.noise_std=", e.noise_std, " must be >= 0"));
   require(e.importance_loss_weight >= 0 && e.load_loss_weight >= 0,
           "config: model.moe.importance_loss_weight and load_loss_weight must be >= 0");
-  require(cfg.train.batch_size % e.group_size == 0,
-          concat("config: train.batch_size=", cfg.train.batch_size, " must be a multiple of model.moe.group_size=",
-              e.group_size, " (routing groups are whole images)"));
+  const DataConfig& d = cfg.data;
+  const std::set<std::string> datasets{"fashion_mnist", "mnist", "cifar10", "cifar100", "shards", "planted"};
+  require(datasets.count(d.dataset),
+          concat("config: data.dataset='", d.dataset, "', expected one of fashion_mnist, mnist, cifar10, cifar100, "
+                 "shards, planted"));
+  require(d.cifar100_labels == "fine" || d.cifar100_labels == "coarse",
+          concat("config: data.cifar100_labels='", d.cifar100_labels, "', expected fine or coarse"));
+  require(d.val_fraction >= 0 && d.val_fraction < 1,
+          concat("config: data.val_fraction=", d.val_fraction, " must be in [0, 1)"));
+  require(d.eval_batch_size > 0 && d.eval_batch_size % e.group_size == 0,
+          concat("config: data.eval_batch_size=", d.eval_batch_size, " must be a positive multiple of "
+                 "model.moe.group_size=", e.group_size));
+  require(d.prefetch >= 0, "config: data.prefetch must be >= 0");
+  require(d.augment.crop_padding >= 0, "config: data.augment.crop_padding must be >= 0");
+  require(d.augment.mean.size() == d.augment.std.size() &&
+              (d.augment.mean.size() == 1 || static_cast<int>(d.augment.mean.size()) == m.channels),
+          concat("config: data.augment.mean and std need 1 or model.channels=", m.channels, " values each"));
+  for (double s : d.augment.std) require(s > 0, "config: data.augment.std values must be > 0");
+  require(d.planted_train > 0 && d.planted_test > 0 && d.planted_patches > 0 && d.planted_noise >= 0,
+          "config: data.planted_* must be positive (noise >= 0)");
+  validate_phase(cfg.pretrain, "pretrain", m);
+  validate_phase(cfg.finetune, "finetune", m);
 }
 
 void validate_world(const JobConfig& cfg, int world_size) {
@@ -216,11 +318,16 @@ void validate_world(const JobConfig& cfg, int world_size) {
           concat("world size ", world_size, " is larger than model.moe.num_experts=", e.num_experts,
               ": every rank must hold at least one expert of each MoE layer (expected at most ", e.num_experts,
               " ranks)"));
-  const int groups = cfg.train.batch_size / e.group_size;
-  require(groups % world_size == 0,
-          concat("world size ", world_size, " does not divide the ", groups, " routing groups of a batch (train.batch_size=",
-              cfg.train.batch_size, " / model.moe.group_size=", e.group_size,
-              "): expected a world size that divides ", groups));
+  auto check = [&](int images, const std::string& what) {
+    const int groups = images / e.group_size;
+    require(groups % world_size == 0,
+            concat("world size ", world_size, " does not divide the ", groups, " routing groups of ", what, " (",
+                   images, " images / model.moe.group_size=", e.group_size,
+                   "): expected a world size that divides ", groups));
+  };
+  check(cfg.finetune.batch_size / cfg.finetune.accumulation, "a finetune micro-batch");
+  if (cfg.pretrain.enabled) check(cfg.pretrain.batch_size / cfg.pretrain.accumulation, "a pretrain micro-batch");
+  check(cfg.data.eval_batch_size, "an evaluation batch (data.eval_batch_size)");
 }
 
 JobConfig parse_config_text(const std::string& yaml_text, const std::string& source_name,
@@ -237,8 +344,14 @@ JobConfig parse_config_text(const std::string& yaml_text, const std::string& sou
   JobConfig cfg;
   cfg.source = source_name;
   MapReader top(root, "");
+  top.get("seed", cfg.seed);
   read_model(top.child("model"), cfg.model);
-  read_train(top.child("train"), cfg.train);
+  read_data(top.child("data"), cfg.data);
+  read_phase(top.child("pretrain"), "pretrain", cfg.pretrain);
+  read_phase(top.child("finetune"), "finetune", cfg.finetune);
+  MapReader out(top.child("output"), "output");
+  out.get("dir", cfg.output.dir);
+  out.finish();
   top.finish();
   validate(cfg);
   return cfg;

@@ -39,14 +39,63 @@ struct ModelConfig {
   std::vector<int> moe_blocks() const;  // indices of the MoE blocks, ascending
 };
 
-struct TrainConfig {
-  uint64_t seed = 0;
-  int batch_size = 64;            // global images per step, split across ranks
+struct AugmentConfig {
+  int crop_padding = 0;           // random crop after zero padding by this many pixels (0 = off)
+  bool flip = false;              // random horizontal flip
+  std::vector<double> mean{0.5};  // per channel, on [0, 1] pixels (one value = all channels)
+  std::vector<double> std{0.5};
+};
+
+struct DataConfig {
+  // fashion_mnist | mnist | cifar10 | cifar100 | shards | planted
+  std::string dataset = "fashion_mnist";
+  std::string root = "/usr/share/datasets/fashion-mnist";
+  std::string cifar100_labels = "fine";  // fine | coarse
+  double val_fraction = 0.02;     // V-MoE split: train[:98%] / train[98%:]
+  int eval_batch_size = 256;      // global; padded at the end of a split
+  int prefetch = 2;               // batches prepared ahead by a background thread (0 = none)
+  AugmentConfig augment;
+  // planted: the pruning paper's synthetic binary task
+  int planted_train = 4096;
+  int planted_test = 1024;
+  int planted_patches = 2;        // patches that carry the label feature
+  double planted_noise = 0.5;     // std of the noise in every patch
+};
+
+// One training phase (pretrain or finetune): its task and its optimisation.
+struct PhaseConfig {
+  bool enabled = true;
+  std::vector<int> classes;       // dataset classes used (empty = all), in label order
+  std::vector<int> label_map;     // optional: label_map[i] = label of classes[i] (regrouping)
+  std::string init;               // finetune: model file to start from ("" = the pretrain output)
+  std::string optimizer = "sgd";  // sgd (momentum) | adamw
+  double lr = 0.01;
+  double end_lr = 1e-5;
+  int warmup_steps = 0;
+  int steps = 100;
+  double momentum = 0.9;          // sgd
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;  // adamw
+  double weight_decay = 0.0;
+  double clip_norm = 1.0;         // global gradient norm clip (0 = off)
+  int batch_size = 64;            // global images per optimiser step
+  int accumulation = 1;           // micro-batches per step
+  int eval_every = 0;             // validation every n steps (0 = only at the end)
+  int log_every = 20;             // metrics line every n steps
+  int history_every = 50;         // router history record every n steps (finetune)
+  int num_labels() const;         // labels of the task
+};
+
+struct OutputConfig {
+  std::string dir = "runs/vmoe-tiny";
 };
 
 struct JobConfig {
+  uint64_t seed = 0;
   ModelConfig model;
-  TrainConfig train;
+  DataConfig data;
+  PhaseConfig pretrain;
+  PhaseConfig finetune;
+  OutputConfig output;
   std::string source;             // file path, or "<embedded vmoe-tiny>"
 };
 
@@ -58,7 +107,7 @@ JobConfig parse_config(const std::string& path, const std::vector<std::string>& 
 JobConfig parse_config_text(const std::string& yaml_text, const std::string& source_name,
                             const std::vector<std::string>& overrides = {});
 void validate(const JobConfig& cfg);
-// Checks that cfg can run on world_size ranks (expert placement, batch split).
+// Checks that cfg can run on world_size ranks (expert placement, batch splits).
 void validate_world(const JobConfig& cfg, int world_size);
 
 }  // namespace moeprune

@@ -1,5 +1,7 @@
 #include "model/moe_layer.h"
 
+#include <chrono>
+
 #include "core/error.h"
 #include "model/expert_bank.h"
 
@@ -22,6 +24,24 @@ MoeLayerImpl::MoeLayerImpl(const ModelConfig& cfg, int layer, Placement placemen
       "experts", ExpertBank(cfg.hidden, cfg.mlp_dim, placement_.local_experts(comm.rank()), layer, seed));
 }
 
+void LayerStats::add(const LayerStats& o) {
+  if (assigned.empty()) {
+    *this = o;
+    return;
+  }
+  for (size_t e = 0; e < assigned.size(); ++e) {
+    assigned[e] += o.assigned[e];
+    kept[e] += o.kept[e];
+    soft[e] += o.soft[e];
+  }
+  tokens += o.tokens;
+}
+
+namespace {
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+}  // namespace
+
 at::Tensor MoeLayerImpl::forward(const at::Tensor& x, ForwardContext& ctx) {
   const int M = cfg_.moe.ensemble_size;
   const int64_t rows = x.size(0), T = x.size(1), H = x.size(2);
@@ -32,8 +52,9 @@ at::Tensor MoeLayerImpl::forward(const at::Tensor& x, ForwardContext& ctx) {
   const int64_t G = B / gs;
   const int experts_per_member = cfg_.moe.num_experts / M;
 
-  std::vector<at::Tensor> expert, gate, keep, group, position;
+  std::vector<at::Tensor> expert, gate, keep, group, position, soft;
   int64_t capacity = 0;
+  auto t0 = Clock::now();
   for (int m = 0; m < M; ++m) {
     at::Tensor xm = x.narrow(0, m * B, B).reshape({G, gs * T, H});
     std::vector<uint64_t> seeds(G);
@@ -49,17 +70,37 @@ at::Tensor MoeLayerImpl::forward(const at::Tensor& x, ForwardContext& ctx) {
     // Groups of member m follow those of members < m in the dispatch order.
     group.push_back((at::arange(G, r.expert.options()) + m * G).repeat_interleave(gs * T).unsqueeze(1).expand_as(r.expert));
     position.push_back(r.position);
+    if (ctx.stats) soft.push_back(r.probs.detach().sum(0).to(at::kDouble));
     capacity = r.capacity;
   }
   auto cat = [](std::vector<at::Tensor>& v) { return v.size() == 1 ? v[0] : at::cat(v, 0); };
-  DispatchPlan plan = dispatcher_.plan(cat(expert), cat(gate), cat(keep), cat(group), cat(position), capacity, M * G);
-  if (ctx.routed_counts) ctx.routed_counts->push_back(plan.send_counts);
+  at::Tensor all_expert = cat(expert), all_keep = cat(keep);
+  if (ctx.timers) ctx.timers->router += since(t0);
+  t0 = Clock::now();
+  DispatchPlan plan = dispatcher_.plan(all_expert, cat(gate), all_keep, cat(group), cat(position), capacity, M * G);
   if (ctx.expert_rows) ctx.expert_rows->push_back(plan.expert_counts);
+  if (ctx.stats) {
+    LayerStats s;
+    const int E = cfg_.moe.num_experts;
+    at::Tensor assigned = at::bincount(all_expert.reshape({-1}).to(at::kCPU), {}, E);
+    s.assigned.assign(assigned.data_ptr<int64_t>(), assigned.data_ptr<int64_t>() + E);
+    s.kept = plan.send_counts;
+    at::Tensor sf = at::cat(soft).to(at::kCPU);  // member m's experts follow member m-1's
+    s.soft.assign(sf.data_ptr<double>(), sf.data_ptr<double>() + E);
+    s.tokens = rows * T;
+    (*ctx.stats)[layer_].add(s);
+  }
 
   at::Tensor flat = x.reshape({rows * T, H});
   at::Tensor expert_in = dispatcher_.dispatch(flat, plan);
+  if (ctx.timers) ctx.timers->dispatch += since(t0);
+  t0 = Clock::now();
   at::Tensor expert_out = experts->forward(expert_in, plan.expert_counts);
-  return dispatcher_.combine(expert_out, plan).reshape({rows, T, H});
+  if (ctx.timers) ctx.timers->experts += since(t0);
+  t0 = Clock::now();
+  at::Tensor out = dispatcher_.combine(expert_out, plan).reshape({rows, T, H});
+  if (ctx.timers) ctx.timers->combine += since(t0);
+  return out;
 }
 
 }  // namespace moeprune

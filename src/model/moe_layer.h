@@ -7,6 +7,7 @@
 #include <torch/nn/modules/container/modulelist.h>
 
 #include <cstdint>
+#include <map>
 #include <vector>
 
 #include "core/config.h"
@@ -18,6 +19,20 @@
 
 namespace moeprune {
 
+// Routing statistics of one MoE layer from this rank's tokens (per expert of the layer).
+struct LayerStats {
+  std::vector<int64_t> assigned;  // top-k choices, before capacity
+  std::vector<int64_t> kept;      // choices that got a capacity slot
+  std::vector<double> soft;       // sum of router probabilities
+  int64_t tokens = 0;             // routed tokens (E3: per member copy)
+  void add(const LayerStats& o);
+};
+
+// Forward-pass wall time of the MoE parts, seconds (host clock).
+struct MoeTimers {
+  double router = 0, dispatch = 0, experts = 0, combine = 0;
+};
+
 // Per-call state threaded through the model's forward pass.
 struct ForwardContext {
   bool train = false;
@@ -25,10 +40,11 @@ struct ForwardContext {
   int64_t first_group = 0;     // global index of this rank's first routing group
   int64_t total_groups = 0;    // routing groups in the global batch (per E3 member)
   at::Tensor aux_loss;         // accumulated, weighted sum over groups of the auxiliary losses
-  // Filled per MoE layer when non-null: kept choices per expert of the layer from
-  // this rank's tokens, and the rows each local expert computed.
-  std::vector<std::vector<int64_t>>* routed_counts = nullptr;
+  // Filled when non-null: routing statistics per MoE block index (accumulated),
+  // rows each local expert computed (one vector per MoE layer call), MoE timers.
+  std::map<int, LayerStats>* stats = nullptr;
   std::vector<std::vector<int64_t>>* expert_rows = nullptr;
+  MoeTimers* timers = nullptr;
 };
 
 class MoeLayerImpl : public torch::nn::Module {

@@ -1,0 +1,49 @@
+// Optimisers over named parameters: SGD with momentum (the V-MoE fine-tuning
+// recipe) and AdamW; the learning-rate schedule (linear warmup, cosine decay to
+// end_lr); gradient synchronisation and global-norm clipping for expert
+// parallelism. Optimiser state lives beside each parameter and has the parameter's
+// shape, so expert state can later be sliced, pruned and moved with its expert.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+#include "dist/communicator.h"
+
+namespace moeprune {
+
+struct ParamSlot {
+  std::string name;
+  at::Tensor param;
+  bool expert = false;        // held by this rank only; not replicated
+  at::Tensor m1, m2;          // momentum / Adam moments (undefined until the first step)
+};
+
+// lr at `step` (0-based): linear warmup from 0 over warmup_steps, then cosine to end_lr at `steps`.
+double learning_rate(const PhaseConfig& p, int64_t step);
+
+class Optimizer {
+ public:
+  Optimizer(const PhaseConfig& cfg, std::vector<ParamSlot> params);
+  // Sums dense gradients over ranks (one flat all-reduce); expert gradients stay local.
+  void sync_gradients(Communicator& comm);
+  // Global gradient norm: replicated parameters counted once, expert parameters once
+  // on the rank holding them (all-reduce of their squares). Collective.
+  double grad_norm(Communicator& comm);
+  // Clips to cfg.clip_norm (when > 0) and applies one update with learning rate lr.
+  // Returns the norm before clipping. Collective.
+  double step(Communicator& comm, double lr);
+  void zero_grad();
+  std::vector<ParamSlot>& slots() { return slots_; }
+  int64_t steps_taken() const { return steps_; }
+  void set_steps_taken(int64_t s) { steps_ = s; }
+
+ private:
+  PhaseConfig cfg_;
+  std::vector<ParamSlot> slots_;
+  int64_t steps_ = 0;
+};
+
+}  // namespace moeprune
