@@ -11,4 +11,14 @@ namespace moeprune {
 // checksums of outputs and gradients (identical for any world size).
 int cmd_forward(World& world, const JobConfig& cfg);
 
+// Trains the source task (pretrain section) from scratch and saves
+// output.dir/pretrained.safetensors. skip_if_done: reuse that file when it was
+// made from the same seed, model, data and pretrain settings.
+int cmd_pretrain(World& world, const JobConfig& cfg, bool skip_if_done);
+
+// Fine-tunes finetune.init (default: the pretrained model) on the downstream task
+// with a new head, recording router history; saves output.dir/finetuned.safetensors
+// and output.dir/router_history.json.
+int cmd_finetune(World& world, const JobConfig& cfg);
+
 }  // namespace moeprune

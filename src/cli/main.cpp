@@ -39,6 +39,21 @@ int main(int argc, char** argv) {
       "and gradients. The figures are the same for any number of ranks.\n"
       "Example: mpirun -np 4 build/moeprune forward --config configs/vmoe-tiny.yaml");
 
+  bool skip_if_done = false;
+  auto* pre = app.add_subcommand(
+      "pretrain",
+      "Train the source task (config section `pretrain`) from scratch on every rank and save\n"
+      "<output.dir>/pretrained.safetensors. Metrics go to <output.dir>/metrics.jsonl.\n"
+      "Example: launch/mpirun.sh -np 2 build/moeprune pretrain --config configs/vmoe-tiny.yaml");
+  pre->add_flag("--skip-if-done", skip_if_done,
+                "Reuse an existing pretrained model made with the same seed, model, data and pretrain settings");
+  auto* fin = app.add_subcommand(
+      "finetune",
+      "Fine-tune the pretrained model (or finetune.init) on the downstream task (section `finetune`)\n"
+      "with a new zero-initialised head, recording each expert's router-weight change and load.\n"
+      "Writes <output.dir>/finetuned.safetensors and <output.dir>/router_history.json.\n"
+      "Example: launch/mpirun.sh -np 2 build/moeprune finetune --set finetune.steps=200");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -69,6 +84,8 @@ int main(int argc, char** argv) {
 
   return run_ranks(*world, [&](World& w) {
     if (*fwd) return cmd_forward(w, cfg);
+    if (*pre) return cmd_pretrain(w, cfg, skip_if_done);
+    if (*fin) return cmd_finetune(w, cfg);
     return kExitOk;
   });
 }

@@ -354,6 +354,12 @@ JobConfig parse_config_text(const std::string& yaml_text, const std::string& sou
   out.finish();
   top.finish();
   validate(cfg);
+  YAML::Emitter all;
+  all << root;
+  cfg.resolved_yaml = all.c_str();
+  YAML::Emitter fp;
+  fp << YAML::BeginSeq << root["seed"] << root["model"] << root["data"] << root["pretrain"] << YAML::EndSeq;
+  cfg.pretrain_fingerprint = concat(std::hex, std::hash<std::string>{}(fp.c_str()));
   return cfg;
 }
 

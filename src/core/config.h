@@ -97,6 +97,10 @@ struct JobConfig {
   PhaseConfig finetune;
   OutputConfig output;
   std::string source;             // file path, or "<embedded vmoe-tiny>"
+  std::string resolved_yaml;      // the config after overrides, as YAML
+  // Hash of what determines the pretrained model (seed, model, data, pretrain):
+  // a cached pretrained model is reused only when it matches.
+  std::string pretrain_fingerprint;
 };
 
 // The embedded default (configs/vmoe-tiny.yaml compiled into the binary).

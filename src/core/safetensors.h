@@ -23,7 +23,7 @@ int64_t write_safetensors(const std::string& path, const NamedTensors& tensors,
 class SafetensorsFile {
  public:
   struct Entry {
-    at::ScalarType dtype;
+    at::ScalarType dtype = at::kByte;
     std::vector<int64_t> shape;
     int64_t begin = 0, end = 0;  // byte offsets in the data section
   };

@@ -145,7 +145,7 @@ std::shared_ptr<TensorDataset> make_planted(int64_t n, int image_size, int patch
   TORCH_CHECK(patches <= P, "planted: more planted patches than patches");
   // Features are fixed by a seed of their own: train and test share them.
   auto fgen = at::make_generator<at::CPUGeneratorImpl>(12345);
-  at::Tensor feats = at::linalg_qr(at::randn({D, 4}, fgen)).Q.t();  // 4 orthonormal patterns: 2 label, 2 distractor
+  at::Tensor feats = std::get<0>(at::linalg_qr(at::randn({D, 4}, fgen))).t().contiguous();  // 4 orthonormal patterns: 2 label, 2 distractor
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   at::Tensor x = at::randn({n, P, D}, gen) * noise;
   at::Tensor y = at::randint(2, {n}, gen, at::TensorOptions().dtype(at::kLong));

@@ -2,6 +2,7 @@
 
 #include <torch/nn/init.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace moeprune {
@@ -118,6 +119,22 @@ std::vector<Placement> default_placements(const ModelConfig& cfg, int world_size
   for (size_t i = 0; i < cfg.moe_blocks().size(); ++i)
     out.push_back(Placement::contiguous(cfg.moe.num_experts, world_size));
   return out;
+}
+
+double forward_flops_per_image(const ModelConfig& cfg) {
+  const double T = cfg.tokens_per_image(), H = cfg.hidden, F = cfg.mlp_dim, P = T - 1;
+  const double p = cfg.patch_size;
+  double flops = 2 * P * cfg.channels * p * p * H;
+  const auto moe = cfg.moe_blocks();
+  const double M = cfg.moe.ensemble_size;
+  for (int b = 0; b < cfg.num_layers; ++b) {
+    const bool is_moe = std::find(moe.begin(), moe.end(), b) != moe.end();
+    const double copies = (!moe.empty() && b >= moe.front()) ? M : 1;
+    double blk = 2 * T * H * 3 * H + 2 * T * H * H + 4 * T * T * H;
+    blk += (is_moe ? cfg.moe.top_k : 1) * 4 * T * H * F;
+    flops += copies * blk;
+  }
+  return flops + 2 * M * H * cfg.num_classes;
 }
 
 at::Tensor ensemble_log_probs(const at::Tensor& logits) {

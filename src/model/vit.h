@@ -69,6 +69,11 @@ TORCH_MODULE(VisionTransformer);
 // Default placements: contiguous blocks of experts per rank in every MoE layer.
 std::vector<Placement> default_placements(const ModelConfig& cfg, int world_size);
 
+// Forward FLOPs of one image (multiply-add = 2), with the MoE layers counted as k
+// expert MLPs per token (their dense-equivalent cost); E3 members multiply the
+// blocks from the first MoE block on.
+double forward_flops_per_image(const ModelConfig& cfg);
+
 // logits [M, B, C] -> log of the mean of the members' probabilities, [B, C].
 at::Tensor ensemble_log_probs(const at::Tensor& logits);
 // Sum over images of the per-member cross-entropy averaged over members.

@@ -1,0 +1,125 @@
+#include "ckpt/model_file.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+
+#include "core/error.h"
+#include "core/safetensors.h"
+
+namespace moeprune {
+namespace {
+
+bool is_expert(const std::string& name) { return name.find(".experts.") != std::string::npos; }
+
+// "blocks.3.moe.experts.w1" -> the MoE layer of block 3.
+MoeLayer layer_of(const VisionTransformer& model, const std::string& name) {
+  const auto a = name.find('.') + 1, b = name.find('.', a);
+  const int block = std::stoi(name.substr(a, b - a));
+  for (const auto& l : model->moe_layers())
+    if (l->layer() == block) return l;
+  throw std::logic_error(concat("no MoE layer for ", name));
+}
+
+void fsync_dir(const std::string& dir) {
+  const int fd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
+  }
+}
+
+// pos: [1, 1 + g*g, H] -> [1, 1 + n*n, H], class token kept, grid interpolated.
+at::Tensor resize_pos_embed(const at::Tensor& pos, int64_t tokens) {
+  const int64_t H = pos.size(2);
+  const auto g = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(pos.size(1) - 1))));
+  const auto n = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(tokens - 1))));
+  at::Tensor grid = pos.narrow(1, 1, g * g).reshape({1, g, g, H}).permute({0, 3, 1, 2});
+  grid = at::upsample_bilinear2d(grid, {n, n}, false).permute({0, 2, 3, 1}).reshape({1, n * n, H});
+  return at::cat({pos.narrow(1, 0, 1), grid}, 1);
+}
+
+}  // namespace
+
+void save_model(const std::string& path, const VisionTransformer& model, World& world,
+                const std::map<std::string, std::string>& metadata) {
+  at::NoGradGuard ng;
+  auto& host = world.host_comm();
+  NamedTensors out;
+  for (const auto& item : model->named_parameters()) {
+    const std::string& name = item.key();
+    at::Tensor local = item.value().detach().to(at::kCPU).contiguous();
+    if (!is_expert(name)) {
+      if (world.rank() == 0) out.emplace_back(name, local);
+      continue;
+    }
+    const Placement& pl = layer_of(model, name)->placement();
+    std::vector<int64_t> shape(local.sizes().begin(), local.sizes().end());
+    shape[0] = pl.num_experts();
+    if (world.rank() == 0) {
+      at::Tensor full = at::empty(shape, local.options());
+      for (int r = 0; r < world.size(); ++r) {
+        const auto& ids = pl.local_experts(r);
+        at::Tensor part = local;
+        if (r != 0) {
+          std::vector<int64_t> ps = shape;
+          ps[0] = static_cast<int64_t>(ids.size());
+          part = at::empty(ps, local.options());
+          host.recv(part, r, 17);
+        }
+        full.index_copy_(0, at::tensor(std::vector<int64_t>(ids.begin(), ids.end()), at::kLong), part);
+      }
+      out.emplace_back(name, full);
+    } else {
+      host.send(local, 0, 17);
+    }
+  }
+  if (world.rank() == 0) {
+    const std::string tmp = path + ".tmp";
+    const auto dir = std::filesystem::path(path).parent_path();
+    if (!dir.empty()) std::filesystem::create_directories(dir);
+    write_safetensors(tmp, out, metadata, /*fsync_file=*/true);
+    std::filesystem::rename(tmp, path);
+    fsync_dir(dir.string());
+  }
+  host.barrier();
+}
+
+std::map<std::string, std::string> load_model(const std::string& path, VisionTransformer& model,
+                                              const LoadOptions& opts) {
+  at::NoGradGuard ng;
+  SafetensorsFile f(path);
+  for (auto& item : model->named_parameters()) {
+    const std::string& name = item.key();
+    at::Tensor p = item.value();
+    const bool head = name.rfind("head.", 0) == 0;
+    if (head && opts.new_head) {
+      p.zero_();
+      continue;
+    }
+    require(f.contains(name), concat("model file '", path, "' has no tensor '", name, "' (was it saved from ",
+                                     "another model config?)"));
+    at::Tensor src = f.view(name);
+    if (is_expert(name)) {
+      const auto& ids = layer_of(model, name)->experts->expert_ids();
+      require(src.dim() == p.dim() && src.sizes().slice(1) == p.sizes().slice(1),
+              concat("model file '", path, "': '", name, "' is ", src.sizes(), ", the model needs [E", p.sizes().slice(1),
+                     "]"));
+      for (int id : ids)
+        require(id < src.size(0), concat("model file '", path, "': '", name, "' has ", src.size(0),
+                                         " experts, the model needs expert ", id));
+      src = src.index_select(0, at::tensor(std::vector<int64_t>(ids.begin(), ids.end()), at::kLong));
+    } else if (name == "pos_embed" && src.dim() == 3 && src.size(2) == p.size(2) && src.size(1) != p.size(1)) {
+      src = resize_pos_embed(src.to(at::kFloat), p.size(1));
+    }
+    require(src.sizes() == p.sizes(), concat("model file '", path, "': '", name, "' is ", src.sizes(),
+                                             ", the model needs ", p.sizes()));
+    p.copy_(src);
+  }
+  return f.metadata();
+}
+
+}  // namespace moeprune

@@ -1,0 +1,174 @@
+#include "train/trainer.h"
+
+#include <unistd.h>
+
+#include <chrono>
+
+#include "core/error.h"
+#include "core/log.h"
+
+namespace moeprune {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+nlohmann::json layer_json(const std::map<int, LayerStats>& stats) {
+  nlohmann::json out = nlohmann::json::object();
+  for (const auto& [layer, s] : stats) {
+    double sum = 0, mx = 0;
+    int64_t assigned = 0, kept = 0;
+    for (size_t e = 0; e < s.kept.size(); ++e) {
+      sum += static_cast<double>(s.kept[e]);
+      mx = std::max(mx, static_cast<double>(s.kept[e]));
+      assigned += s.assigned[e];
+      kept += s.kept[e];
+    }
+    const double mean = sum / std::max<size_t>(1, s.kept.size());
+    out[std::to_string(layer)] = {{"imbalance", mean > 0 ? mx / mean : 0.0},
+                                  {"dropped_fraction", assigned > 0 ? 1.0 - static_cast<double>(kept) / assigned : 0.0},
+                                  {"kept", s.kept}};
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<ParamSlot> param_slots(const VisionTransformer& model) {
+  std::vector<ParamSlot> out;
+  for (const auto& item : model->named_parameters()) {
+    ParamSlot s;
+    s.name = item.key();
+    s.param = item.value();
+    s.expert = item.key().find(".experts.") != std::string::npos;
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+Trainer::Trainer(World& world, const JobConfig& job, const PhaseConfig& phase, std::string phase_name,
+                 VisionTransformer& model, MetricsSink& metrics)
+    : world_(world), job_(job), phase_(phase), name_(std::move(phase_name)), model_(model), metrics_(metrics),
+      opt_(phase, param_slots(model)) {}
+
+PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader* test, const TrainHooks& hooks) {
+  const ModelConfig& mc = model_->config();
+  const int W = world_.size(), r = world_.rank();
+  const int accum = phase_.accumulation;
+  const int64_t micro = phase_.batch_size / accum;  // global images per micro-batch
+  const int64_t local = micro / W;
+  const int64_t groups = micro / mc.moe.group_size;
+  const int M = mc.moe.ensemble_size;
+  const int64_t T = mc.tokens_per_image();
+  TORCH_CHECK(train.options().global_batch == micro, "trainer: loader batch must be the micro-batch");
+
+  model_->train();
+  PhaseResult result;
+  Progress progress(name_, phase_.steps, r == 0);
+  log::info(concat(name_, ": ", phase_.steps, " steps of ", phase_.batch_size, " images (", accum,
+                   " micro-batches) on ", W, " ranks, ", phase_.optimizer, " lr ", phase_.lr, ", train split ",
+                   train.split().size(), " examples, ", train.steps_per_epoch(), " steps per epoch"));
+  const auto phase_start = Clock::now();
+  // Window accumulators between log lines.
+  double w_loss = 0, w_correct = 0, w_count = 0, w_time = 0, w_norm = 0;
+  MoeTimers w_timers;
+  std::map<int, LayerStats> w_stats;
+  int64_t w_steps = 0, epoch = 0;
+  const uint64_t phase_salt = name_ == "pretrain" ? 1 : 2;
+
+  for (int64_t step = 0; step < phase_.steps; ++step) {
+    const auto t0 = Clock::now();
+    const double lr = learning_rate(phase_, step);
+    opt_.zero_grad();
+    std::map<int, LayerStats> stats;
+    MoeTimers timers;
+    for (int a = 0; a < accum; ++a) {
+      Batch b = train.next();
+      epoch = b.epoch;
+      ForwardContext ctx;
+      ctx.train = true;
+      ctx.noise_seed = mix_seed(job_.seed, phase_salt, static_cast<uint64_t>(step * accum + a));
+      ctx.first_group = r * local / mc.moe.group_size;
+      ctx.total_groups = groups;
+      ctx.stats = &stats;
+      ctx.timers = &timers;
+      at::Tensor logits = model_->forward(b.images, ctx);
+      at::Tensor ce = cross_entropy_sum(logits, b.labels);
+      at::Tensor loss = ce / static_cast<double>(micro * accum) +
+                        ctx.aux_loss / static_cast<double>(M * groups * accum);
+      loss.backward();
+      w_loss += ce.item<double>();
+      w_correct += (ensemble_log_probs(logits.detach()).argmax(1) == b.labels).sum().item<double>();
+      w_count += static_cast<double>(b.labels.size(0));
+    }
+    opt_.sync_gradients(world_.comm());
+    w_norm += opt_.step(world_.comm(), lr);
+    w_time += since(t0);
+    w_timers.router += timers.router;
+    w_timers.dispatch += timers.dispatch;
+    w_timers.experts += timers.experts;
+    w_timers.combine += timers.combine;
+    for (const auto& [l, s] : stats) w_stats[l].add(s);
+    ++w_steps;
+    if (hooks.on_step) hooks.on_step(step + 1, stats);
+
+    const bool last = step + 1 == phase_.steps;
+    if ((step + 1) % phase_.log_every == 0 || last) {
+      // Window figures, summed over ranks; time is the slowest rank's.
+      at::Tensor t = at::tensor({w_loss, w_correct, w_count}, at::kDouble);
+      world_.host_comm().all_reduce(t, ReduceOp::Sum);
+      at::Tensor tm = at::tensor({w_time, peak_rss_mib()}, at::kDouble);
+      world_.host_comm().all_reduce(tm, ReduceOp::Max);
+      all_reduce_stats(w_stats, world_.host_comm());
+      const double count = t[2].item<double>();
+      const double loss = t[0].item<double>() / count, acc = t[1].item<double>() / count;
+      const double sec = tm[0].item<double>();
+      const double ips = count / sec;
+      result.train_loss = loss;
+      nlohmann::json rec = {
+          {"phase", name_}, {"step", step + 1}, {"epoch", epoch}, {"loss", loss}, {"accuracy", acc}, {"lr", lr},
+          {"grad_norm", w_norm / w_steps}, {"images_per_s", ips}, {"tokens_per_s", ips * T * M},
+          {"step_time_s",
+           {{"total", sec / w_steps},
+            {"router", w_timers.router / w_steps},
+            {"dispatch", w_timers.dispatch / w_steps},
+            {"experts", w_timers.experts / w_steps},
+            {"combine", w_timers.combine / w_steps},
+            {"rest", (w_time - w_timers.router - w_timers.dispatch - w_timers.experts - w_timers.combine) / w_steps}}},
+          {"peak_rss_mib", tm[1].item<double>()}, {"moe_layers", layer_json(w_stats)}};
+      metrics_.write(rec);
+      if (!::isatty(2) || last)
+        log::info(concat(name_, " step ", step + 1, "/", phase_.steps, " epoch ", epoch, " loss ", loss, " acc ", acc,
+                         " lr ", lr, " ", static_cast<int>(ips), " img/s"));
+      progress.update(step + 1, concat("loss ", loss, " acc ", acc));
+      w_loss = w_correct = w_count = w_time = w_norm = 0;
+      w_timers = {};
+      w_stats.clear();
+      w_steps = 0;
+    }
+    if (hooks.on_history && phase_.history_every > 0 && ((step + 1) % phase_.history_every == 0 || last))
+      hooks.on_history(step + 1);
+    if (phase_.eval_every > 0 && (step + 1) % phase_.eval_every == 0 && !last) {
+      EvalResult v = evaluate(model_, val, world_);
+      metrics_.write({{"phase", name_}, {"step", step + 1}, {"val_loss", v.loss}, {"val_accuracy", v.accuracy}});
+      log::info(concat(name_, " step ", step + 1, ": validation accuracy ", v.accuracy, " loss ", v.loss));
+    }
+  }
+  progress.finish();
+  result.seconds = since(phase_start);
+  result.steps = phase_.steps;
+  result.images_per_s = static_cast<double>(phase_.steps) * phase_.batch_size / result.seconds;
+  result.val = evaluate(model_, val, world_);
+  if (test) result.test = evaluate(model_, *test, world_);
+  nlohmann::json end = {{"phase", name_}, {"step", phase_.steps}, {"event", "end"},
+                        {"val_loss", result.val.loss}, {"val_accuracy", result.val.accuracy},
+                        {"train_images_per_s", result.images_per_s}, {"seconds", result.seconds}};
+  if (test) {
+    end["test_loss"] = result.test.loss;
+    end["test_accuracy"] = result.test.accuracy;
+  }
+  metrics_.write(end);
+  return result;
+}
+
+}  // namespace moeprune

@@ -1,0 +1,57 @@
+// The optimisation loop of one phase (pretrain or finetune), read top to bottom:
+// per step, micro-batches forward + backward (all-to-alls inside the MoE layers),
+// dense gradients summed over ranks, expert gradients local, clipping, update,
+// metrics; periodic validation; validation and test at the end. Router history and
+// other observers attach through TrainHooks (src/prune is above this module).
+#pragma once
+#include <functional>
+#include <map>
+#include <string>
+
+#include "core/config.h"
+#include "data/loader.h"
+#include "dist/world.h"
+#include "model/vit.h"
+#include "train/evaluator.h"
+#include "train/metrics.h"
+#include "train/optimizer.h"
+
+namespace moeprune {
+
+struct TrainHooks {
+  // After every optimiser step with that step's routing statistics of this rank.
+  std::function<void(int64_t step, const std::map<int, LayerStats>&)> on_step;
+  // Every history_every steps and after the last step (collective).
+  std::function<void(int64_t step)> on_history;
+};
+
+struct PhaseResult {
+  EvalResult val, test;
+  double images_per_s = 0;      // training throughput over the phase
+  double train_loss = 0;        // mean over the last logging window
+  int64_t steps = 0;
+  double seconds = 0;
+};
+
+class Trainer {
+ public:
+  Trainer(World& world, const JobConfig& job, const PhaseConfig& phase, std::string phase_name,
+          VisionTransformer& model, MetricsSink& metrics);
+  // Runs the phase from step 0. test may be null.
+  PhaseResult run(ShardedLoader& train, ShardedLoader& val, ShardedLoader* test, const TrainHooks& hooks = {});
+  Optimizer& optimizer() { return opt_; }
+
+ private:
+  World& world_;
+  const JobConfig& job_;
+  PhaseConfig phase_;
+  std::string name_;
+  VisionTransformer& model_;
+  MetricsSink& metrics_;
+  Optimizer opt_;
+};
+
+// Named parameters of the model as optimiser slots (experts marked).
+std::vector<ParamSlot> param_slots(const VisionTransformer& model);
+
+}  // namespace moeprune
