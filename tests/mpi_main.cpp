@@ -12,8 +12,8 @@ World* g_world = nullptr;
 int main(int argc, char** argv) {
   moeprune::World world(&argc, &argv, "cpu");
   moeprune::test::g_world = &world;
+  if (world.rank() != 0) GTEST_FLAG_SET(brief, true);  // before InitGoogleTest, which picks the printer
   ::testing::InitGoogleTest(&argc, argv);
-  if (world.rank() != 0) GTEST_FLAG_SET(brief, true);
   at::set_num_threads(1);
   const int rc = RUN_ALL_TESTS();
   // A test that failed on any rank fails the job on every rank.

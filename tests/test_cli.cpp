@@ -36,7 +36,7 @@ int count(const std::string& s, const std::string& what) {
 }
 
 void expect_user_error(const std::string& args, int np, const std::string& message) {
-  const Result r = run(std::string(MOEPRUNE_BIN) + " forward " + args, np);
+  const Result r = run(std::string(MOEPRUNE_BIN) + " " + args, np);
   EXPECT_EQ(r.code, 2) << r.out;
   EXPECT_NE(r.out.find(message), std::string::npos) << r.out;
   for (int rank = 0; rank < np; ++rank)
@@ -45,28 +45,47 @@ void expect_user_error(const std::string& args, int np, const std::string& messa
 }
 
 TEST(Cli, UnknownConfigKey) {
-  expect_user_error("--set model.moe.topk=3", 2, "unknown key 'model.moe.topk'");
+  expect_user_error("forward --set model.moe.topk=3", 2, "unknown key 'model.moe.topk'");
 }
 
 TEST(Cli, TopKLargerThanExperts) {
-  expect_user_error("--set model.moe.top_k=9", 2, "model.moe.top_k=9 must be <=");
+  expect_user_error("forward --set model.moe.top_k=9", 2, "model.moe.top_k=9 must be <=");
 }
 
 TEST(Cli, ExpertsNotDivisibleByMembers) {
-  expect_user_error("--set model.moe.ensemble_size=3", 2, "must be divisible by model.moe.ensemble_size=3");
+  expect_user_error("forward --set model.moe.ensemble_size=3", 2, "must be divisible by model.moe.ensemble_size=3");
 }
 
 TEST(Cli, MoreRanksThanExperts) {
-  expect_user_error("--set model.moe.num_experts=2 --set finetune.batch_size=128", 4,
+  expect_user_error("forward --set model.moe.num_experts=2 --set finetune.batch_size=128", 4,
                     "world size 4 is larger than model.moe.num_experts=2");
 }
 
 TEST(Cli, WorldSizeDoesNotDivideGroups) {
-  expect_user_error("", 3, "world size 3 does not divide the 8 routing groups");
+  expect_user_error("forward", 3, "world size 3 does not divide the 8 routing groups");
 }
 
 TEST(Cli, MissingConfigFile) {
-  expect_user_error("--config /nonexistent/x.yaml", 2, "cannot open '/nonexistent/x.yaml'");
+  expect_user_error("forward --config /nonexistent/x.yaml", 2, "cannot open '/nonexistent/x.yaml'");
+}
+
+TEST(Cli, MissingDataFiles) {
+  expect_user_error("pretrain --set data.root=/nonexistent/fmnist --set output.dir=/tmp/moeprune_cli_test", 2,
+                    "found in '/nonexistent/fmnist'");
+}
+
+TEST(Cli, ClassOutsideTheDataset) {
+  expect_user_error("pretrain --set pretrain.classes=[3,12] --set output.dir=/tmp/moeprune_cli_test", 2,
+                    "pretrain.classes has class 12, but fashion_mnist/train has classes 0..9");
+}
+
+TEST(Cli, BatchNotDivisibleByRanks) {
+  expect_user_error("pretrain --set pretrain.batch_size=24", 2,
+                    "world size 2 does not divide the 3 routing groups of a pretrain micro-batch");
+}
+
+TEST(Cli, FinetuneWithoutPretrainedModel) {
+  expect_user_error("finetune --set output.dir=/nonexistent/run", 2, "run `moeprune pretrain` first");
 }
 
 TEST(Cli, ExceptionOnOneRankEndsAllRanks) {

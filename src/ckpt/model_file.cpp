@@ -44,24 +44,23 @@ at::Tensor resize_pos_embed(const at::Tensor& pos, int64_t tokens) {
 
 }  // namespace
 
-void save_model(const std::string& path, const VisionTransformer& model, World& world,
+void save_model(const std::string& path, const VisionTransformer& model, Communicator& host,
                 const std::map<std::string, std::string>& metadata) {
   at::NoGradGuard ng;
-  auto& host = world.host_comm();
   NamedTensors out;
   for (const auto& item : model->named_parameters()) {
     const std::string& name = item.key();
     at::Tensor local = item.value().detach().to(at::kCPU).contiguous();
     if (!is_expert(name)) {
-      if (world.rank() == 0) out.emplace_back(name, local);
+      if (host.rank() == 0) out.emplace_back(name, local);
       continue;
     }
     const Placement& pl = layer_of(model, name)->placement();
     std::vector<int64_t> shape(local.sizes().begin(), local.sizes().end());
     shape[0] = pl.num_experts();
-    if (world.rank() == 0) {
+    if (host.rank() == 0) {
       at::Tensor full = at::empty(shape, local.options());
-      for (int r = 0; r < world.size(); ++r) {
+      for (int r = 0; r < host.size(); ++r) {
         const auto& ids = pl.local_experts(r);
         at::Tensor part = local;
         if (r != 0) {
@@ -77,7 +76,7 @@ void save_model(const std::string& path, const VisionTransformer& model, World& 
       host.send(local, 0, 17);
     }
   }
-  if (world.rank() == 0) {
+  if (host.rank() == 0) {
     const std::string tmp = path + ".tmp";
     const auto dir = std::filesystem::path(path).parent_path();
     if (!dir.empty()) std::filesystem::create_directories(dir);

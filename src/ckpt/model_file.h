@@ -13,7 +13,7 @@
 namespace moeprune {
 
 // Collective. Writes path atomically (temporary name, fsync, rename) from rank 0.
-void save_model(const std::string& path, const VisionTransformer& model, World& world,
+void save_model(const std::string& path, const VisionTransformer& model, Communicator& host,
                 const std::map<std::string, std::string>& metadata = {});
 
 struct LoadOptions {

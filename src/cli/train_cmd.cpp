@@ -99,17 +99,18 @@ int cmd_pretrain(World& world, const JobConfig& cfg, bool skip_if_done) {
       return kExitOk;
     }
   }
-  PhaseData d = phase_data(cfg, cfg.pretrain, "pretrain");
+  PhaseData d;
+  world.agree([&] { d = phase_data(cfg, cfg.pretrain, "pretrain"); });
   VisionTransformer model = build_model(cfg, d.train.num_labels, world);
   MetricsSink metrics(cfg.output.dir + "/metrics.jsonl", world.rank() == 0);
   const int64_t micro = cfg.pretrain.batch_size / cfg.pretrain.accumulation;
   ShardedLoader train(d.train, loader_options(cfg, world, micro, true));
   ShardedLoader val(d.val, loader_options(cfg, world, cfg.data.eval_batch_size, false));
   ShardedLoader test(d.test, loader_options(cfg, world, cfg.data.eval_batch_size, false));
-  Trainer trainer(world, cfg, cfg.pretrain, "pretrain", model, metrics);
+  Trainer trainer(world.comms(), cfg, cfg.pretrain, "pretrain", model, metrics);
   PhaseResult r = trainer.run(train, val, &test);
   report_throughput(cfg, world, "pretrain", r.images_per_s, micro);
-  save_model(out, model, world,
+  save_model(out, model, world.host_comm(),
              {{"format", "moeprune-model-v1"}, {"pretrain_fingerprint", cfg.pretrain_fingerprint},
               {"num_labels", std::to_string(d.train.num_labels)}, {"config", cfg.resolved_yaml}});
   log::info(concat("pretrain: saved ", out));
@@ -119,12 +120,15 @@ int cmd_pretrain(World& world, const JobConfig& cfg, bool skip_if_done) {
 
 int cmd_finetune(World& world, const JobConfig& cfg) {
   const std::string init = cfg.finetune.init.empty() ? pretrained_path(cfg) : cfg.finetune.init;
-  require(std::filesystem::exists(init),
-          concat("finetune: initial model '", init, "' does not exist: run `moeprune pretrain` first or set "
-                 "finetune.init to a model file"));
-  PhaseData d = phase_data(cfg, cfg.finetune, "finetune");
+  PhaseData d;
+  world.agree([&] {
+    require(std::filesystem::exists(init),
+            concat("finetune: initial model '", init, "' does not exist: run `moeprune pretrain` first or set "
+                   "finetune.init to a model file"));
+    d = phase_data(cfg, cfg.finetune, "finetune");
+  });
   VisionTransformer model = build_model(cfg, d.train.num_labels, world);
-  load_model(init, model, LoadOptions{/*new_head=*/true});
+  world.agree([&] { load_model(init, model, LoadOptions{/*new_head=*/true}); });
   log::info(concat("finetune: loaded ", init, " with a new zero-initialised head of ", d.train.num_labels,
                    " labels"));
   MetricsSink metrics(cfg.output.dir + "/metrics.jsonl", world.rank() == 0);
@@ -142,11 +146,11 @@ int cmd_finetune(World& world, const JobConfig& cfg) {
     metrics.write(nlohmann::json{{"phase", "finetune"}, {"step", step},
                                  {"router_history", nlohmann::json::parse(RouterHistory::to_json(rec))}});
   };
-  Trainer trainer(world, cfg, cfg.finetune, "finetune", model, metrics);
+  Trainer trainer(world.comms(), cfg, cfg.finetune, "finetune", model, metrics);
   PhaseResult r = trainer.run(train, val, &test, hooks);
   report_throughput(cfg, world, "finetune", r.images_per_s, micro);
   const std::string out = cfg.output.dir + "/finetuned.safetensors";
-  save_model(out, model, world,
+  save_model(out, model, world.host_comm(),
              {{"format", "moeprune-model-v1"}, {"num_labels", std::to_string(d.train.num_labels)},
               {"config", cfg.resolved_yaml}});
   if (world.rank() == 0) history.save(cfg.output.dir + "/router_history.json");

@@ -124,7 +124,8 @@ std::string cifar_dir(const std::string& root, const std::string& sub, const std
 }  // namespace
 
 std::shared_ptr<TensorDataset> read_cifar10(const std::string& root, const std::string& split) {
-  const std::string dir = cifar_dir(root, "cifar-10-batches-bin", "test_batch.bin");
+  const std::string dir =
+      cifar_dir(root, "cifar-10-batches-bin", split == "train" ? "data_batch_1.bin" : "test_batch.bin");
   std::vector<std::string> files;
   if (split == "train")
     for (int i = 1; i <= 5; ++i) files.push_back(concat(dir, "/data_batch_", i, ".bin"));
@@ -134,7 +135,7 @@ std::shared_ptr<TensorDataset> read_cifar10(const std::string& root, const std::
 }
 
 std::shared_ptr<TensorDataset> read_cifar100(const std::string& root, const std::string& split, bool coarse) {
-  const std::string dir = cifar_dir(root, "cifar-100-binary", "test.bin");
+  const std::string dir = cifar_dir(root, "cifar-100-binary", split + ".bin");
   return read_cifar_records({concat(dir, "/", split, ".bin")}, 2, coarse ? 0 : 1, coarse ? 20 : 100,
                             "cifar100/" + split);
 }

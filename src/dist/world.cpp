@@ -60,6 +60,19 @@ bool World::all_ok(bool ok) {
   return any == 0;
 }
 
+void World::agree(const std::function<void()>& fn) {
+  std::string error;
+  try {
+    fn();
+  } catch (const UserError& e) {
+    error = e.what();
+  }
+  if (!all_ok(error.empty())) {
+    if (!error.empty()) throw AgreedUserError(error);
+    throw AgreedUserError("");  // another rank reported the error
+  }
+}
+
 void World::abort(int code, const std::string& msg) {
   log::error(msg);
   MPI_Abort(MPI_COMM_WORLD, code);
@@ -80,6 +93,9 @@ void World::set_threads() {
 int run_ranks(World& world, const std::function<int(World&)>& body) {
   try {
     return body(world);
+  } catch (const AgreedUserError& e) {
+    log::error(e.what()[0] ? std::string(e.what()) : std::string("another rank rejected the input"));
+    return kExitUserError;
   } catch (const UserError& e) {
     // Every rank that validates the same replicated input reaches this point; ranks
     // that did not fail are blocked in a collective, so abort rather than wait.

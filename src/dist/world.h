@@ -8,9 +8,27 @@
 #include <memory>
 #include <string>
 
+#include "core/error.h"
 #include "dist/communicator.h"
 
 namespace moeprune {
+
+// The two communicators a computation needs: one for tensors on the compute
+// device (NCCL or MPI) and one for host-side figures (MPI). Tests build one from
+// SelfCommunicators to get the single-process reference.
+struct Comms {
+  Communicator* device = nullptr;
+  Communicator* host = nullptr;
+  int rank() const { return host->rank(); }
+  int size() const { return host->size(); }
+};
+
+// A UserError that every rank has seen and agreed on (World::agree): ends the job
+// with exit code 2 without MPI_Abort.
+class AgreedUserError : public UserError {
+ public:
+  using UserError::UserError;
+};
 
 class World {
  public:
@@ -36,6 +54,13 @@ class World {
   // Collective: true when ok is true on every rank. Use after work every rank
   // does (config validation) so that an error seen by some ranks ends all of them.
   bool all_ok(bool ok);
+
+  // Runs fn on every rank (work on replicated input: loading data, checking files).
+  // A UserError on any rank is logged on the ranks that saw it and rethrown on
+  // every rank as AgreedUserError, so all ranks exit with code 2 and none hangs.
+  void agree(const std::function<void()>& fn);
+
+  Comms comms() { return Comms{&comm(), mpi_.get()}; }
 
   // Ends every rank with `code` after logging msg on this rank. Never returns.
   [[noreturn]] void abort(int code, const std::string& msg);

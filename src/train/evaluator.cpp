@@ -22,7 +22,7 @@ void all_reduce_stats(std::map<int, LayerStats>& stats, Communicator& host) {
   }
 }
 
-EvalResult evaluate(VisionTransformer& model, ShardedLoader& loader, World& world) {
+EvalResult evaluate(VisionTransformer& model, ShardedLoader& loader, Comms comms) {
   TORCH_CHECK(!loader.options().train, "evaluate needs an evaluation loader");
   const bool was_training = model->is_training();
   model->eval();
@@ -43,8 +43,8 @@ EvalResult evaluate(VisionTransformer& model, ShardedLoader& loader, World& worl
     count += valid.sum().item<double>();
   }
   at::Tensor t = at::tensor({loss_sum, correct, count}, at::kDouble);
-  world.host_comm().all_reduce(t, ReduceOp::Sum);
-  all_reduce_stats(r.load, world.host_comm());
+  comms.host->all_reduce(t, ReduceOp::Sum);
+  all_reduce_stats(r.load, *comms.host);
   r.count = static_cast<int64_t>(t[2].item<double>());
   r.loss = t[0].item<double>() / std::max<double>(1, r.count);
   r.accuracy = t[1].item<double>() / std::max<double>(1, r.count);

@@ -17,7 +17,7 @@ struct EvalResult {
 };
 
 // loader must be an evaluation loader (train = false). Restores the model's mode.
-EvalResult evaluate(VisionTransformer& model, ShardedLoader& loader, World& world);
+EvalResult evaluate(VisionTransformer& model, ShardedLoader& loader, Comms comms);
 
 // Sums LayerStats over ranks (host collective).
 void all_reduce_stats(std::map<int, LayerStats>& stats, Communicator& host);

@@ -46,14 +46,14 @@ std::vector<ParamSlot> param_slots(const VisionTransformer& model) {
   return out;
 }
 
-Trainer::Trainer(World& world, const JobConfig& job, const PhaseConfig& phase, std::string phase_name,
+Trainer::Trainer(Comms comms, const JobConfig& job, const PhaseConfig& phase, std::string phase_name,
                  VisionTransformer& model, MetricsSink& metrics)
-    : world_(world), job_(job), phase_(phase), name_(std::move(phase_name)), model_(model), metrics_(metrics),
+    : comms_(comms), job_(job), phase_(phase), name_(std::move(phase_name)), model_(model), metrics_(metrics),
       opt_(phase, param_slots(model)) {}
 
 PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader* test, const TrainHooks& hooks) {
   const ModelConfig& mc = model_->config();
-  const int W = world_.size(), r = world_.rank();
+  const int W = comms_.size(), r = comms_.rank();
   const int accum = phase_.accumulation;
   const int64_t micro = phase_.batch_size / accum;  // global images per micro-batch
   const int64_t local = micro / W;
@@ -101,8 +101,8 @@ PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader
       w_correct += (ensemble_log_probs(logits.detach()).argmax(1) == b.labels).sum().item<double>();
       w_count += static_cast<double>(b.labels.size(0));
     }
-    opt_.sync_gradients(world_.comm());
-    w_norm += opt_.step(world_.comm(), lr);
+    opt_.sync_gradients(*comms_.device);
+    w_norm += opt_.step(*comms_.device, lr);
     w_time += since(t0);
     w_timers.router += timers.router;
     w_timers.dispatch += timers.dispatch;
@@ -116,10 +116,10 @@ PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader
     if ((step + 1) % phase_.log_every == 0 || last) {
       // Window figures, summed over ranks; time is the slowest rank's.
       at::Tensor t = at::tensor({w_loss, w_correct, w_count}, at::kDouble);
-      world_.host_comm().all_reduce(t, ReduceOp::Sum);
+      comms_.host->all_reduce(t, ReduceOp::Sum);
       at::Tensor tm = at::tensor({w_time, peak_rss_mib()}, at::kDouble);
-      world_.host_comm().all_reduce(tm, ReduceOp::Max);
-      all_reduce_stats(w_stats, world_.host_comm());
+      comms_.host->all_reduce(tm, ReduceOp::Max);
+      all_reduce_stats(w_stats, *comms_.host);
       const double count = t[2].item<double>();
       const double loss = t[0].item<double>() / count, acc = t[1].item<double>() / count;
       const double sec = tm[0].item<double>();
@@ -149,7 +149,7 @@ PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader
     if (hooks.on_history && phase_.history_every > 0 && ((step + 1) % phase_.history_every == 0 || last))
       hooks.on_history(step + 1);
     if (phase_.eval_every > 0 && (step + 1) % phase_.eval_every == 0 && !last) {
-      EvalResult v = evaluate(model_, val, world_);
+      EvalResult v = evaluate(model_, val, comms_);
       metrics_.write({{"phase", name_}, {"step", step + 1}, {"val_loss", v.loss}, {"val_accuracy", v.accuracy}});
       log::info(concat(name_, " step ", step + 1, ": validation accuracy ", v.accuracy, " loss ", v.loss));
     }
@@ -158,8 +158,8 @@ PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader
   result.seconds = since(phase_start);
   result.steps = phase_.steps;
   result.images_per_s = static_cast<double>(phase_.steps) * phase_.batch_size / result.seconds;
-  result.val = evaluate(model_, val, world_);
-  if (test) result.test = evaluate(model_, *test, world_);
+  result.val = evaluate(model_, val, comms_);
+  if (test) result.test = evaluate(model_, *test, comms_);
   nlohmann::json end = {{"phase", name_}, {"step", phase_.steps}, {"event", "end"},
                         {"val_loss", result.val.loss}, {"val_accuracy", result.val.accuracy},
                         {"train_images_per_s", result.images_per_s}, {"seconds", result.seconds}};

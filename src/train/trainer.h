@@ -35,14 +35,14 @@ struct PhaseResult {
 
 class Trainer {
  public:
-  Trainer(World& world, const JobConfig& job, const PhaseConfig& phase, std::string phase_name,
+  Trainer(Comms comms, const JobConfig& job, const PhaseConfig& phase, std::string phase_name,
           VisionTransformer& model, MetricsSink& metrics);
   // Runs the phase from step 0. test may be null.
   PhaseResult run(ShardedLoader& train, ShardedLoader& val, ShardedLoader* test, const TrainHooks& hooks = {});
   Optimizer& optimizer() { return opt_; }
 
  private:
-  World& world_;
+  Comms comms_;
   const JobConfig& job_;
   PhaseConfig phase_;
   std::string name_;
