@@ -66,16 +66,17 @@ Batch ShardedLoader::make_batch(int64_t epoch, int64_t step) const {
     at::Tensor dx = at::randint(2 * p + 1, {B}, gen, at::TensorOptions().dtype(at::kLong));
     at::Tensor dy = at::randint(2 * p + 1, {B}, gen, at::TensorOptions().dtype(at::kLong));
     at::Tensor flip = at::rand({B}, gen) < 0.5;
-    const int64_t h = x.size(2), w = x.size(3);
+    const int64_t h = x.size(2), w = x.size(3), C = x.size(1);
     at::Tensor padded = p > 0 ? at::constant_pad_nd(x, {p, p, p, p}, 0.0) : x;
-    std::vector<at::Tensor> out;
-    for (int64_t i = 0; i < b; ++i) {
-      const int64_t g = opts_.rank * b + i;
-      at::Tensor img = padded[i].narrow(1, dy[g].item<int64_t>(), h).narrow(2, dx[g].item<int64_t>(), w);
-      if (opts_.augment.flip && flip[g].item<bool>()) img = img.flip({2});
-      out.push_back(img);
-    }
-    x = at::stack(out);
+    // This rank's draws; crop and flip as two gathers over index grids.
+    dx = dx.narrow(0, opts_.rank * b, b);
+    dy = dy.narrow(0, opts_.rank * b, b);
+    flip = flip.narrow(0, opts_.rank * b, b).logical_and(at::scalar_tensor(opts_.augment.flip));
+    at::Tensor ar_h = at::arange(h, at::kLong), ar_w = at::arange(w, at::kLong);
+    at::Tensor rows = dy.unsqueeze(1) + ar_h.unsqueeze(0);                                 // [b, h]
+    at::Tensor cols = dx.unsqueeze(1) + at::where(flip.unsqueeze(1), (w - 1) - ar_w, ar_w);  // [b, w]
+    at::Tensor t = padded.gather(2, rows.view({b, 1, h, 1}).expand({b, C, h, padded.size(3)}));
+    x = t.gather(3, cols.view({b, 1, 1, w}).expand({b, C, h, w}));
   }
   if (x.size(1) == 1 && opts_.channels == 3) x = x.expand({x.size(0), 3, x.size(2), x.size(3)});
   TORCH_CHECK(x.size(1) == opts_.channels, "data: images have ", x.size(1), " channels, the model expects ",
