@@ -1,6 +1,8 @@
 // Entry points of moeprune's subcommands, called by main.cpp after the config is
 // parsed and validated on every rank.
 #pragma once
+#include <string>
+
 #include "core/config.h"
 #include "dist/world.h"
 
@@ -14,11 +16,20 @@ int cmd_forward(World& world, const JobConfig& cfg);
 // Trains the source task (pretrain section) from scratch and saves
 // output.dir/pretrained.safetensors. skip_if_done: reuse that file when it was
 // made from the same seed, model, data and pretrain settings.
-int cmd_pretrain(World& world, const JobConfig& cfg, bool skip_if_done);
+int cmd_pretrain(World& world, const JobConfig& cfg, bool skip_if_done, const std::string& resume);
 
 // Fine-tunes finetune.init (default: the pretrained model) on the downstream task
 // with a new head, recording router history; saves output.dir/finetuned.safetensors
 // and output.dir/router_history.json.
-int cmd_finetune(World& world, const JobConfig& cfg);
+int cmd_finetune(World& world, const JobConfig& cfg, const std::string& resume);
+
+// resume: "" or "none" (start fresh), "auto" (latest checkpoint of this phase under
+// checkpoint.dir, if any), or a checkpoint directory. Both phases save checkpoints
+// every checkpoint.every steps and, on SIGTERM / SIGUSR1, save one and return
+// kExitPreempted on every rank.
+void install_stop_signals();
+
+// `moeprune ckpt inspect|verify|export` (single process).
+int cmd_ckpt(const std::string& action, const std::string& dir, const std::string& out);
 
 }  // namespace moeprune

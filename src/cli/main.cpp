@@ -45,6 +45,8 @@ int main(int argc, char** argv) {
       "Train the source task (config section `pretrain`) from scratch on every rank and save\n"
       "<output.dir>/pretrained.safetensors. Metrics go to <output.dir>/metrics.jsonl.\n"
       "Example: launch/mpirun.sh -np 2 build/moeprune pretrain --config configs/vmoe-tiny.yaml");
+  std::string resume;
+  pre->add_option("--resume", resume, "auto (latest checkpoint of this phase, if any) | DIR | none");
   pre->add_flag("--skip-if-done", skip_if_done,
                 "Reuse an existing pretrained model made with the same seed, model, data and pretrain settings");
   auto* fin = app.add_subcommand(
@@ -52,7 +54,23 @@ int main(int argc, char** argv) {
       "Fine-tune the pretrained model (or finetune.init) on the downstream task (section `finetune`)\n"
       "with a new zero-initialised head, recording each expert's router-weight change and load.\n"
       "Writes <output.dir>/finetuned.safetensors and <output.dir>/router_history.json.\n"
-      "Example: launch/mpirun.sh -np 2 build/moeprune finetune --set finetune.steps=200");
+      "Checkpoints every checkpoint.every steps and on SIGTERM/SIGUSR1 (then exit code 75).\n"
+      "Example: launch/mpirun.sh -np 2 build/moeprune finetune --set finetune.steps=200 --resume auto");
+  fin->add_option("--resume", resume, "auto (latest checkpoint of this phase, if any) | DIR | none");
+  std::string ckpt_action, ckpt_dir, ckpt_out;
+  auto* ck = app.add_subcommand(
+      "ckpt",
+      "Sharded checkpoints (one process, no mpirun needed):\n"
+      "  inspect DIR       phase, step, world size, experts per layer and their ranks, file sizes\n"
+      "  verify DIR        sizes and CRC-32 of every file against the manifest\n"
+      "  export DIR OUT    every tensor in one safetensors file (experts stacked per layer)\n"
+      "DIR may be a checkpoint or a checkpoint root (its latest checkpoint).\n"
+      "Example: build/moeprune ckpt inspect runs/vmoe-tiny/checkpoints");
+  ck->add_option("action", ckpt_action, "inspect | verify | export")
+      ->required()
+      ->check(CLI::IsMember({"inspect", "verify", "export"}));
+  ck->add_option("dir", ckpt_dir, "checkpoint directory or root")->required();
+  ck->add_option("out", ckpt_out, "output file (export)");
 
   try {
     app.parse(argc, argv);
@@ -65,6 +83,15 @@ int main(int argc, char** argv) {
     return e.get_exit_code() == 0 ? kExitOk : kExitUserError;
   }
   log::init(world->rank(), world->size(), verbose);
+  if (*ck) {
+    if (world->rank() != 0) return kExitOk;
+    try {
+      return cmd_ckpt(ckpt_action, ckpt_dir, ckpt_out);
+    } catch (const UserError& e) {
+      log::error(e.what());
+      return kExitUserError;
+    }
+  }
 
   // Parse and validate on every rank, then agree: an error anywhere ends every
   // rank with exit code 2 and the message on each rank that saw it.
@@ -81,11 +108,12 @@ int main(int argc, char** argv) {
     return kExitUserError;
   }
   world->set_threads();
+  install_stop_signals();
 
   return run_ranks(*world, [&](World& w) {
     if (*fwd) return cmd_forward(w, cfg);
-    if (*pre) return cmd_pretrain(w, cfg, skip_if_done);
-    if (*fin) return cmd_finetune(w, cfg);
+    if (*pre) return cmd_pretrain(w, cfg, skip_if_done, resume);
+    if (*fin) return cmd_finetune(w, cfg, resume);
     return kExitOk;
   });
 }

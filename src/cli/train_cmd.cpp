@@ -2,6 +2,10 @@
 // save the model (and, for fine-tuning, the router history) under output.dir.
 #include <filesystem>
 
+#include <atomic>
+#include <csignal>
+
+#include "ckpt/checkpoint.h"
 #include "ckpt/model_file.h"
 #include "cli/commands.h"
 #include "core/error.h"
@@ -79,76 +83,114 @@ void print_result(const World& world, const std::string& name, const PhaseResult
 
 }  // namespace
 
-int cmd_pretrain(World& world, const JobConfig& cfg, bool skip_if_done) {
-  require(cfg.pretrain.enabled, "pretrain: pretrain.enabled is false in the config");
-  const std::string out = pretrained_path(cfg);
-  if (skip_if_done) {
-    // Rank 0 decides (shared or local file system alike) and tells the others.
-    at::Tensor reuse = at::zeros({1}, at::kInt);
-    if (world.rank() == 0 && std::filesystem::exists(out)) {
-      try {
-        SafetensorsFile f(out);
-        auto it = f.metadata().find("pretrain_fingerprint");
-        if (it != f.metadata().end() && it->second == cfg.pretrain_fingerprint) reuse[0] = 1;
-      } catch (const UserError&) {
-      }
-    }
-    world.host_comm().broadcast(reuse, 0);
-    if (reuse[0].item<int>()) {
-      log::info(concat("pretrain: reusing ", out, " (same seed, model, data and pretrain settings)"));
-      return kExitOk;
-    }
-  }
-  PhaseData d;
-  world.agree([&] { d = phase_data(cfg, cfg.pretrain, "pretrain"); });
-  VisionTransformer model = build_model(cfg, d.train.num_labels, world);
-  MetricsSink metrics(cfg.output.dir + "/metrics.jsonl", world.rank() == 0);
-  const int64_t micro = cfg.pretrain.batch_size / cfg.pretrain.accumulation;
-  ShardedLoader train(d.train, loader_options(cfg, world, micro, true));
-  ShardedLoader val(d.val, loader_options(cfg, world, cfg.data.eval_batch_size, false));
-  ShardedLoader test(d.test, loader_options(cfg, world, cfg.data.eval_batch_size, false));
-  Trainer trainer(world.comms(), cfg, cfg.pretrain, "pretrain", model, metrics);
-  PhaseResult r = trainer.run(train, val, &test);
-  report_throughput(cfg, world, "pretrain", r.images_per_s, micro);
-  save_model(out, model, world.host_comm(),
-             {{"format", "moeprune-model-v1"}, {"pretrain_fingerprint", cfg.pretrain_fingerprint},
-              {"num_labels", std::to_string(d.train.num_labels)}, {"config", cfg.resolved_yaml}});
-  log::info(concat("pretrain: saved ", out));
-  print_result(world, "pretrain (source task)", r);
-  return kExitOk;
-}
+std::atomic<int> g_stop_signal{0};
 
-int cmd_finetune(World& world, const JobConfig& cfg) {
+namespace {
+
+void on_signal(int sig) { g_stop_signal.store(sig); }
+
+// One training phase with checkpoints, preemption and resume. name: pretrain|finetune.
+int run_phase(World& world, const JobConfig& cfg, const std::string& name, const std::string& resume) {
+  const bool fine = name == "finetune";
+  const PhaseConfig& phase = fine ? cfg.finetune : cfg.pretrain;
+  const std::string root = checkpoint_dir(cfg);
   const std::string init = cfg.finetune.init.empty() ? pretrained_path(cfg) : cfg.finetune.init;
+  Manifest manifest;
+  bool resuming = false;
   PhaseData d;
   world.agree([&] {
-    require(std::filesystem::exists(init),
-            concat("finetune: initial model '", init, "' does not exist: run `moeprune pretrain` first or set "
-                   "finetune.init to a model file"));
-    d = phase_data(cfg, cfg.finetune, "finetune");
+    if (!resume.empty() && resume != "none") {
+      const std::string dir = resume == "auto" ? latest_checkpoint(root) : resume;
+      if (!dir.empty()) {
+        manifest = read_manifest(dir);
+        if (manifest.state.phase == name) {
+          resuming = true;
+        } else {
+          require(resume == "auto", concat("--resume ", dir, ": the checkpoint is of phase '", manifest.state.phase,
+                                           "', this command runs '", name, "'"));
+          log::info(concat(name, ": latest checkpoint ", dir, " is of phase ", manifest.state.phase,
+                           "; starting ", name, " from its beginning"));
+        }
+      } else {
+        log::info(concat(name, ": no checkpoint under ", root, "; starting from the beginning"));
+      }
+    }
+    if (fine && !resuming)
+      require(std::filesystem::exists(init),
+              concat("finetune: initial model '", init, "' does not exist: run `moeprune pretrain` first or set "
+                     "finetune.init to a model file"));
+    d = phase_data(cfg, phase, name);
   });
   VisionTransformer model = build_model(cfg, d.train.num_labels, world);
-  world.agree([&] { load_model(init, model, LoadOptions{/*new_head=*/true}); });
-  log::info(concat("finetune: loaded ", init, " with a new zero-initialised head of ", d.train.num_labels,
-                   " labels"));
   MetricsSink metrics(cfg.output.dir + "/metrics.jsonl", world.rank() == 0);
-  const int64_t micro = cfg.finetune.batch_size / cfg.finetune.accumulation;
+  const int64_t micro = phase.batch_size / phase.accumulation;
   ShardedLoader train(d.train, loader_options(cfg, world, micro, true));
   ShardedLoader val(d.val, loader_options(cfg, world, cfg.data.eval_batch_size, false));
   ShardedLoader test(d.test, loader_options(cfg, world, cfg.data.eval_batch_size, false));
-
+  Trainer trainer(world.comms(), cfg, phase, name, model, metrics);
   RouterHistory history;
-  history.snapshot(model);
+  int64_t start = 0;
+  world.agree([&] {
+    if (resuming) {
+      start = load_checkpoint(manifest, model, &trainer.optimizer(), fine ? &history : nullptr).step;
+      log::info(concat(name, ": resumed from ", manifest.dir, " (saved on ", manifest.world_size, " ranks) at step ",
+                       start));
+    } else if (fine) {
+      load_model(init, model, LoadOptions{/*new_head=*/true});
+      log::info(concat("finetune: loaded ", init, " with a new zero-initialised head of ", d.train.num_labels,
+                       " labels"));
+    }
+  });
+  if (fine && !resuming) history.snapshot(model);
+
   TrainHooks hooks;
-  hooks.on_step = [&](int64_t, const std::map<int, LayerStats>& s) { history.accumulate(s); };
-  hooks.on_history = [&](int64_t step) {
-    const HistoryRecord& rec = history.record(world.host_comm(), model, step);
-    metrics.write(nlohmann::json{{"phase", "finetune"}, {"step", step},
-                                 {"router_history", nlohmann::json::parse(RouterHistory::to_json(rec))}});
+  if (fine) {
+    hooks.on_step = [&](int64_t, const std::map<int, LayerStats>& s) { history.accumulate(s); };
+    hooks.on_history = [&](int64_t step) {
+      const HistoryRecord& rec = history.record(world.host_comm(), model, step);
+      metrics.write(nlohmann::json{{"phase", name}, {"step", step},
+                                   {"router_history", nlohmann::json::parse(RouterHistory::to_json(rec))}});
+    };
+  }
+  CheckpointWriter ckpt(world.comms(), root, cfg.checkpoint.keep, cfg.checkpoint.async);
+  auto state_at = [&](int64_t step) {
+    TrainState st;
+    st.phase = name;
+    st.step = step;
+    std::tie(st.epoch, st.loader_step) = trainer.loader_position(train, step);
+    if (fine && cfg.pretrain.enabled) st.finished_phases = {"pretrain"};
+    return st;
   };
-  Trainer trainer(world.comms(), cfg, cfg.finetune, "finetune", model, metrics);
-  PhaseResult r = trainer.run(train, val, &test, hooks);
-  report_throughput(cfg, world, "finetune", r.images_per_s, micro);
+  hooks.after_step = [&](int64_t step) {
+    at::Tensor sig = at::tensor({g_stop_signal.load()}, at::kInt);
+    world.host_comm().all_reduce(sig, ReduceOp::Max);
+    const bool stop = sig.item<int>() != 0;
+    const bool periodic = cfg.checkpoint.every > 0 && step % cfg.checkpoint.every == 0;
+    if (stop || periodic) {
+      if (stop) log::info(concat(name, ": signal ", sig.item<int>(), " at step ", step, ": saving a checkpoint"));
+      ckpt.save(model, trainer.optimizer(), state_at(step), cfg, fine ? &history : nullptr);
+      if (stop) ckpt.poll(/*wait=*/true);
+    } else if (cfg.checkpoint.async) {
+      ckpt.poll(/*wait=*/false);
+    }
+    return stop;
+  };
+  PhaseResult r = trainer.run(train, val, &test, hooks, start);
+  ckpt.poll(/*wait=*/true);
+  if (r.stopped) {
+    log::info(concat(name, ": stopped at step ", r.steps, "; checkpoint ", ckpt.last_saved(),
+                     ". Rerun the same command with --resume auto to continue."));
+    return kExitPreempted;
+  }
+  report_throughput(cfg, world, name, r.images_per_s, micro);
+  if (!fine) {
+    save_model(pretrained_path(cfg), model, world.host_comm(),
+               {{"format", "moeprune-model-v1"}, {"pretrain_fingerprint", cfg.pretrain_fingerprint},
+                {"num_labels", std::to_string(d.train.num_labels)}, {"config", cfg.resolved_yaml}});
+    log::info(concat("pretrain: saved ", pretrained_path(cfg)));
+    print_result(world, "pretrain (source task)", r);
+    return kExitOk;
+  }
   const std::string out = cfg.output.dir + "/finetuned.safetensors";
   save_model(out, model, world.host_comm(),
              {{"format", "moeprune-model-v1"}, {"num_labels", std::to_string(d.train.num_labels)},
@@ -169,6 +211,40 @@ int cmd_finetune(World& world, const JobConfig& cfg) {
     std::fflush(stdout);
   }
   return kExitOk;
+}
+
+}  // namespace
+
+void install_stop_signals() {
+  std::signal(SIGTERM, on_signal);
+  std::signal(SIGUSR1, on_signal);
+}
+
+int cmd_pretrain(World& world, const JobConfig& cfg, bool skip_if_done, const std::string& resume) {
+  require(cfg.pretrain.enabled, "pretrain: pretrain.enabled is false in the config");
+  const std::string out = pretrained_path(cfg);
+  if (skip_if_done) {
+    // Rank 0 decides (shared or local file system alike) and tells the others.
+    at::Tensor reuse = at::zeros({1}, at::kInt);
+    if (world.rank() == 0 && std::filesystem::exists(out)) {
+      try {
+        SafetensorsFile f(out);
+        auto it = f.metadata().find("pretrain_fingerprint");
+        if (it != f.metadata().end() && it->second == cfg.pretrain_fingerprint) reuse[0] = 1;
+      } catch (const UserError&) {
+      }
+    }
+    world.host_comm().broadcast(reuse, 0);
+    if (reuse[0].item<int>()) {
+      log::info(concat("pretrain: reusing ", out, " (same seed, model, data and pretrain settings)"));
+      return kExitOk;
+    }
+  }
+  return run_phase(world, cfg, "pretrain", resume);
+}
+
+int cmd_finetune(World& world, const JobConfig& cfg, const std::string& resume) {
+  return run_phase(world, cfg, "finetune", resume);
 }
 
 }  // namespace moeprune

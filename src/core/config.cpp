@@ -308,6 +308,8 @@ void validate(const JobConfig& cfg) {
   for (double s : d.augment.std) require(s > 0, "config: data.augment.std values must be > 0");
   require(d.planted_train > 0 && d.planted_test > 0 && d.planted_patches > 0 && d.planted_noise >= 0,
           "config: data.planted_* must be positive (noise >= 0)");
+  require(cfg.checkpoint.every >= 0, concat("config: checkpoint.every=", cfg.checkpoint.every, " must be >= 0"));
+  require(cfg.checkpoint.keep >= 1, concat("config: checkpoint.keep=", cfg.checkpoint.keep, " must be >= 1"));
   validate_phase(cfg.pretrain, "pretrain", m);
   validate_phase(cfg.finetune, "finetune", m);
 }
@@ -328,6 +330,10 @@ void validate_world(const JobConfig& cfg, int world_size) {
   check(cfg.finetune.batch_size / cfg.finetune.accumulation, "a finetune micro-batch");
   if (cfg.pretrain.enabled) check(cfg.pretrain.batch_size / cfg.pretrain.accumulation, "a pretrain micro-batch");
   check(cfg.data.eval_batch_size, "an evaluation batch (data.eval_batch_size)");
+}
+
+std::string checkpoint_dir(const JobConfig& cfg) {
+  return cfg.checkpoint.dir.empty() ? cfg.output.dir + "/checkpoints" : cfg.checkpoint.dir;
 }
 
 JobConfig parse_config_text(const std::string& yaml_text, const std::string& source_name,
@@ -352,6 +358,12 @@ JobConfig parse_config_text(const std::string& yaml_text, const std::string& sou
   MapReader out(top.child("output"), "output");
   out.get("dir", cfg.output.dir);
   out.finish();
+  MapReader ck(top.child("checkpoint"), "checkpoint");
+  ck.get("dir", cfg.checkpoint.dir);
+  ck.get("every", cfg.checkpoint.every);
+  ck.get("keep", cfg.checkpoint.keep);
+  ck.get("async", cfg.checkpoint.async);
+  ck.finish();
   top.finish();
   validate(cfg);
   YAML::Emitter all;

@@ -89,6 +89,13 @@ struct OutputConfig {
   std::string dir = "runs/vmoe-tiny";
 };
 
+struct CheckpointConfig {
+  std::string dir;                // "" = <output.dir>/checkpoints
+  int every = 0;                  // save every n optimiser steps (0 = only on preemption signals)
+  int keep = 3;                   // complete checkpoints kept (older ones are deleted)
+  bool async = false;             // write in a background thread while training continues
+};
+
 struct JobConfig {
   uint64_t seed = 0;
   ModelConfig model;
@@ -96,6 +103,7 @@ struct JobConfig {
   PhaseConfig pretrain;
   PhaseConfig finetune;
   OutputConfig output;
+  CheckpointConfig checkpoint;
   std::string source;             // file path, or "<embedded vmoe-tiny>"
   std::string resolved_yaml;      // the config after overrides, as YAML
   // Hash of what determines the pretrained model (seed, model, data, pretrain):
@@ -113,5 +121,7 @@ JobConfig parse_config_text(const std::string& yaml_text, const std::string& sou
 void validate(const JobConfig& cfg);
 // Checks that cfg can run on world_size ranks (expert placement, batch splits).
 void validate_world(const JobConfig& cfg, int world_size);
+// <checkpoint.dir> or <output.dir>/checkpoints.
+std::string checkpoint_dir(const JobConfig& cfg);
 
 }  // namespace moeprune

@@ -11,6 +11,9 @@ namespace moeprune {
 inline constexpr int kExitOk = 0;
 inline constexpr int kExitInternal = 1;
 inline constexpr int kExitUserError = 2;
+// Preempted (SIGTERM or SIGUSR1): every rank saved a checkpoint and exited; rerun
+// the same command with --resume auto to continue (sysexits EX_TEMPFAIL).
+inline constexpr int kExitPreempted = 75;
 
 // Concatenates anything streamable; the project's one string formatter (torch's
 // fmt and Debian's fmt differ, so neither is used across modules).

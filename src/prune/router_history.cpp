@@ -80,6 +80,26 @@ nlohmann::json record_json(const HistoryRecord& r) {
 }
 }  // namespace
 
+void RouterHistory::restore(std::map<int, at::Tensor> reference, std::map<int, LayerStats> counts,
+                            const std::string& records_json) {
+  reference_ = std::move(reference);
+  counts_ = std::move(counts);
+  records_.clear();
+  for (const auto& r : nlohmann::json::parse(records_json)) {
+    HistoryRecord rec;
+    rec.step = r.at("step").get<int64_t>();
+    for (auto it = r.at("layers").begin(); it != r.at("layers").end(); ++it) {
+      std::vector<ExpertRecord> experts;
+      for (const auto& x : it.value())
+        experts.push_back(ExpertRecord{x.at("norm_change").get<double>(), x.at("delta_norm").get<double>(),
+                                       x.at("assigned").get<int64_t>(), x.at("kept").get<int64_t>(),
+                                       x.at("dropped").get<int64_t>(), x.at("soft").get<double>()});
+      rec.layers[std::stoi(it.key())] = std::move(experts);
+    }
+    records_.push_back(std::move(rec));
+  }
+}
+
 std::string RouterHistory::to_json(const HistoryRecord& r) { return record_json(r).dump(); }
 
 void RouterHistory::save(const std::string& path) const {

@@ -44,6 +44,9 @@ class RouterHistory {
   const HistoryRecord& record(Communicator& host, const VisionTransformer& model, int64_t step);
 
   const std::map<int, at::Tensor>& reference() const { return reference_; }
+  const std::map<int, LayerStats>& counts() const { return counts_; }
+  // Restores the state of a checkpoint (records as the JSON array of to_json objects).
+  void restore(std::map<int, at::Tensor> reference, std::map<int, LayerStats> counts, const std::string& records_json);
   const std::vector<HistoryRecord>& records() const { return records_; }
   // The record as JSON text: {"step":..,"layers":{"1":[{"expert":0,"norm_change":..},..]}}.
   static std::string to_json(const HistoryRecord& r);

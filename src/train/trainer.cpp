@@ -51,7 +51,13 @@ Trainer::Trainer(Comms comms, const JobConfig& job, const PhaseConfig& phase, st
     : comms_(comms), job_(job), phase_(phase), name_(std::move(phase_name)), model_(model), metrics_(metrics),
       opt_(phase, param_slots(model)) {}
 
-PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader* test, const TrainHooks& hooks) {
+std::pair<int64_t, int64_t> Trainer::loader_position(const ShardedLoader& train, int64_t step) const {
+  const int64_t micro = step * phase_.accumulation, per_epoch = train.steps_per_epoch();
+  return {micro / per_epoch, micro % per_epoch};
+}
+
+PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader* test, const TrainHooks& hooks,
+                         int64_t start_step) {
   const ModelConfig& mc = model_->config();
   const int W = comms_.size(), r = comms_.rank();
   const int accum = phase_.accumulation;
@@ -64,6 +70,11 @@ PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader
 
   model_->train();
   PhaseResult result;
+  if (start_step > 0) {
+    const auto [e, s] = loader_position(train, start_step);
+    train.seek(e, s);
+    log::info(concat(name_, ": resuming at step ", start_step, " (loader epoch ", e, " step ", s, ")"));
+  }
   Progress progress(name_, phase_.steps, r == 0);
   log::info(concat(name_, ": ", phase_.steps, " steps of ", phase_.batch_size, " images (", accum,
                    " micro-batches) on ", W, " ranks, ", phase_.optimizer, " lr ", phase_.lr, ", train split ",
@@ -76,7 +87,8 @@ PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader
   int64_t w_steps = 0, epoch = 0;
   const uint64_t phase_salt = name_ == "pretrain" ? 1 : 2;
 
-  for (int64_t step = 0; step < phase_.steps; ++step) {
+  int64_t steps_done = start_step;
+  for (int64_t step = start_step; step < phase_.steps; ++step) {
     const auto t0 = Clock::now();
     const double lr = learning_rate(phase_, step);
     opt_.zero_grad();
@@ -153,11 +165,17 @@ PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader
       metrics_.write({{"phase", name_}, {"step", step + 1}, {"val_loss", v.loss}, {"val_accuracy", v.accuracy}});
       log::info(concat(name_, " step ", step + 1, ": validation accuracy ", v.accuracy, " loss ", v.loss));
     }
+    steps_done = step + 1;
+    if (hooks.after_step && hooks.after_step(step + 1) && !last) {
+      result.stopped = true;
+      break;
+    }
   }
   progress.finish();
   result.seconds = since(phase_start);
-  result.steps = phase_.steps;
-  result.images_per_s = static_cast<double>(phase_.steps) * phase_.batch_size / result.seconds;
+  result.steps = steps_done;
+  result.images_per_s = static_cast<double>(steps_done - start_step) * phase_.batch_size / result.seconds;
+  if (result.stopped) return result;
   result.val = evaluate(model_, val, comms_);
   if (test) result.test = evaluate(model_, *test, comms_);
   nlohmann::json end = {{"phase", name_}, {"step", phase_.steps}, {"event", "end"},

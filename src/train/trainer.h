@@ -23,22 +23,31 @@ struct TrainHooks {
   std::function<void(int64_t step, const std::map<int, LayerStats>&)> on_step;
   // Every history_every steps and after the last step (collective).
   std::function<void(int64_t step)> on_history;
+  // After every step, on every rank (collective: checkpointing, preemption).
+  // Returning true stops the phase after this step.
+  std::function<bool(int64_t step)> after_step;
 };
 
 struct PhaseResult {
   EvalResult val, test;
   double images_per_s = 0;      // training throughput over the phase
   double train_loss = 0;        // mean over the last logging window
-  int64_t steps = 0;
+  int64_t steps = 0;               // the step the phase ended at
   double seconds = 0;
+  bool stopped = false;            // after_step asked to stop before the last step
 };
 
 class Trainer {
  public:
   Trainer(Comms comms, const JobConfig& job, const PhaseConfig& phase, std::string phase_name,
           VisionTransformer& model, MetricsSink& metrics);
-  // Runs the phase from step 0. test may be null.
-  PhaseResult run(ShardedLoader& train, ShardedLoader& val, ShardedLoader* test, const TrainHooks& hooks = {});
+  // Runs the phase from start_step (a resumed phase: the optimiser state must be
+  // loaded already; the loader is positioned here). test may be null. A stopped
+  // phase skips the final evaluation.
+  PhaseResult run(ShardedLoader& train, ShardedLoader& val, ShardedLoader* test, const TrainHooks& hooks = {},
+                  int64_t start_step = 0);
+  // Loader position (epoch, step) of the micro-batch that follows `step` optimiser steps.
+  std::pair<int64_t, int64_t> loader_position(const ShardedLoader& train, int64_t step) const;
   Optimizer& optimizer() { return opt_; }
 
  private:

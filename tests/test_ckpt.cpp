@@ -1,0 +1,160 @@
+// Checkpoint faults in one process: a truncated shard, one flipped byte, a missing
+// file and an unknown manifest version each give a clear error naming the file and
+// leave the checkpoint untouched; an interrupted save (a leftover temporary
+// directory) is ignored and the previous checkpoint stays the latest; only the
+// newest `keep` checkpoints are kept; inspect and export work.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "ckpt/checkpoint.h"
+#include "core/error.h"
+#include "core/safetensors.h"
+#include "train/trainer.h"
+
+namespace moeprune {
+namespace {
+namespace fs = std::filesystem;
+
+ModelConfig tiny() {
+  ModelConfig m;
+  m.image_size = 8;
+  m.channels = 1;
+  m.patch_size = 4;
+  m.hidden = 16;
+  m.mlp_dim = 24;
+  m.num_layers = 2;
+  m.num_heads = 2;
+  m.num_classes = 3;
+  m.moe.num_experts = 4;
+  m.moe.top_k = 2;
+  m.moe.every = 2;
+  m.moe.group_size = 2;
+  return m;
+}
+
+struct Fixture {
+  SelfCommunicator comm;
+  JobConfig job;
+  VisionTransformer model{nullptr};
+  std::unique_ptr<Optimizer> opt;
+  std::string root;
+
+  explicit Fixture(const std::string& name) {
+    job.model = tiny();
+    at::manual_seed(0);
+    model = VisionTransformer(job.model, default_placements(job.model, 1), comm, 0);
+    PhaseConfig p;
+    opt = std::make_unique<Optimizer>(p, param_slots(model));
+    root = (fs::temp_directory_path() / ("moeprune_ckpt_" + name)).string();
+    fs::remove_all(root);
+  }
+  std::string save(int64_t step, int keep = 3) {
+    CheckpointWriter w(Comms{&comm, &comm}, root, keep, false);
+    TrainState st;
+    st.phase = "finetune";
+    st.step = step;
+    w.save(model, *opt, st, job, nullptr);
+    return w.last_saved();
+  }
+  std::string load_error(const std::string& dir) {
+    try {
+      VisionTransformer other(job.model, default_placements(job.model, 1), comm, 1);
+      load_checkpoint(read_manifest(dir), other, nullptr, nullptr);
+    } catch (const UserError& e) {
+      return e.what();
+    }
+    return "";
+  }
+};
+
+std::string digest(const std::string& dir) {
+  std::string d;
+  for (const auto& e : fs::directory_iterator(dir))
+    d += e.path().filename().string() + ":" + std::to_string(fs::file_size(e.path())) + ";";
+  return d;
+}
+
+TEST(Checkpoint, TruncatedFlippedMissingAndUnknownVersion) {
+  Fixture f("faults");
+  const std::string dir = f.save(5);
+  EXPECT_EQ(f.load_error(dir), "");
+  const std::string shard = dir + "/experts-r00000.safetensors";
+  const std::string backup = dir + "/../shard.bak";
+  fs::copy_file(shard, backup, fs::copy_options::overwrite_existing);
+
+  fs::resize_file(shard, fs::file_size(shard) - 100);
+  std::string before = digest(dir);
+  std::string e = f.load_error(dir);
+  EXPECT_NE(e.find("experts-r00000.safetensors"), std::string::npos) << e;
+  EXPECT_NE(e.find("truncated"), std::string::npos) << e;
+  EXPECT_EQ(digest(dir), before) << "a failed load must not change the checkpoint";
+
+  fs::copy_file(backup, shard, fs::copy_options::overwrite_existing);
+  {
+    std::fstream io(shard, std::ios::in | std::ios::out | std::ios::binary);
+    io.seekg(-10, std::ios::end);
+    char c = 0;
+    io.get(c);
+    io.seekp(-10, std::ios::end);
+    io.put(static_cast<char>(c ^ 0x40));
+  }
+  e = f.load_error(dir);
+  EXPECT_NE(e.find("corrupt"), std::string::npos) << e;
+
+  fs::remove(shard);
+  e = f.load_error(dir);
+  EXPECT_NE(e.find("is missing"), std::string::npos) << e;
+  fs::copy_file(backup, shard);
+  EXPECT_EQ(f.load_error(dir), "");
+
+  std::string text;
+  {
+    std::ifstream in(dir + "/manifest.json");
+    text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  const auto pos = text.find("\"version\": 1");
+  ASSERT_NE(pos, std::string::npos);
+  std::string bad = text;
+  bad.replace(pos, 12, "\"version\": 99");
+  std::ofstream(dir + "/manifest.json") << bad;
+  e = f.load_error(dir);
+  EXPECT_NE(e.find("has version 99, this moeprune reads version 1"), std::string::npos) << e;
+}
+
+TEST(Checkpoint, InterruptedSaveLeavesThePreviousLatest) {
+  Fixture f("crash");
+  const std::string first = f.save(1);
+  // A save that died half way: its temporary directory, with a partial shard and no manifest.
+  fs::create_directories(f.root + "/.tmp-ckpt-000002-finetune-step00000002");
+  std::ofstream(f.root + "/.tmp-ckpt-000002-finetune-step00000002/experts-r00000.safetensors") << "partial";
+  EXPECT_EQ(latest_checkpoint(f.root), first);
+  EXPECT_EQ(f.load_error(latest_checkpoint(f.root)), "");
+  // The next save succeeds beside the leftover and becomes the latest.
+  const std::string second = f.save(2);
+  EXPECT_NE(second, first);
+  EXPECT_EQ(latest_checkpoint(f.root), second);
+}
+
+TEST(Checkpoint, KeepsTheNewestKAndInspectsAndExports) {
+  Fixture f("keep");
+  for (int s = 1; s <= 4; ++s) f.save(s, /*keep=*/2);
+  int complete = 0;
+  for (const auto& e : fs::directory_iterator(f.root))
+    if (e.path().filename().string().rfind("ckpt-", 0) == 0) ++complete;
+  EXPECT_EQ(complete, 2);
+  const std::string latest = latest_checkpoint(f.root);
+  EXPECT_NE(latest.find("step00000004"), std::string::npos);
+  const std::string info = inspect_checkpoint(latest);
+  EXPECT_NE(info.find("phase finetune, step 4"), std::string::npos) << info;
+  EXPECT_NE(info.find("MoE block 1: 4 experts  r0:[0,1,2,3]"), std::string::npos) << info;
+  const std::string out = f.root + "/export.safetensors";
+  export_checkpoint(latest, out);
+  SafetensorsFile x(out);
+  EXPECT_TRUE(at::equal(x.get("blocks.1.moe.experts.w1"), f.model->moe_layers()[0]->experts->w1));
+  EXPECT_TRUE(at::equal(x.get("head.weight"), f.model->head->weight));
+}
+
+}  // namespace
+}  // namespace moeprune
