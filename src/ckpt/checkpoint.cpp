@@ -225,10 +225,7 @@ void CheckpointWriter::save(const VisionTransformer& model, const Optimizer& opt
     json layers = json::array();
     for (const auto& l : model->moe_layers()) {
       const Placement& pl = l->placement();
-      std::vector<int> ranks(pl.expert_rank());
-      std::vector<int> ids(static_cast<size_t>(pl.num_experts()));
-      for (int e = 0; e < pl.num_experts(); ++e) ids[static_cast<size_t>(e)] = e;
-      layers.push_back({{"block", l->layer()}, {"experts", ids}, {"rank", ranks}});
+      layers.push_back({{"block", l->layer()}, {"experts", l->expert_ids()}, {"rank", pl.expert_rank()}});
     }
     auto gen = at::detail::getDefaultCPUGenerator();
     json hist = json::array();
@@ -248,6 +245,7 @@ void CheckpointWriter::save(const VisionTransformer& model, const Optimizer& opt
         {"world_size", comms_.size()},
         {"optimizer", {{"kind", cfg.finetune.optimizer}, {"steps", const_cast<Optimizer&>(opt).steps_taken()}}},
         {"moe_layers", layers},
+        {"pruned_routing", model->config().pruned_routing},
         {"history", {{"counts", history ? stats_json(history->counts()) : json::object()}, {"records", hist}}},
         {"rng", {{"scheme", "counter-based: loader (seed, epoch, step), router noise (seed, phase, micro-step)"},
                  {"torch_cpu_state", to_hex(gen.get_state())}}}};
@@ -357,6 +355,26 @@ std::string latest_checkpoint(const std::string& root) {
   return root + "/" + name;
 }
 
+ModelConfig model_config_of(const ModelConfig& cfg, const Manifest& m) {
+  ModelConfig out = cfg;
+  out.num_classes = m.num_classes;
+  out.pruned_routing = m.pruned_routing;
+  out.kept_experts.clear();
+  for (const auto& l : m.layers)
+    if (static_cast<int>(l.experts.size()) != cfg.moe.num_experts) out.kept_experts[l.block] = l.experts;
+  return out;
+}
+
+std::vector<Placement> placements_of(const Manifest& m, int world_size) {
+  std::vector<Placement> out;
+  for (const auto& l : m.layers) {
+    const int n = static_cast<int>(l.experts.size());
+    out.push_back(m.world_size == world_size ? Placement(l.rank, world_size)
+                                             : Placement::contiguous(n, world_size, /*allow_empty=*/true));
+  }
+  return out;
+}
+
 Manifest read_manifest(const std::string& dir) {
   const std::string path = dir + "/manifest.json";
   require(fs::exists(path), concat("checkpoint: '", path, "' does not exist (expected a checkpoint directory)"));
@@ -390,6 +408,7 @@ Manifest read_manifest(const std::string& dir) {
     for (const auto& l : j.at("moe_layers"))
       m.layers.push_back(ExpertLayout{l.at("block").get<int>(), l.at("experts").get<std::vector<int>>(),
                                       l.at("rank").get<std::vector<int>>()});
+    m.pruned_routing = j.value("pruned_routing", "drop");
     m.history_counts = stats_from(j.at("history").at("counts"));
     m.history_records = j.at("history").at("records").dump();
     m.rng_state_hex = j.at("rng").at("torch_cpu_state").get<std::string>();
@@ -430,9 +449,9 @@ TrainState load_checkpoint(const Manifest& m, VisionTransformer& model, Optimize
     const ExpertLayout& l = m.layers[i];
     require(l.block == layers[i]->layer(), concat("checkpoint ", m.dir, ": MoE layer ", i, " is block ", l.block,
                                                   ", the model has block ", layers[i]->layer()));
-    require(static_cast<int>(l.experts.size()) == layers[i]->placement().num_experts(),
+    require(l.experts == layers[i]->expert_ids(),
             concat("checkpoint ", m.dir, ": block ", l.block, " has ", l.experts.size(), " experts, the model has ",
-                   layers[i]->placement().num_experts()));
+                   layers[i]->expert_ids().size(), " (or other ids); build the model with model_config_of()"));
     for (size_t e = 0; e < l.experts.size(); ++e) where[{l.block, l.experts[e]}] = expert_file(l.rank[e]);
   }
   std::map<std::string, std::unique_ptr<SafetensorsFile>> open;

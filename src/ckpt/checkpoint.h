@@ -59,12 +59,19 @@ struct Manifest {
   std::string optimizer;
   int64_t optimizer_steps = 0;
   std::vector<ExpertLayout> layers;
+  std::string pruned_routing = "drop";
   std::map<int, LayerStats> history_counts;  // router history counts so far
   std::string history_records;               // JSON array of the records so far
   std::string rng_state_hex;                 // torch's default CPU generator
   std::vector<CheckpointFile> files;
   std::string dir;                           // where it was read from
 };
+
+// The checkpoint's model: cfg with the head size and surviving experts of the checkpoint.
+ModelConfig model_config_of(const ModelConfig& cfg, const Manifest& m);
+// Placements for world_size ranks: the saved ones when the world size is the same,
+// else contiguous blocks of each layer's experts.
+std::vector<Placement> placements_of(const Manifest& m, int world_size);
 
 // Reads and checks <dir>/manifest.json (format, version, fields). UserError names
 // the file and what was expected.

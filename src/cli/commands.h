@@ -29,6 +29,11 @@ int cmd_finetune(World& world, const JobConfig& cfg, const std::string& resume);
 // kExitPreempted on every rank.
 void install_stop_signals();
 
+// Prunes a fine-tuned checkpoint (from: a checkpoint or a root; "" = checkpoint.dir):
+// calibrate, score, plan (agreed by hash), prune, rebalance, evaluate, optional
+// re-fine-tune; writes a pruned checkpoint and <output.dir>/prune_report.json.
+int cmd_prune(World& world, const JobConfig& cfg, const std::string& from);
+
 // `moeprune ckpt inspect|verify|export` (single process).
 int cmd_ckpt(const std::string& action, const std::string& dir, const std::string& out);
 

@@ -57,6 +57,15 @@ int main(int argc, char** argv) {
       "Checkpoints every checkpoint.every steps and on SIGTERM/SIGUSR1 (then exit code 75).\n"
       "Example: launch/mpirun.sh -np 2 build/moeprune finetune --set finetune.steps=200 --resume auto");
   fin->add_option("--resume", resume, "auto (latest checkpoint of this phase, if any) | DIR | none");
+  std::string prune_from;
+  auto* prn = app.add_subcommand(
+      "prune",
+      "Prune a fine-tuned model: load its sharded checkpoint (any number of ranks), calibrate, score\n"
+      "every expert by prune.criterion, prune globally or per layer, re-place the survivors for even\n"
+      "load, evaluate, optionally re-fine-tune (section `refinetune`), and write a pruned checkpoint\n"
+      "and <output.dir>/prune_report.json.\n"
+      "Example: launch/mpirun.sh -np 2 build/moeprune prune --set prune.ratio=0.5 --from runs/vmoe-tiny/checkpoints");
+  prn->add_option("--from", prune_from, "fine-tuning checkpoint or checkpoint root (default: checkpoint.dir)");
   std::string ckpt_action, ckpt_dir, ckpt_out;
   auto* ck = app.add_subcommand(
       "ckpt",
@@ -114,6 +123,7 @@ int main(int argc, char** argv) {
     if (*fwd) return cmd_forward(w, cfg);
     if (*pre) return cmd_pretrain(w, cfg, skip_if_done, resume);
     if (*fin) return cmd_finetune(w, cfg, resume);
+    if (*prn) return cmd_prune(w, cfg, prune_from);
     return kExitOk;
   });
 }

@@ -8,6 +8,7 @@
 #include "ckpt/checkpoint.h"
 #include "ckpt/model_file.h"
 #include "cli/commands.h"
+#include "cli/phase_util.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "core/safetensors.h"
@@ -16,36 +17,6 @@
 
 namespace moeprune {
 namespace {
-
-struct PhaseData {
-  Split train, val, test;
-};
-
-PhaseData phase_data(const JobConfig& cfg, const PhaseConfig& phase, const std::string& name) {
-  std::shared_ptr<const Dataset> train = load_dataset(cfg, "train");
-  std::shared_ptr<const Dataset> test = load_dataset(cfg, "test");
-  PhaseData d{make_split(train, phase, name, "train", cfg.data.val_fraction),
-              make_split(train, phase, name, "val", cfg.data.val_fraction),
-              make_split(test, phase, name, "test", cfg.data.val_fraction)};
-  log::info(concat(name, " data: ", train->name, " classes ", d.train.num_labels, " labels; train ", d.train.size(),
-                   ", val ", d.val.size(), ", test ", d.test.size(), " examples"));
-  return d;
-}
-
-LoaderOptions loader_options(const JobConfig& cfg, const World& world, int64_t batch, bool train) {
-  LoaderOptions o;
-  o.global_batch = batch;
-  o.rank = world.rank();
-  o.world = world.size();
-  o.seed = cfg.seed;
-  o.train = train;
-  o.augment = cfg.data.augment;
-  o.image_size = cfg.model.image_size;
-  o.channels = cfg.model.channels;
-  o.prefetch = cfg.data.prefetch;
-  o.device = world.device();
-  return o;
-}
 
 VisionTransformer build_model(const JobConfig& cfg, int num_labels, World& world) {
   ModelConfig mc = cfg.model;
@@ -182,6 +153,10 @@ int run_phase(World& world, const JobConfig& cfg, const std::string& name, const
                      ". Rerun the same command with --resume auto to continue."));
     return kExitPreempted;
   }
+  // The phase's final checkpoint: what `moeprune prune` (and a later phase) starts from.
+  TrainState final_state = state_at(r.steps);
+  final_state.finished_phases.push_back(name);
+  ckpt.save(model, trainer.optimizer(), final_state, cfg, fine ? &history : nullptr);
   report_throughput(cfg, world, name, r.images_per_s, micro);
   if (!fine) {
     save_model(pretrained_path(cfg), model, world.host_comm(),

@@ -152,6 +152,7 @@ void read_phase(const YAML::Node& n, const std::string& name, PhaseConfig& p) {
   r.get("eval_every", p.eval_every);
   r.get("log_every", p.log_every);
   r.get("history_every", p.history_every);
+  r.get("router_entropy_weight", p.router_entropy_weight);
   r.finish();
 }
 
@@ -225,6 +226,14 @@ void apply_override(YAML::Node& root, const std::string& ov) {
 int PhaseConfig::num_labels() const {
   if (!label_map.empty()) return *std::max_element(label_map.begin(), label_map.end()) + 1;
   return static_cast<int>(classes.size());
+}
+
+std::vector<int> ModelConfig::layer_experts(int block) const {
+  auto it = kept_experts.find(block);
+  if (it != kept_experts.end()) return it->second;
+  std::vector<int> all(static_cast<size_t>(moe.num_experts));
+  for (int e = 0; e < moe.num_experts; ++e) all[static_cast<size_t>(e)] = e;
+  return all;
 }
 
 int ModelConfig::tokens_per_image() const {
@@ -312,6 +321,26 @@ void validate(const JobConfig& cfg) {
   require(cfg.checkpoint.keep >= 1, concat("config: checkpoint.keep=", cfg.checkpoint.keep, " must be >= 1"));
   validate_phase(cfg.pretrain, "pretrain", m);
   validate_phase(cfg.finetune, "finetune", m);
+  validate_phase(cfg.refinetune, "refinetune", m);
+  const PruneConfig& p = cfg.prune;
+  const std::set<std::string> criteria{"router_norm_change", "router_delta", "heavy_hitter", "soft_count", "random"};
+  require(criteria.count(p.criterion), concat("config: prune.criterion='", p.criterion, "', expected one of "
+                                              "router_norm_change, router_delta, heavy_hitter, soft_count, random"));
+  require(p.scope == "global" || p.scope == "per_layer",
+          concat("config: prune.scope='", p.scope, "', expected global or per_layer"));
+  require(p.routing == "drop" || p.routing == "zero",
+          concat("config: prune.routing='", p.routing, "', expected drop or zero"));
+  require(p.ratio >= 0 && p.ratio < 1, concat("config: prune.ratio=", p.ratio, " must be in [0, 1)"));
+  require(p.count >= 0 && p.min_experts >= 0, "config: prune.count and prune.min_experts must be >= 0");
+  require(p.eval_top_k >= 0 && p.eval_top_k <= e.top_k,
+          concat("config: prune.eval_top_k=", p.eval_top_k, " must be in [0, model.moe.top_k=", e.top_k, "]"));
+  const auto blocks = m.moe_blocks();
+  for (int b : p.layers)
+    require(std::find(blocks.begin(), blocks.end(), b) != blocks.end(),
+            concat("config: prune.layers lists block ", b, ", which is not an MoE block"));
+  require(p.calibration.split == "val" || p.calibration.split == "train" || p.calibration.split == "test",
+          concat("config: prune.calibration.split='", p.calibration.split, "', expected val, train or test"));
+  require(p.calibration.batches >= 0, "config: prune.calibration.batches must be >= 0");
 }
 
 void validate_world(const JobConfig& cfg, int world_size) {
@@ -329,6 +358,8 @@ void validate_world(const JobConfig& cfg, int world_size) {
   };
   check(cfg.finetune.batch_size / cfg.finetune.accumulation, "a finetune micro-batch");
   if (cfg.pretrain.enabled) check(cfg.pretrain.batch_size / cfg.pretrain.accumulation, "a pretrain micro-batch");
+  if (cfg.refinetune.enabled)
+    check(cfg.refinetune.batch_size / cfg.refinetune.accumulation, "a refinetune micro-batch");
   check(cfg.data.eval_batch_size, "an evaluation batch (data.eval_batch_size)");
 }
 
@@ -355,6 +386,26 @@ JobConfig parse_config_text(const std::string& yaml_text, const std::string& sou
   read_data(top.child("data"), cfg.data);
   read_phase(top.child("pretrain"), "pretrain", cfg.pretrain);
   read_phase(top.child("finetune"), "finetune", cfg.finetune);
+  cfg.refinetune.enabled = false;
+  read_phase(top.child("refinetune"), "refinetune", cfg.refinetune);
+  {
+    PruneConfig& p = cfg.prune;
+    MapReader r(top.child("prune"), "prune");
+    r.get("criterion", p.criterion);
+    r.get("scope", p.scope);
+    r.get("ratio", p.ratio);
+    r.get("count", p.count);
+    r.get("min_experts", p.min_experts);
+    r.get("layers", p.layers);
+    r.get("routing", p.routing);
+    r.get("rebalance", p.rebalance);
+    r.get("eval_top_k", p.eval_top_k);
+    MapReader c(r.child("calibration"), "prune.calibration");
+    c.get("split", p.calibration.split);
+    c.get("batches", p.calibration.batches);
+    c.finish();
+    r.finish();
+  }
   MapReader out(top.child("output"), "output");
   out.get("dir", cfg.output.dir);
   out.finish();

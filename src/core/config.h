@@ -4,6 +4,7 @@
 // place: parse_config() returns only configs that passed validate().
 #pragma once
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -34,8 +35,16 @@ struct ModelConfig {
   int num_heads = 4;
   int num_classes = 10;
   MoeConfig moe;
+  // After pruning (set from a checkpoint, not from YAML): the surviving original
+  // expert ids of each MoE block (a block absent here keeps all experts), and how
+  // routers treat pruned experts: "drop" (their router columns are removed, softmax
+  // over the survivors) or "zero" (softmax over all original experts; choices of a
+  // pruned expert contribute zero and cost nothing).
+  std::map<int, std::vector<int>> kept_experts;
+  std::string pruned_routing = "drop";
 
   int tokens_per_image() const;   // patches + class token
+  std::vector<int> layer_experts(int block) const;  // surviving ids of a block (all when unpruned)
   std::vector<int> moe_blocks() const;  // indices of the MoE blocks, ascending
 };
 
@@ -82,7 +91,27 @@ struct PhaseConfig {
   int eval_every = 0;             // validation every n steps (0 = only at the end)
   int log_every = 20;             // metrics line every n steps
   int history_every = 50;         // router history record every n steps (finetune)
+  double router_entropy_weight = 0.0;  // SEER-MoE stage 2: weight of the mean router entropy
   int num_labels() const;         // labels of the task
+};
+
+struct CalibrationConfig {
+  std::string split = "val";      // val | train | test
+  int batches = 8;                // evaluation batches (0 = the whole split)
+};
+
+struct PruneConfig {
+  // router_norm_change | router_delta | heavy_hitter | soft_count | random
+  std::string criterion = "router_norm_change";
+  std::string scope = "global";   // global | per_layer
+  double ratio = 0.5;             // fraction of the eligible experts to prune
+  int count = 0;                  // or: this many (global) / per layer (per_layer); 0 = use ratio
+  int min_experts = 0;            // every MoE layer keeps at least max(top_k, min_experts)
+  std::vector<int> layers;        // eligible MoE blocks (empty = all)
+  std::string routing = "drop";   // drop | zero
+  bool rebalance = true;          // re-place survivors for even expected load
+  int eval_top_k = 0;             // SEER-MoE: evaluate the re-fine-tuned model with this top-k (0 = model's)
+  CalibrationConfig calibration;
 };
 
 struct OutputConfig {
@@ -102,6 +131,8 @@ struct JobConfig {
   DataConfig data;
   PhaseConfig pretrain;
   PhaseConfig finetune;
+  PruneConfig prune;
+  PhaseConfig refinetune;         // optional re-fine-tuning of the pruned model (enabled: false by default)
   OutputConfig output;
   CheckpointConfig checkpoint;
   std::string source;             // file path, or "<embedded vmoe-tiny>"

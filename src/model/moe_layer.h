@@ -45,6 +45,8 @@ struct ForwardContext {
   std::map<int, LayerStats>* stats = nullptr;
   std::vector<std::vector<int64_t>>* expert_rows = nullptr;
   MoeTimers* timers = nullptr;
+  double entropy_weight = 0.0;  // adds weight * router entropy (per group) to aux_loss
+  int top_k = 0;                // > 0: route with this many experts per token instead of the config's
 };
 
 class MoeLayerImpl : public torch::nn::Module {
@@ -56,12 +58,21 @@ class MoeLayerImpl : public torch::nn::Module {
 
   int layer() const { return layer_; }
   const Placement& placement() const { return placement_; }
+  // Original ids of the layer's experts; slot s (placement index) is expert_ids()[s].
+  const std::vector<int>& expert_ids() const { return ids_; }
+  // Experts each router may send tokens to (top-k is taken among them).
+  int routed_experts(int member) const;
+  // Original expert id of each router column of member m (pruned ones included in "zero" routing).
+  const std::vector<int>& router_column_ids(int member) const { return column_ids_.at(member); }
   ExpertBank experts{nullptr};
   torch::nn::ModuleList routers{nullptr};  // M routers, each over E/M experts
 
  private:
   ModelConfig cfg_;
   int layer_;
+  std::vector<int> ids_;
+  std::vector<at::Tensor> column_slot_;  // per member: router column -> layer slot, -1 = pruned (buffers)
+  std::vector<std::vector<int>> column_ids_;
   Placement placement_;
   Dispatcher dispatcher_;
 };

@@ -20,7 +20,12 @@ Placement::Placement(std::vector<int> expert_rank, int world_size)
     }
 }
 
-Placement Placement::contiguous(int num_experts, int world_size) {
+Placement Placement::contiguous(int num_experts, int world_size, bool allow_empty) {
+  if (allow_empty && num_experts < world_size) {
+    std::vector<int> ranks(num_experts);
+    for (int e = 0; e < num_experts; ++e) ranks[e] = e;
+    return Placement(std::move(ranks), world_size);
+  }
   require(num_experts >= world_size,
           concat("cannot place ", num_experts, " experts on ", world_size,
               " ranks: every rank must hold at least one expert per MoE layer (expected at most ", num_experts,

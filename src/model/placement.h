@@ -14,8 +14,9 @@ class Placement {
   // expert_rank[e] = rank holding expert e.
   Placement(std::vector<int> expert_rank, int world_size);
   // Contiguous blocks of near-equal size: rank r holds experts [r*E/W, (r+1)*E/W).
-  // Throws UserError when E < W (a rank would hold no expert).
-  static Placement contiguous(int num_experts, int world_size);
+  // Throws UserError when E < W (a rank would hold no expert) unless allow_empty,
+  // then expert e goes to rank e and the other ranks hold none of the layer.
+  static Placement contiguous(int num_experts, int world_size, bool allow_empty = false);
 
   int num_experts() const { return static_cast<int>(expert_rank_.size()); }
   int world_size() const { return world_size_; }

@@ -2,6 +2,7 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace moeprune {
@@ -53,13 +54,14 @@ RouterImpl::RouterImpl(int hidden, RouterOptions opts) : opts_(opts) {
   weight = register_parameter("weight", at::randn({hidden, opts.num_experts}) * 0.02);
 }
 
-Routing RouterImpl::forward(const at::Tensor& x, bool train, const std::vector<uint64_t>& noise_seeds) {
+Routing RouterImpl::forward(const at::Tensor& x, bool train, const std::vector<uint64_t>& noise_seeds, int top_k) {
+  const int k = top_k > 0 ? std::min(top_k, opts_.top_k) : opts_.top_k;
   const int64_t G = x.size(0), S = x.size(1);
   const int E = opts_.num_experts;
   Routing r;
   r.num_groups = G;
   r.group_tokens = S;
-  r.capacity = expert_capacity(S, opts_.top_k, opts_.capacity_factor, E);
+  r.capacity = expert_capacity(S, k, opts_.capacity_factor, E);
 
   at::Tensor logits = at::matmul(x, weight);  // [G, S, E]
   at::Tensor noisy = logits;
@@ -76,15 +78,16 @@ Routing RouterImpl::forward(const at::Tensor& x, bool train, const std::vector<u
     noisy = logits + (at::stack(noise).to(logits.options()) * std_noise);
   }
   at::Tensor probs = at::softmax(noisy, -1);
-  auto [top_gate, top_expert] = probs.topk(opts_.top_k, -1);  // [G, S, k]
+  auto [top_gate, top_expert] = probs.topk(k, -1);  // [G, S, k]
   auto [position, keep] = assign_slots(top_expert, top_gate, E, r.capacity, opts_.bpr);
 
   r.importance_loss = importance_loss(probs);
-  r.load_loss = noisy_routing ? load_loss(logits, noisy, std_noise, opts_.top_k) : at::zeros({}, logits.options());
-  r.expert = top_expert.reshape({G * S, opts_.top_k});
-  r.gate = top_gate.reshape({G * S, opts_.top_k});
-  r.position = position.reshape({G * S, opts_.top_k});
-  r.keep = keep.reshape({G * S, opts_.top_k});
+  r.load_loss = noisy_routing ? load_loss(logits, noisy, std_noise, k) : at::zeros({}, logits.options());
+  r.entropy = -(probs * at::log(probs.clamp_min(1e-12))).sum(-1).mean(1).sum();
+  r.expert = top_expert.reshape({G * S, k});
+  r.gate = top_gate.reshape({G * S, k});
+  r.position = position.reshape({G * S, k});
+  r.keep = keep.reshape({G * S, k});
   r.probs = probs.reshape({G * S, E});
   return r;
 }

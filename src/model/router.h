@@ -30,6 +30,7 @@ struct Routing {
   at::Tensor probs;     // [N, E] float, softmax probabilities (for soft counts)
   at::Tensor importance_loss;  // scalar: sum over groups of CV(importance)^2
   at::Tensor load_loss;        // scalar: sum over groups of CV(load)^2 (0 without noise)
+  at::Tensor entropy;          // scalar: sum over groups of the mean token entropy of probs
   int64_t capacity = 0;
   int64_t group_tokens = 0;    // S
   int64_t num_groups = 0;      // G
@@ -56,7 +57,8 @@ class RouterImpl : public torch::nn::Module {
   RouterImpl(int hidden, RouterOptions opts);
   // x: [G, S, hidden]. noise_seeds: G seeds (one per group) used while training, so
   // the noise of a group is the same whichever rank routes it.
-  Routing forward(const at::Tensor& x, bool train, const std::vector<uint64_t>& noise_seeds);
+  // top_k > 0 overrides the configured k (SEER-MoE: evaluate with fewer experts).
+  Routing forward(const at::Tensor& x, bool train, const std::vector<uint64_t>& noise_seeds, int top_k = 0);
 
   const RouterOptions& options() const { return opts_; }
   at::Tensor weight;  // [hidden, E]: column e is expert e's router weight

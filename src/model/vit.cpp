@@ -116,8 +116,10 @@ std::vector<at::Tensor> VisionTransformerImpl::expert_parameters() const {
 
 std::vector<Placement> default_placements(const ModelConfig& cfg, int world_size) {
   std::vector<Placement> out;
-  for (size_t i = 0; i < cfg.moe_blocks().size(); ++i)
-    out.push_back(Placement::contiguous(cfg.moe.num_experts, world_size));
+  for (int block : cfg.moe_blocks()) {
+    const int n = static_cast<int>(cfg.layer_experts(block).size());
+    out.push_back(Placement::contiguous(n, world_size, /*allow_empty=*/n < cfg.moe.num_experts));
+  }
   return out;
 }
 

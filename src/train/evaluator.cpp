@@ -22,7 +22,7 @@ void all_reduce_stats(std::map<int, LayerStats>& stats, Communicator& host) {
   }
 }
 
-EvalResult evaluate(VisionTransformer& model, ShardedLoader& loader, Comms comms) {
+EvalResult evaluate(VisionTransformer& model, ShardedLoader& loader, Comms comms, int64_t max_batches, int top_k) {
   TORCH_CHECK(!loader.options().train, "evaluate needs an evaluation loader");
   const bool was_training = model->is_training();
   model->eval();
@@ -30,11 +30,13 @@ EvalResult evaluate(VisionTransformer& model, ShardedLoader& loader, Comms comms
   EvalResult r;
   double loss_sum = 0, correct = 0, count = 0;
   loader.seek(0, 0);
-  for (int64_t s = 0; s < loader.steps_per_epoch(); ++s) {
+  const int64_t n = max_batches > 0 ? std::min(max_batches, loader.steps_per_epoch()) : loader.steps_per_epoch();
+  for (int64_t s = 0; s < n; ++s) {
     Batch b = loader.next();
     ForwardContext ctx;
     ctx.train = false;
     ctx.stats = &r.load;
+    ctx.top_k = top_k;
     at::Tensor lp = ensemble_log_probs(model->forward(b.images, ctx));  // [b, C]
     at::Tensor valid = b.valid;
     at::Tensor nll = -lp.gather(1, b.labels.unsqueeze(1)).squeeze(1);

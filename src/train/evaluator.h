@@ -17,7 +17,9 @@ struct EvalResult {
 };
 
 // loader must be an evaluation loader (train = false). Restores the model's mode.
-EvalResult evaluate(VisionTransformer& model, ShardedLoader& loader, Comms comms);
+// max_batches > 0 stops early (calibration); top_k > 0 routes with that many experts.
+EvalResult evaluate(VisionTransformer& model, ShardedLoader& loader, Comms comms, int64_t max_batches = 0,
+                    int top_k = 0);
 
 // Sums LayerStats over ranks (host collective).
 void all_reduce_stats(std::map<int, LayerStats>& stats, Communicator& host);

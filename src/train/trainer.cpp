@@ -104,6 +104,7 @@ PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader
       ctx.total_groups = groups;
       ctx.stats = &stats;
       ctx.timers = &timers;
+      ctx.entropy_weight = phase_.router_entropy_weight;
       at::Tensor logits = model_->forward(b.images, ctx);
       at::Tensor ce = cross_entropy_sum(logits, b.labels);
       at::Tensor loss = ce / static_cast<double>(micro * accum) +

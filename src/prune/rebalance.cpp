@@ -1,0 +1,280 @@
+#include "prune/rebalance.h"
+
+#include <algorithm>
+#include <numeric>
+
+#include "core/error.h"
+
+namespace moeprune {
+
+double load_imbalance(const std::vector<double>& loads, const std::vector<int>& rank, int W) {
+  std::vector<double> per(static_cast<size_t>(W), 0.0);
+  double total = 0;
+  for (size_t i = 0; i < loads.size(); ++i) {
+    per[static_cast<size_t>(rank[i])] += loads[i];
+    total += loads[i];
+  }
+  const double mean = total / W;
+  return mean > 0 ? *std::max_element(per.begin(), per.end()) / mean : 1.0;
+}
+
+std::vector<int> balanced_placement(const std::vector<double>& loads, const std::vector<int>& current_rank, int W) {
+  const int n = static_cast<int>(loads.size());
+  // Capacity of each group: the first n % W groups hold one more.
+  std::vector<int> cap(static_cast<size_t>(W), n / W);
+  for (int g = 0; g < n % W; ++g) ++cap[static_cast<size_t>(g)];
+  std::vector<int> order(static_cast<size_t>(n));
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return loads[a] > loads[b]; });
+  std::vector<int> group(static_cast<size_t>(n), -1);
+  std::vector<double> load(static_cast<size_t>(W), 0.0);
+  std::vector<int> count(static_cast<size_t>(W), 0);
+  for (int e : order) {
+    int best = -1;
+    for (int g = 0; g < W; ++g) {
+      if (count[g] >= cap[g]) continue;
+      if (best < 0 || load[g] < load[best] || (load[g] == load[best] && cap[g] - count[g] > cap[best] - count[best]))
+        best = g;
+    }
+    group[e] = best;
+    load[best] += loads[e];
+    ++count[best];
+  }
+  // Pairwise swaps between the most loaded group and any other while they help.
+  for (int iter = 0; iter < 100 * n; ++iter) {
+    const int a = static_cast<int>(std::max_element(load.begin(), load.end()) - load.begin());
+    double best_gain = 1e-12;
+    int bx = -1, by = -1;
+    for (int x = 0; x < n; ++x) {
+      if (group[x] != a) continue;
+      for (int y = 0; y < n; ++y) {
+        const int b = group[y];
+        if (b == a) continue;
+        const double d = loads[x] - loads[y];
+        if (d <= 0) continue;
+        const double before = std::max(load[a], load[b]);
+        const double after = std::max(load[a] - d, load[b] + d);
+        if (before - after > best_gain) {
+          best_gain = before - after;
+          bx = x;
+          by = y;
+        }
+      }
+    }
+    if (bx < 0) break;
+    const int b = group[by];
+    load[a] -= loads[bx] - loads[by];
+    load[b] += loads[bx] - loads[by];
+    std::swap(group[bx], group[by]);
+  }
+  // Groups -> ranks: greedily by how many of a group's experts a rank holds now;
+  // groups of equal size are interchangeable, so only equal-capacity pairs match.
+  std::vector<std::vector<int>> overlap(static_cast<size_t>(W), std::vector<int>(static_cast<size_t>(W), 0));
+  for (int e = 0; e < n; ++e)
+    if (current_rank[e] >= 0) ++overlap[group[e]][current_rank[e]];
+  std::vector<int> group_rank(static_cast<size_t>(W), -1);
+  std::vector<bool> rank_used(static_cast<size_t>(W), false);
+  struct Pair {
+    int ov, g, r;
+  };
+  std::vector<Pair> pairs;
+  for (int g = 0; g < W; ++g)
+    for (int r = 0; r < W; ++r) pairs.push_back({overlap[g][r], g, r});
+  std::stable_sort(pairs.begin(), pairs.end(), [](const Pair& x, const Pair& y) { return x.ov > y.ov; });
+  for (const Pair& p : pairs) {
+    if (group_rank[p.g] >= 0 || rank_used[p.r]) continue;
+    group_rank[p.g] = p.r;
+    rank_used[p.r] = true;
+  }
+  std::vector<int> out(static_cast<size_t>(n));
+  for (int e = 0; e < n; ++e) out[e] = group_rank[group[e]];
+  return out;
+}
+
+namespace {
+
+bool is_expert(const std::string& name) { return name.find(".experts.") != std::string::npos; }
+
+// Old router columns (of one member) that the new router keeps, matched by expert id;
+// undefined when they are the same columns.
+at::Tensor kept_columns(const MoeLayerImpl& old_layer, const MoeLayerImpl& new_layer, int member) {
+  const auto& old_ids = old_layer.router_column_ids(member);
+  const auto& new_ids = new_layer.router_column_ids(member);
+  if (old_ids == new_ids) return at::Tensor();
+  std::vector<int64_t> cols;
+  for (int id : new_ids) {
+    const auto it = std::find(old_ids.begin(), old_ids.end(), id);
+    require(it != old_ids.end(), concat("prune: expert ", id, " of block ", new_layer.layer(),
+                                        " has no router column in the model being pruned"));
+    cols.push_back(it - old_ids.begin());
+  }
+  return at::tensor(cols, at::kLong);
+}
+
+}  // namespace
+
+static Migration rebuild(const VisionTransformer& old_model, const std::vector<ParamSlot>& old_slots,
+                         const ModelConfig& nc, const std::vector<Placement>& placements, Comms comms, uint64_t seed);
+
+Migration apply_plan(const VisionTransformer& old_model, const std::vector<ParamSlot>& old_slots,
+                     const PrunePlan& plan, const std::vector<Placement>& placements, Comms comms, uint64_t seed) {
+  const ModelConfig& oc = old_model->config();
+  for (const auto& l : plan.layers) {
+    const auto old_ids = oc.layer_experts(l.block);
+    for (int id : l.kept)
+      require(std::binary_search(old_ids.begin(), old_ids.end(), id),
+              concat("prune: the plan keeps expert ", id, " of block ", l.block, ", which the model does not have"));
+  }
+  require(oc.kept_experts.empty() || oc.pruned_routing == plan.routing,
+          concat("prune: the model was pruned with '", oc.pruned_routing, "' routing, the plan uses '", plan.routing,
+                 "'"));
+  return rebuild(old_model, old_slots, pruned_config(oc, plan), placements, comms, seed);
+}
+
+Migration replace_experts(const VisionTransformer& model, const std::vector<ParamSlot>& slots,
+                          const std::vector<Placement>& placements, Comms comms, uint64_t seed) {
+  return rebuild(model, slots, model->config(), placements, comms, seed);
+}
+
+static Migration rebuild(const VisionTransformer& old_model, const std::vector<ParamSlot>& old_slots,
+                         const ModelConfig& nc, const std::vector<Placement>& placements, Comms comms,
+                         uint64_t seed) {
+  at::NoGradGuard ng;
+  Migration mig;
+  mig.model = VisionTransformer(nc, placements, *comms.device, seed);
+  mig.model->to(old_model->parameters().front().device());
+  const bool with_state = !old_slots.empty() && old_slots.front().m1.defined();
+  std::map<std::string, const ParamSlot*> old_state;
+  for (const auto& s : old_slots) old_state[s.name] = &s;
+
+  auto old_params = old_model->named_parameters();
+  const auto old_layers = old_model->moe_layers();
+  const auto new_layers = mig.model->moe_layers();
+  // Dense parameters (and their state): copied, router columns selected.
+  for (auto& item : mig.model->named_parameters()) {
+    const std::string& name = item.key();
+    if (is_expert(name)) continue;
+    at::Tensor src = old_params[name];
+    const ParamSlot* st = old_state.count(name) ? old_state.at(name) : nullptr;
+    at::Tensor m1 = st && st->m1.defined() ? st->m1 : at::Tensor();
+    at::Tensor m2 = st && st->m2.defined() ? st->m2 : at::Tensor();
+    const auto pos = name.find(".moe.routers.");
+    if (pos != std::string::npos) {
+      const int block = std::stoi(name.substr(7, name.find('.', 7) - 7));
+      const int member = std::stoi(name.substr(pos + 13, name.find('.', pos + 13) - pos - 13));
+      for (size_t l = 0; l < new_layers.size(); ++l) {
+        if (new_layers[l]->layer() != block) continue;
+        at::Tensor cols = kept_columns(*old_layers[l], *new_layers[l], member);
+        if (cols.defined()) {
+          cols = cols.to(src.device());
+          src = src.index_select(1, cols);
+          if (m1.defined()) m1 = m1.index_select(1, cols);
+          if (m2.defined()) m2 = m2.index_select(1, cols);
+        }
+      }
+    }
+    item.value().copy_(src);
+    ParamSlot s{name, item.value(), false, m1.defined() ? m1.clone() : m1, m2.defined() ? m2.clone() : m2};
+    mig.slots.push_back(s);
+  }
+  // Experts: one all-to-all per MoE layer of rows [id | w1 | b1 | w2 | b2 | state...].
+  const char* parts[] = {"w1", "b1", "w2", "b2"};
+  for (size_t l = 0; l < old_layers.size(); ++l) {
+    const MoeLayerImpl& ol = *old_layers[l];
+    const MoeLayerImpl& nl = *new_layers[l];
+    const std::string prefix = concat("blocks.", ol.layer(), ".moe.experts.");
+    const auto& new_ids = nl.expert_ids();
+    std::map<int, int> new_rank;  // kept id -> rank
+    for (size_t s2 = 0; s2 < new_ids.size(); ++s2) new_rank[new_ids[s2]] = nl.placement().rank_of(static_cast<int>(s2));
+    const auto& old_local = ol.experts->expert_ids();
+    // Rows of this rank's surviving experts, grouped by destination.
+    std::vector<std::vector<at::Tensor>> rows(static_cast<size_t>(comms.size()));
+    std::vector<std::vector<int64_t>> row_ids(static_cast<size_t>(comms.size()));
+    for (size_t i = 0; i < old_local.size(); ++i) {
+      auto it = new_rank.find(old_local[i]);
+      if (it == new_rank.end()) continue;  // pruned: freed with the old model
+      std::vector<at::Tensor> pieces;
+      for (const char* p : parts) {
+        const std::string name = prefix + p;
+        pieces.push_back(old_params[name][static_cast<int64_t>(i)].reshape({-1}));
+        if (with_state) {
+          pieces.push_back(old_state.at(name)->m1[static_cast<int64_t>(i)].reshape({-1}));
+          if (old_state.at(name)->m2.defined()) pieces.push_back(old_state.at(name)->m2[static_cast<int64_t>(i)].reshape({-1}));
+        }
+      }
+      rows[it->second].push_back(at::cat(pieces));
+      row_ids[it->second].push_back(old_local[i]);
+    }
+    std::vector<int64_t> send_splits(static_cast<size_t>(comms.size()));
+    std::vector<at::Tensor> flat;
+    std::vector<int64_t> flat_ids;
+    int64_t moved_rows = 0;
+    for (int r = 0; r < comms.size(); ++r) {
+      send_splits[r] = static_cast<int64_t>(rows[r].size());
+      if (r != comms.rank()) moved_rows += send_splits[r];
+      flat.insert(flat.end(), rows[r].begin(), rows[r].end());
+      flat_ids.insert(flat_ids.end(), row_ids[r].begin(), row_ids[r].end());
+    }
+    const std::vector<int64_t> recv_splits = comms.host->exchange_counts(send_splits, 1);
+    // Row width, identical on every rank: parameters (+ state) of one expert.
+    int64_t width = 0;
+    for (const char* p : parts) {
+      const auto& t = old_params[prefix + p];
+      int64_t one = 1;
+      for (int64_t d = 1; d < t.dim(); ++d) one *= t.size(d);
+      width += one * (with_state ? (old_state.at(prefix + p)->m2.defined() ? 3 : 2) : 1);
+    }
+    const auto dev = old_params[prefix + "w1"].device();
+    at::Tensor send = flat.empty() ? at::empty({0, width}, at::TensorOptions().device(dev)) : at::stack(flat);
+    at::Tensor got = comms.device->all_to_all(send, send_splits, recv_splits);
+    at::Tensor got_ids = comms.host->all_to_all(at::tensor(flat_ids, at::kLong), send_splits, recv_splits);
+    mig.bytes_moved += moved_rows * width * static_cast<int64_t>(send.element_size());
+    // Unpack into the new bank, by id.
+    const auto& mine = nl.experts->expert_ids();
+    std::map<int, int64_t> local_index;
+    for (size_t i = 0; i < mine.size(); ++i) local_index[mine[i]] = static_cast<int64_t>(i);
+    auto new_params = mig.model->named_parameters();
+    std::map<std::string, at::Tensor> m1, m2;
+    for (const char* p : parts) {
+      const std::string name = prefix + p;
+      if (with_state) {
+        m1[name] = at::zeros_like(new_params[name]);
+        if (old_state.at(name)->m2.defined()) m2[name] = at::zeros_like(new_params[name]);
+      }
+    }
+    for (int64_t row = 0; row < got.size(0); ++row) {
+      const int id = static_cast<int>(got_ids[row].item<int64_t>());
+      const int64_t li = local_index.at(id);
+      int64_t off = 0;
+      auto take = [&](at::Tensor dst) {
+        const int64_t n = dst.numel();
+        dst.copy_(got[row].narrow(0, off, n).view_as(dst));
+        off += n;
+      };
+      for (const char* p : parts) {
+        const std::string name = prefix + p;
+        take(new_params[name][li]);
+        if (with_state) {
+          take(m1[name][li]);
+          if (m2.count(name)) take(m2[name][li]);
+        }
+      }
+    }
+    for (const char* p : parts) {
+      const std::string name = prefix + p;
+      mig.slots.push_back(ParamSlot{name, new_params[name], true, m1.count(name) ? m1[name] : at::Tensor(),
+                                    m2.count(name) ? m2[name] : at::Tensor()});
+    }
+  }
+  at::Tensor b = at::tensor({mig.bytes_moved}, at::kLong);
+  comms.host->all_reduce(b, ReduceOp::Sum);
+  mig.bytes_moved = b.item<int64_t>();
+  // Slots in the order of the model's parameters.
+  std::map<std::string, ParamSlot> by_name;
+  for (auto& s : mig.slots) by_name[s.name] = s;
+  mig.slots.clear();
+  for (const auto& item : mig.model->named_parameters()) mig.slots.push_back(by_name.at(item.key()));
+  return mig;
+}
+
+}  // namespace moeprune

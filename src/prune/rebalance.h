@@ -1,0 +1,44 @@
+// Re-placing experts across ranks after pruning, and applying a plan to a running
+// job: the pruned model is rebuilt with the surviving experts, which move (with
+// their optimiser state) to their new ranks by one all-to-all per layer.
+#pragma once
+#include <vector>
+
+#include "dist/world.h"
+#include "model/vit.h"
+#include "prune/plan.h"
+#include "train/optimizer.h"
+
+namespace moeprune {
+
+// A placement of n experts with expected loads on W ranks: every rank holds
+// floor(n/W) or ceil(n/W) experts (even memory); the largest per-rank load is
+// minimised (longest-processing-time first, then pairwise swaps while they lower
+// the larger of the two ranks' loads); the resulting groups go to the ranks that
+// already hold most of their experts (greedy), so few bytes move.
+// current_rank[i]: where expert i is now (-1: nowhere). Returns the new rank of each.
+std::vector<int> balanced_placement(const std::vector<double>& loads, const std::vector<int>& current_rank, int W);
+
+// max over ranks of the summed expected load / mean over ranks.
+double load_imbalance(const std::vector<double>& loads, const std::vector<int>& rank, int W);
+
+struct Migration {
+  VisionTransformer model{nullptr};
+  std::vector<ParamSlot> slots;   // optimiser state carried over (same order as model parameters)
+  int64_t bytes_moved = 0;        // expert bytes (weights + optimiser state) sent between ranks, all ranks
+};
+
+// Collective. Builds the pruned model (pruned_config(old config, plan)) with the
+// given placements (one per MoE block, over the kept experts in id order) and fills
+// it: dense parameters copied (router columns of pruned experts dropped in "drop"
+// routing), surviving experts and their optimiser state moved to their new ranks.
+// old_slots may be empty (no optimiser state). Pruned experts are not kept anywhere.
+Migration apply_plan(const VisionTransformer& old_model, const std::vector<ParamSlot>& old_slots,
+                     const PrunePlan& plan, const std::vector<Placement>& placements, Comms comms, uint64_t seed);
+
+// Collective. The same model (same experts) with new placements: experts and their
+// optimiser state move; the maths does not change (placement invariance).
+Migration replace_experts(const VisionTransformer& model, const std::vector<ParamSlot>& slots,
+                          const std::vector<Placement>& placements, Comms comms, uint64_t seed);
+
+}  // namespace moeprune
