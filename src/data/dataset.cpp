@@ -153,11 +153,15 @@ std::shared_ptr<TensorDataset> make_planted(int64_t n, int image_size, int patch
   at::Tensor distract = at::randint(2, {n, P}, gen, at::TensorOptions().dtype(at::kLong));  // which distractor
   at::Tensor on = at::rand({n, P}, gen) < 0.5;
   x += (feats.index_select(0, distract.flatten() + 2).reshape({n, P, D}) * on.unsqueeze(2)) * 2.0;
+  // The label feature appears with a random sign, so no linear read-out of the
+  // patches separates the classes: the nonlinear layers (the experts) must.
+  at::Tensor sign = at::randint(2, {n}, gen, at::TensorOptions().dtype(at::kLong)) * 2 - 1;
   for (int64_t i = 0; i < n; ++i) {
     at::Tensor where = at::randperm(P, gen, at::TensorOptions().dtype(at::kLong)).narrow(0, 0, patches);
     at::Tensor row = x[i];
-    row.index_copy_(0, where, feats[y[i].item<int64_t>()].unsqueeze(0).expand({patches, D}) * 4.0 +
-                                  at::randn({patches, D}, gen) * noise);
+    row.index_copy_(0, where,
+                    feats[y[i].item<int64_t>()].unsqueeze(0).expand({patches, D}) * (4.0 * sign[i].item<double>()) +
+                        at::randn({patches, D}, gen) * noise);
   }
   // [n, P, D] -> image [n, 1, S, S], quantised to uint8 around 128.
   at::Tensor img = x.reshape({n, side, side, patch_size, patch_size}).permute({0, 1, 3, 2, 4})

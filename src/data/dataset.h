@@ -50,7 +50,8 @@ std::shared_ptr<TensorDataset> read_idx(const std::string& images_path, const st
 std::shared_ptr<TensorDataset> read_cifar10(const std::string& root, const std::string& split);
 // CIFAR-100 binary (train.bin / test.bin) in root or root/cifar-100-binary; fine or coarse labels.
 std::shared_ptr<TensorDataset> read_cifar100(const std::string& root, const std::string& split, bool coarse);
-// The pruning paper's setting: binary labels decided by a label feature planted in
+// The pruning paper's setting: binary labels decided by a label feature (with a
+// random sign, so that only a nonlinear read-out separates the classes) planted in
 // `patches` random patches; every patch also carries a shared distractor feature
 // half of the time, and Gaussian noise. Deterministic in seed.
 std::shared_ptr<TensorDataset> make_planted(int64_t n, int image_size, int patch_size, int patches, double noise,

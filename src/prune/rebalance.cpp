@@ -20,75 +20,103 @@ double load_imbalance(const std::vector<double>& loads, const std::vector<int>& 
 
 std::vector<int> balanced_placement(const std::vector<double>& loads, const std::vector<int>& current_rank, int W) {
   const int n = static_cast<int>(loads.size());
-  // Capacity of each group: the first n % W groups hold one more.
-  std::vector<int> cap(static_cast<size_t>(W), n / W);
-  for (int g = 0; g < n % W; ++g) ++cap[static_cast<size_t>(g)];
+  const int base = n / W, extra = n % W;  // `extra` ranks hold base + 1 experts
+  auto max_load = [&](const std::vector<int>& r) {
+    std::vector<double> per(static_cast<size_t>(W), 0.0);
+    for (int e = 0; e < n; ++e) per[r[e]] += loads[e];
+    return *std::max_element(per.begin(), per.end());
+  };
+  auto even = [&](const std::vector<int>& r) {
+    std::vector<int> c(static_cast<size_t>(W), 0);
+    for (int x : r) {
+      if (x < 0 || x >= W) return false;
+      ++c[x];
+    }
+    int big = 0;
+    for (int x : c) {
+      if (x != base && x != base + 1) return false;
+      big += x == base + 1;
+    }
+    return big == extra;
+  };
+  // 1. Longest processing time first, in rank space; ties go to the expert's current rank.
   std::vector<int> order(static_cast<size_t>(n));
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return loads[a] > loads[b]; });
-  std::vector<int> group(static_cast<size_t>(n), -1);
+  std::vector<int> rank(static_cast<size_t>(n), -1), count(static_cast<size_t>(W), 0);
   std::vector<double> load(static_cast<size_t>(W), 0.0);
-  std::vector<int> count(static_cast<size_t>(W), 0);
+  int big = 0;
   for (int e : order) {
     int best = -1;
-    for (int g = 0; g < W; ++g) {
-      if (count[g] >= cap[g]) continue;
-      if (best < 0 || load[g] < load[best] || (load[g] == load[best] && cap[g] - count[g] > cap[best] - count[best]))
-        best = g;
+    for (int r = 0; r < W; ++r) {
+      const bool room = count[r] < base || (count[r] == base && big < extra);
+      if (!room) continue;
+      if (best < 0 || load[r] < load[best] - 1e-12 ||
+          (std::abs(load[r] - load[best]) <= 1e-12 && r == current_rank[e] && best != current_rank[e]))
+        best = r;
     }
-    group[e] = best;
+    rank[e] = best;
     load[best] += loads[e];
-    ++count[best];
+    if (++count[best] == base + 1) ++big;
   }
-  // Pairwise swaps between the most loaded group and any other while they help.
-  for (int iter = 0; iter < 100 * n; ++iter) {
+  // 2. Swaps between the most loaded rank and any other while they lower the larger load.
+  for (int iter = 0; iter < 100 * n + 100; ++iter) {
     const int a = static_cast<int>(std::max_element(load.begin(), load.end()) - load.begin());
     double best_gain = 1e-12;
     int bx = -1, by = -1;
     for (int x = 0; x < n; ++x) {
-      if (group[x] != a) continue;
+      if (rank[x] != a) continue;
       for (int y = 0; y < n; ++y) {
-        const int b = group[y];
-        if (b == a) continue;
+        const int b = rank[y];
         const double d = loads[x] - loads[y];
-        if (d <= 0) continue;
-        const double before = std::max(load[a], load[b]);
-        const double after = std::max(load[a] - d, load[b] + d);
-        if (before - after > best_gain) {
-          best_gain = before - after;
+        if (b == a || d <= 0) continue;
+        const double gain = std::max(load[a], load[b]) - std::max(load[a] - d, load[b] + d);
+        if (gain > best_gain) {
+          best_gain = gain;
           bx = x;
           by = y;
         }
       }
     }
     if (bx < 0) break;
-    const int b = group[by];
-    load[a] -= loads[bx] - loads[by];
-    load[b] += loads[bx] - loads[by];
-    std::swap(group[bx], group[by]);
+    const int b = rank[by];
+    const double d = loads[bx] - loads[by];
+    load[a] -= d;
+    load[b] += d;
+    std::swap(rank[bx], rank[by]);
   }
-  // Groups -> ranks: greedily by how many of a group's experts a rank holds now;
-  // groups of equal size are interchangeable, so only equal-capacity pairs match.
-  std::vector<std::vector<int>> overlap(static_cast<size_t>(W), std::vector<int>(static_cast<size_t>(W), 0));
-  for (int e = 0; e < n; ++e)
-    if (current_rank[e] >= 0) ++overlap[group[e]][current_rank[e]];
-  std::vector<int> group_rank(static_cast<size_t>(W), -1);
-  std::vector<bool> rank_used(static_cast<size_t>(W), false);
-  struct Pair {
-    int ov, g, r;
-  };
-  std::vector<Pair> pairs;
-  for (int g = 0; g < W; ++g)
-    for (int r = 0; r < W; ++r) pairs.push_back({overlap[g][r], g, r});
-  std::stable_sort(pairs.begin(), pairs.end(), [](const Pair& x, const Pair& y) { return x.ov > y.ov; });
-  for (const Pair& p : pairs) {
-    if (group_rank[p.g] >= 0 || rank_used[p.r]) continue;
-    group_rank[p.g] = p.r;
-    rank_used[p.r] = true;
+  // 3. Fewer moves at no cost: swap pairs that put an expert back on its current rank
+  //    without raising the largest load.
+  const double target = *std::max_element(load.begin(), load.end());
+  bool changed = true;
+  for (int iter = 0; changed && iter < 10 * n + 10; ++iter) {
+    changed = false;
+    for (int x = 0; x < n; ++x) {
+      if (current_rank[x] < 0 || rank[x] == current_rank[x]) continue;
+      const int a = rank[x], b = current_rank[x];
+      int best_y = -1, best_home = -1;
+      for (int y = 0; y < n; ++y) {
+        if (rank[y] != b) continue;
+        const double d = loads[x] - loads[y];
+        if (load[a] - d > target + 1e-9 || load[b] + d > target + 1e-9) continue;
+        const int home = (current_rank[y] == a) ? 2 : (current_rank[y] == b ? 0 : 1);  // y leaving home costs
+        if (home > best_home) {
+          best_home = home;
+          best_y = y;
+        }
+      }
+      if (best_y >= 0 && best_home >= 1) {  // net gain: x returns home, y does not leave its home
+        const double d = loads[x] - loads[best_y];
+        load[a] -= d;
+        load[b] += d;
+        std::swap(rank[x], rank[best_y]);
+        changed = true;
+      }
+    }
   }
-  std::vector<int> out(static_cast<size_t>(n));
-  for (int e = 0; e < n; ++e) out[e] = group_rank[group[e]];
-  return out;
+  // 4. The current placement wins when it is as good.
+  if (even(current_rank) && max_load(current_rank) <= max_load(rank) + 1e-9) return current_rank;
+  return rank;
 }
 
 namespace {
