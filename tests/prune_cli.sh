@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# `moeprune prune` through the command line (registered in ctest):
+#  1. fine-tune on 2 ranks, prune 50% globally on 4 ranks (another world size) with
+#     SEER-MoE re-fine-tuning and top-1 evaluation: report, pruned checkpoint that verifies;
+#  2. bad input gives exit code 2 and a clear message, and changes no checkpoint:
+#     a ratio that leaves fewer than top_k experts, an unknown criterion, an empty
+#     calibration split.
+# usage: prune_cli.sh BUILD/moeprune SOURCE_DIR
+set -u
+BIN="$1"; SRC="$2"
+MPI=(mpirun --oversubscribe --bind-to none -x OMP_NUM_THREADS=1)
+[ "$(id -u)" -eq 0 ] && MPI+=(--allow-run-as-root)
+CFG="$SRC/tests/data/small-planted.yaml"
+W=$(mktemp -d /tmp/moeprune-prune.XXXXXX)
+trap 'rm -rf "$W"' EXIT
+fail() { echo "FAIL: $*"; exit 1; }
+OUT="$W/run"
+"${MPI[@]}" -np 2 "$BIN" pretrain --config "$CFG" --set output.dir="$OUT" > "$W/p.log" 2>&1 || { cat "$W/p.log"; fail "pretrain"; }
+"${MPI[@]}" -np 2 "$BIN" finetune --config "$CFG" --set output.dir="$OUT" > "$W/f.log" 2>&1 || { cat "$W/f.log"; fail "finetune"; }
+FT=$(cat "$OUT/checkpoints/latest")
+
+expect_error() {  # message args...
+  msg="$1"; shift
+  before=$(cat "$OUT/checkpoints/latest"; ls "$OUT/checkpoints")
+  "${MPI[@]}" -np 2 "$BIN" prune --config "$CFG" --set output.dir="$OUT" --from "$OUT/checkpoints/$FT" "$@" \
+    > "$W/e.log" 2>&1
+  rc=$?
+  [ "$rc" -eq 2 ] || { cat "$W/e.log"; fail "prune $*: exit code $rc, expected 2"; }
+  grep -q -- "$msg" "$W/e.log" || { cat "$W/e.log"; fail "prune $*: no message '$msg'"; }
+  after=$(cat "$OUT/checkpoints/latest"; ls "$OUT/checkpoints")
+  [ "$before" = "$after" ] || fail "prune $*: the checkpoints changed"
+  echo "ok: prune $* -> exit 2: $msg"
+}
+expect_error "would leave some MoE layer with fewer than max(top_k=2" --set prune.ratio=0.9
+expect_error "prune.criterion='loudest', expected one of" --set prune.criterion=loudest
+expect_error "finetune/val split of planted is empty" --set data.val_fraction=0
+
+"${MPI[@]}" -np 4 "$BIN" prune --config "$CFG" --set output.dir="$OUT" --from "$OUT/checkpoints" \
+  --set prune.ratio=0.5 --set refinetune.enabled=true --set refinetune.steps=4 --set refinetune.batch_size=24 \
+  --set refinetune.router_entropy_weight=0.01 --set prune.eval_top_k=1 > "$W/ok.log" 2>&1 \
+  || { cat "$W/ok.log"; fail "prune on 4 ranks"; }
+grep -q "pruning report: router_norm_change, global scope, drop routing, 4 ranks" "$W/ok.log" || { cat "$W/ok.log"; fail "no report"; }
+python3 - "$OUT/prune_report.json" <<'PY' || fail "report content"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert sum(l["experts_after"] for l in r["layers"]) == 4, r["layers"]
+assert all(l["experts_after"] >= 2 for l in r["layers"])
+assert r["params_after"] < r["params_before"]
+assert r["refinetune"]["eval_top_k"] == 1 and 0 <= r["refinetune"]["test_accuracy_eval_top_k"] <= 1
+PY
+"$BIN" ckpt verify "$OUT/checkpoints" > /dev/null || fail "pruned checkpoint does not verify"
+"$BIN" ckpt inspect "$OUT/checkpoints" | grep -q "phase refinetune" || fail "latest checkpoint is not the re-fine-tuned one"
+echo "ok: pruned on 4 ranks a model fine-tuned on 2, re-fine-tuned, report and checkpoint verified"
+echo "4 passed, 0 failed"
