@@ -33,7 +33,9 @@ VENV="$ROOT/.venv"
 have_torch() {
   [ -x "$VENV/bin/python" ] && "$VENV/bin/python" - "$TORCH_VERSION" <<'PY' 2>/dev/null
 import sys, importlib.metadata as m
-sys.exit(0 if m.version("torch").split("+")[0] == sys.argv[1] else 1)
+ok = m.version("torch").split("+")[0] == sys.argv[1]
+m.version("matplotlib")  # raises when missing
+sys.exit(0 if ok else 1)
 PY
 }
 if have_torch; then
@@ -44,8 +46,8 @@ else
     say "creating $VENV"
     python3 -m venv "$VENV" || die "python3 -m venv failed (install python3-venv)"
   fi
-  say "installing torch==$TORCH_VERSION (LibTorch for C++) and numpy into .venv; the first time this downloads ~3 GB"
-  "$VENV/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION" numpy \
+  say "installing torch==$TORCH_VERSION (LibTorch for C++), numpy and matplotlib into .venv; the first time this downloads ~3 GB"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION" numpy matplotlib \
     || die "pip could not install torch==$TORCH_VERSION (is PyPI reachable?)"
   have_torch || die "torch $TORCH_VERSION is not importable from .venv after installation"
 fi

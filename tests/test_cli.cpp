@@ -88,6 +88,11 @@ TEST(Cli, FinetuneWithoutPretrainedModel) {
   expect_user_error("finetune --set output.dir=/nonexistent/run", 2, "run `moeprune pretrain` first");
 }
 
+TEST(Cli, RecipeConfigWithoutItsFiles) {
+  expect_user_error(std::string("run --config ") + MOEPRUNE_SOURCE_DIR + "/configs/vmoe-s32-cifar10.yaml", 2,
+                    "initial model 'data/pretrained/vmoe-s32.safetensors' does not exist");
+}
+
 TEST(Cli, ExceptionOnOneRankEndsAllRanks) {
   const Result r = run(MOEPRUNE_ABORT_PROBE, 2);
   EXPECT_NE(r.code, 0) << r.out;

@@ -2,6 +2,8 @@
 // value and what was expected.
 #include <gtest/gtest.h>
 
+#include <filesystem>
+
 #include "core/config.h"
 #include "core/error.h"
 
@@ -27,11 +29,15 @@ TEST(Config, EmbeddedDefaultParses) {
 }
 
 TEST(Config, ShippedConfigsParse) {
-  for (const char* name : {"vmoe-tiny", "vmoe-s32", "vmoe-b16", "vmoe-l16", "vmoe-h14", "e3-s32"}) {
-    const JobConfig cfg = parse_config(std::string(MOEPRUNE_SOURCE_DIR) + "/configs/" + name + ".yaml");
-    EXPECT_EQ(cfg.model.name, name);
+  int n = 0;
+  for (const auto& e : std::filesystem::directory_iterator(std::string(MOEPRUNE_SOURCE_DIR) + "/configs")) {
+    const JobConfig cfg = parse_config(e.path().string());
+    EXPECT_EQ(cfg.model.name, e.path().stem().string()) << e.path();
+    EXPECT_NO_THROW(validate_world(cfg, 2)) << e.path();
+    ++n;
   }
-  const JobConfig e3 = parse_config(std::string(MOEPRUNE_SOURCE_DIR) + "/configs/e3-s32.yaml");
+  EXPECT_GE(n, 19);
+  const JobConfig e3 = parse_config(std::string(MOEPRUNE_SOURCE_DIR) + "/configs/e3-s32-cifar100.yaml");
   EXPECT_EQ(e3.model.moe_blocks(), (std::vector<int>{5, 7}));
   EXPECT_EQ(e3.model.moe.ensemble_size, 2);
 }

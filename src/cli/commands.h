@@ -32,7 +32,17 @@ void install_stop_signals();
 // Prunes a fine-tuned checkpoint (from: a checkpoint or a root; "" = checkpoint.dir):
 // calibrate, score, plan (agreed by hash), prune, rebalance, evaluate, optional
 // re-fine-tune; writes a pruned checkpoint and <output.dir>/prune_report.json.
-int cmd_prune(World& world, const JobConfig& cfg, const std::string& from);
+// With refinetune.enabled and not in_pipeline, re-fine-tunes afterwards.
+int cmd_prune(World& world, const JobConfig& cfg, const std::string& from, bool in_pipeline = false);
+
+// Re-fine-tunes the pruned model of the latest "prune" checkpoint (section
+// refinetune; SEER-MoE stage 2) and adds the results to prune_report.json.
+int cmd_refinetune(World& world, const JobConfig& cfg, const std::string& resume);
+
+// The one-job pipeline: [pretrain] -> finetune -> prune (calibrate, plan, prune,
+// rebalance, evaluate) -> [refinetune]. resume "auto" continues at the phase and
+// step of the latest checkpoint, on any number of ranks.
+int cmd_run(World& world, const JobConfig& cfg, const std::string& resume);
 
 // `moeprune ckpt inspect|verify|export` (single process).
 int cmd_ckpt(const std::string& action, const std::string& dir, const std::string& out);

@@ -57,6 +57,19 @@ int main(int argc, char** argv) {
       "Checkpoints every checkpoint.every steps and on SIGTERM/SIGUSR1 (then exit code 75).\n"
       "Example: launch/mpirun.sh -np 2 build/moeprune finetune --set finetune.steps=200 --resume auto");
   fin->add_option("--resume", resume, "auto (latest checkpoint of this phase, if any) | DIR | none");
+  auto* run = app.add_subcommand(
+      "run",
+      "The whole job in one mpirun: pretrain (when configured and not already done with the same\n"
+      "settings) -> fine-tune recording router history -> calibrate -> prune -> rebalance ->\n"
+      "re-fine-tune (when refinetune.enabled) -> evaluate, with sharded checkpoints throughout.\n"
+      "After preemption (exit code 75) rerun the same command with --resume auto, on any number of ranks.\n"
+      "Example: launch/mpirun.sh -np 2 build/moeprune run --config configs/vmoe-tiny.yaml --resume auto");
+  run->add_option("--resume", resume, "auto (continue at the phase and step of the latest checkpoint) | none");
+  auto* ref = app.add_subcommand(
+      "refinetune",
+      "Re-fine-tune the pruned model of the latest `prune` checkpoint (section refinetune: SEER-MoE\n"
+      "stage 2 with router_entropy_weight; evaluation with prune.eval_top_k).");
+  ref->add_option("--resume", resume, "auto | DIR | none");
   std::string prune_from;
   auto* prn = app.add_subcommand(
       "prune",
@@ -124,6 +137,8 @@ int main(int argc, char** argv) {
     if (*pre) return cmd_pretrain(w, cfg, skip_if_done, resume);
     if (*fin) return cmd_finetune(w, cfg, resume);
     if (*prn) return cmd_prune(w, cfg, prune_from);
+    if (*run) return cmd_run(w, cfg, resume);
+    if (*ref) return cmd_refinetune(w, cfg, resume);
     return kExitOk;
   });
 }

@@ -15,12 +15,13 @@ PhaseData phase_data(const JobConfig& cfg, const PhaseConfig& phase, const std::
   return d;
 }
 
-LoaderOptions loader_options(const JobConfig& cfg, const World& world, int64_t batch, bool train) {
+LoaderOptions loader_options(const JobConfig& cfg, const World& world, int64_t batch, bool train,
+                             uint64_t seed) {
   LoaderOptions o;
   o.global_batch = batch;
   o.rank = world.rank();
   o.world = world.size();
-  o.seed = cfg.seed;
+  o.seed = seed;
   o.train = train;
   o.augment = cfg.data.augment;
   o.image_size = cfg.model.image_size;

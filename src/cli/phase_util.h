@@ -12,6 +12,8 @@ struct PhaseData {
 
 // The task's train / val / test splits of cfg.data (loads the data set).
 PhaseData phase_data(const JobConfig& cfg, const PhaseConfig& phase, const std::string& name);
-LoaderOptions loader_options(const JobConfig& cfg, const World& world, int64_t batch, bool train);
+// seed: the phase's seed (phase_seed()).
+LoaderOptions loader_options(const JobConfig& cfg, const World& world, int64_t batch, bool train,
+                             uint64_t seed);
 
 }  // namespace moeprune

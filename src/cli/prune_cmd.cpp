@@ -2,6 +2,7 @@
 // calibrate, score the experts, make and agree on a plan, prune, rebalance the
 // survivors across ranks, evaluate, optionally re-fine-tune (SEER-MoE stage 2), and
 // write a pruned sharded checkpoint and a report (JSON + table).
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -73,7 +74,7 @@ std::vector<int> current_ranks(const MoeLayerImpl& layer, const std::vector<int>
 
 }  // namespace
 
-int cmd_prune(World& world, const JobConfig& cfg, const std::string& from) {
+int cmd_prune(World& world, const JobConfig& cfg, const std::string& from, bool in_pipeline) {
   const PruneConfig& pc = cfg.prune;
   Comms comms = world.comms();
   Manifest m;
@@ -106,8 +107,8 @@ int cmd_prune(World& world, const JobConfig& cfg, const std::string& from) {
                    " ranks) on ", world.size(), " ranks"));
 
   Split calib_split = pc.calibration.split == "train" ? d.train : pc.calibration.split == "test" ? d.test : d.val;
-  ShardedLoader calib(calib_split, loader_options(cfg, world, cfg.data.eval_batch_size, false));
-  ShardedLoader test(d.test, loader_options(cfg, world, cfg.data.eval_batch_size, false));
+  ShardedLoader calib(calib_split, loader_options(cfg, world, cfg.data.eval_batch_size, false, cfg.seed));
+  ShardedLoader test(d.test, loader_options(cfg, world, cfg.data.eval_batch_size, false, cfg.seed));
 
   // 1. Before pruning: accuracy and calibration counts.
   const EvalResult before = evaluate(model, test, comms);
@@ -140,7 +141,7 @@ int cmd_prune(World& world, const JobConfig& cfg, const std::string& from) {
   }
   Migration pruned = apply_plan(model, opt.slots(), plan, stay, comms, cfg.seed);
   model = VisionTransformer(nullptr);  // frees the pruned experts and their state
-  ShardedLoader calib2(calib_split, loader_options(cfg, world, cfg.data.eval_batch_size, false));
+  ShardedLoader calib2(calib_split, loader_options(cfg, world, cfg.data.eval_batch_size, false, cfg.seed));
   const EvalResult cal_after = evaluate(pruned.model, calib2, comms, pc.calibration.batches);
   const auto loads_after = slot_loads(cal_after.load);
 
@@ -172,34 +173,10 @@ int cmd_prune(World& world, const JobConfig& cfg, const std::string& from) {
   TrainState st;
   st.phase = "prune";
   st.finished_phases = m.state.finished_phases;
-  st.finished_phases.push_back("finetune");
-  st.finished_phases.push_back("prune");
+  for (const char* ph : {"finetune", "prune"})
+    if (std::find(st.finished_phases.begin(), st.finished_phases.end(), ph) == st.finished_phases.end())
+      st.finished_phases.push_back(ph);
   ckpt.save(pruned.model, popt, st, cfg, nullptr);
-
-  // 6. Optional re-fine-tuning (SEER-MoE stage 2: router entropy regulariser, smaller top-k).
-  json refined = nullptr;
-  if (cfg.refinetune.enabled) {
-    MetricsSink metrics(cfg.output.dir + "/metrics.jsonl", world.rank() == 0);
-    const int64_t micro = cfg.refinetune.batch_size / cfg.refinetune.accumulation;
-    ShardedLoader train(d.train, loader_options(cfg, world, micro, true));
-    ShardedLoader val(d.val, loader_options(cfg, world, cfg.data.eval_batch_size, false));
-    Trainer trainer(comms, cfg, cfg.refinetune, "refinetune", pruned.model, metrics);
-    PhaseResult r = trainer.run(train, val, &test);
-    refined = {{"test_accuracy", r.test.accuracy}, {"test_loss", r.test.loss}, {"steps", r.steps},
-               {"router_entropy_weight", cfg.refinetune.router_entropy_weight}};
-    if (pc.eval_top_k > 0) {
-      const EvalResult k = evaluate(pruned.model, test, comms, 0, pc.eval_top_k);
-      const ModelFigures fk = figures(pruned.model, k.load, world.host_comm(), pc.eval_top_k);
-      refined["eval_top_k"] = pc.eval_top_k;
-      refined["test_accuracy_eval_top_k"] = k.accuracy;
-      refined["expert_flops_per_token_eval_top_k"] = fk.expert_flops_per_token;
-    }
-    TrainState rs = st;
-    rs.phase = "refinetune";
-    rs.step = r.steps;
-    rs.finished_phases.push_back("refinetune");
-    ckpt.save(pruned.model, trainer.optimizer(), rs, cfg, nullptr);
-  }
 
   // 7. Report.
   json layers_j = json::array();
@@ -233,7 +210,7 @@ int cmd_prune(World& world, const JobConfig& cfg, const std::string& from) {
                  {"expert_flops_per_token_after", fig_after.expert_flops_per_token},
                  {"test_accuracy_before", before.accuracy},
                  {"test_accuracy_after", after.accuracy},
-                 {"refinetune", refined}};
+                 {"refinetune", nullptr}};
   if (world.rank() == 0) {
     std::filesystem::create_directories(cfg.output.dir);
     std::ofstream(cfg.output.dir + "/prune_report.json") << report.dump(1) << "\n";
@@ -257,17 +234,11 @@ int cmd_prune(World& world, const JobConfig& cfg, const std::string& from) {
     std::printf("  %-34s %14.2f %14.2f\n", "max parameter MiB per rank", fig_before.max_rank_bytes / 1048576.0,
                 fig_after.max_rank_bytes / 1048576.0);
     std::printf("  %-34s %13.2f%% %13.2f%%\n", "test accuracy", 100 * before.accuracy, 100 * after.accuracy);
-    if (!refined.is_null()) {
-      std::printf("  %-34s %14s %13.2f%%\n", "test accuracy after re-fine-tuning", "",
-                  100 * refined["test_accuracy"].get<double>());
-      if (refined.contains("eval_top_k"))
-        std::printf("  %-34s %14s %13.2f%%\n", concat("  ... evaluated with top-", pc.eval_top_k).c_str(), "",
-                    100 * refined["test_accuracy_eval_top_k"].get<double>());
-    }
     std::printf("  expert bytes moved between ranks: %lld; report: %s/prune_report.json; checkpoint: %s\n",
                 static_cast<long long>(bytes_moved), cfg.output.dir.c_str(), ckpt.last_saved().c_str());
     std::fflush(stdout);
   }
+  if (cfg.refinetune.enabled && !in_pipeline) return cmd_refinetune(world, cfg, "none");
   return kExitOk;
 }
 

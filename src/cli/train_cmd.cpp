@@ -1,6 +1,8 @@
 // moeprune pretrain / finetune: build the model, load data, run a training phase,
 // save the model (and, for fine-tuning, the router history) under output.dir.
+#include <algorithm>
 #include <filesystem>
+#include <fstream>
 
 #include <atomic>
 #include <csignal>
@@ -60,13 +62,14 @@ namespace {
 
 void on_signal(int sig) { g_stop_signal.store(sig); }
 
-// One training phase with checkpoints, preemption and resume. name: pretrain|finetune.
+// One training phase with checkpoints, preemption and resume.
+// name: pretrain | finetune | refinetune (the pruned model of the latest "prune" checkpoint).
 int run_phase(World& world, const JobConfig& cfg, const std::string& name, const std::string& resume) {
-  const bool fine = name == "finetune";
-  const PhaseConfig& phase = fine ? cfg.finetune : cfg.pretrain;
+  const bool fine = name == "finetune", refine = name == "refinetune";
+  const PhaseConfig& phase = name == "pretrain" ? cfg.pretrain : fine ? cfg.finetune : cfg.refinetune;
   const std::string root = checkpoint_dir(cfg);
   const std::string init = cfg.finetune.init.empty() ? pretrained_path(cfg) : cfg.finetune.init;
-  Manifest manifest;
+  Manifest manifest;  // the checkpoint resumed from (or, re-fine-tuning, the pruned model)
   bool resuming = false;
   PhaseData d;
   world.agree([&] {
@@ -74,30 +77,47 @@ int run_phase(World& world, const JobConfig& cfg, const std::string& name, const
       const std::string dir = resume == "auto" ? latest_checkpoint(root) : resume;
       if (!dir.empty()) {
         manifest = read_manifest(dir);
-        if (manifest.state.phase == name) {
+        const bool done = std::find(manifest.state.finished_phases.begin(), manifest.state.finished_phases.end(),
+                                    name) != manifest.state.finished_phases.end();
+        if (manifest.state.phase == name && !done) {
           resuming = true;
         } else {
           require(resume == "auto", concat("--resume ", dir, ": the checkpoint is of phase '", manifest.state.phase,
-                                           "', this command runs '", name, "'"));
+                                           done ? "' (finished)" : "'", ", this command runs '", name, "'"));
           log::info(concat(name, ": latest checkpoint ", dir, " is of phase ", manifest.state.phase,
-                           "; starting ", name, " from its beginning"));
+                           done ? " (finished)" : "", "; starting ", name, " from its beginning"));
         }
       } else {
         log::info(concat(name, ": no checkpoint under ", root, "; starting from the beginning"));
       }
     }
+    if (refine && !resuming) {
+      const std::string dir = latest_checkpoint(root);
+      require(!dir.empty(), concat("refinetune: no checkpoint under ", root, "; run `moeprune prune` first"));
+      manifest = read_manifest(dir);
+      require(manifest.state.phase == "prune", concat("refinetune: the latest checkpoint ", dir, " is of phase '",
+                                                      manifest.state.phase, "', expected the pruned model ('prune')"));
+    }
     if (fine && !resuming)
       require(std::filesystem::exists(init),
               concat("finetune: initial model '", init, "' does not exist: run `moeprune pretrain` first or set "
                      "finetune.init to a model file"));
-    d = phase_data(cfg, phase, name);
+    d = phase_data(cfg, refine ? cfg.finetune : phase, name);
   });
-  VisionTransformer model = build_model(cfg, d.train.num_labels, world);
+  VisionTransformer model{nullptr};
+  if (resuming || refine) {
+    at::manual_seed(cfg.seed);
+    model = VisionTransformer(model_config_of(cfg.model, manifest), placements_of(manifest, world.size()),
+                              world.comm(), cfg.seed);
+    model->to(world.device());
+  } else {
+    model = build_model(cfg, d.train.num_labels, world);
+  }
   MetricsSink metrics(cfg.output.dir + "/metrics.jsonl", world.rank() == 0);
   const int64_t micro = phase.batch_size / phase.accumulation;
-  ShardedLoader train(d.train, loader_options(cfg, world, micro, true));
-  ShardedLoader val(d.val, loader_options(cfg, world, cfg.data.eval_batch_size, false));
-  ShardedLoader test(d.test, loader_options(cfg, world, cfg.data.eval_batch_size, false));
+  ShardedLoader train(d.train, loader_options(cfg, world, micro, true, phase_seed(cfg, phase)));
+  ShardedLoader val(d.val, loader_options(cfg, world, cfg.data.eval_batch_size, false, phase_seed(cfg, phase)));
+  ShardedLoader test(d.test, loader_options(cfg, world, cfg.data.eval_batch_size, false, phase_seed(cfg, phase)));
   Trainer trainer(world.comms(), cfg, phase, name, model, metrics);
   RouterHistory history;
   int64_t start = 0;
@@ -106,6 +126,9 @@ int run_phase(World& world, const JobConfig& cfg, const std::string& name, const
       start = load_checkpoint(manifest, model, &trainer.optimizer(), fine ? &history : nullptr).step;
       log::info(concat(name, ": resumed from ", manifest.dir, " (saved on ", manifest.world_size, " ranks) at step ",
                        start));
+    } else if (refine) {
+      load_checkpoint(manifest, model, nullptr, nullptr);  // weights only: a new optimiser for the new phase
+      log::info(concat("refinetune: starting from the pruned model ", manifest.dir));
     } else if (fine) {
       load_model(init, model, LoadOptions{/*new_head=*/true});
       log::info(concat("finetune: loaded ", init, " with a new zero-initialised head of ", d.train.num_labels,
@@ -113,6 +136,9 @@ int run_phase(World& world, const JobConfig& cfg, const std::string& name, const
     }
   });
   if (fine && !resuming) history.snapshot(model);
+  std::vector<std::string> finished_before =
+      (resuming || refine) ? manifest.state.finished_phases : std::vector<std::string>{};
+  if (fine && !resuming && cfg.pretrain.enabled) finished_before = {"pretrain"};
 
   TrainHooks hooks;
   if (fine) {
@@ -129,7 +155,7 @@ int run_phase(World& world, const JobConfig& cfg, const std::string& name, const
     st.phase = name;
     st.step = step;
     std::tie(st.epoch, st.loader_step) = trainer.loader_position(train, step);
-    if (fine && cfg.pretrain.enabled) st.finished_phases = {"pretrain"};
+    st.finished_phases = finished_before;
     return st;
   };
   hooks.after_step = [&](int64_t step) {
@@ -153,11 +179,43 @@ int run_phase(World& world, const JobConfig& cfg, const std::string& name, const
                      ". Rerun the same command with --resume auto to continue."));
     return kExitPreempted;
   }
-  // The phase's final checkpoint: what `moeprune prune` (and a later phase) starts from.
+  // The phase's final checkpoint: what the next phase (or `moeprune prune`) starts from.
   TrainState final_state = state_at(r.steps);
   final_state.finished_phases.push_back(name);
   ckpt.save(model, trainer.optimizer(), final_state, cfg, fine ? &history : nullptr);
   report_throughput(cfg, world, name, r.images_per_s, micro);
+  if (refine) {
+    // SEER-MoE: also evaluate with fewer experts per token; add to the pruning report.
+    nlohmann::json add = {{"test_accuracy", r.test.accuracy}, {"test_loss", r.test.loss}, {"steps", r.steps},
+                          {"router_entropy_weight", phase.router_entropy_weight}};
+    if (cfg.prune.eval_top_k > 0) {
+      const EvalResult k = evaluate(model, test, world.comms(), 0, cfg.prune.eval_top_k);
+      double kept = 0, tokens = 0;
+      for (const auto& [b, s] : k.load) {
+        for (int64_t x : s.kept) kept += static_cast<double>(x);
+        tokens += static_cast<double>(s.tokens);
+      }
+      add["eval_top_k"] = cfg.prune.eval_top_k;
+      add["test_accuracy_eval_top_k"] = k.accuracy;
+      add["expert_flops_per_token_eval_top_k"] =
+          tokens > 0 ? 4.0 * cfg.model.hidden * cfg.model.mlp_dim * kept / tokens : 0.0;
+    }
+    if (world.rank() == 0) {
+      const std::string path = cfg.output.dir + "/prune_report.json";
+      nlohmann::json report = nlohmann::json::object();
+      if (std::filesystem::exists(path)) report = nlohmann::json::parse(std::ifstream(path));
+      report["refinetune"] = add;
+      std::ofstream(path) << report.dump(1) << "\n";
+      std::printf("re-fine-tuned pruned model: test accuracy %.2f%% after %lld steps", 100 * r.test.accuracy,
+                  static_cast<long long>(r.steps));
+      if (add.contains("eval_top_k"))
+        std::printf("; with top-%d routing %.2f%%", cfg.prune.eval_top_k,
+                    100 * add["test_accuracy_eval_top_k"].get<double>());
+      std::printf("\n");
+      std::fflush(stdout);
+    }
+    return kExitOk;
+  }
   if (!fine) {
     save_model(pretrained_path(cfg), model, world.host_comm(),
                {{"format", "moeprune-model-v1"}, {"pretrain_fingerprint", cfg.pretrain_fingerprint},
@@ -220,6 +278,10 @@ int cmd_pretrain(World& world, const JobConfig& cfg, bool skip_if_done, const st
 
 int cmd_finetune(World& world, const JobConfig& cfg, const std::string& resume) {
   return run_phase(world, cfg, "finetune", resume);
+}
+
+int cmd_refinetune(World& world, const JobConfig& cfg, const std::string& resume) {
+  return run_phase(world, cfg, "refinetune", resume);
 }
 
 }  // namespace moeprune

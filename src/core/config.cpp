@@ -153,6 +153,7 @@ void read_phase(const YAML::Node& n, const std::string& name, PhaseConfig& p) {
   r.get("log_every", p.log_every);
   r.get("history_every", p.history_every);
   r.get("router_entropy_weight", p.router_entropy_weight);
+  r.get("seed", p.seed);
   r.finish();
 }
 
@@ -361,6 +362,10 @@ void validate_world(const JobConfig& cfg, int world_size) {
   if (cfg.refinetune.enabled)
     check(cfg.refinetune.batch_size / cfg.refinetune.accumulation, "a refinetune micro-batch");
   check(cfg.data.eval_batch_size, "an evaluation batch (data.eval_batch_size)");
+}
+
+uint64_t phase_seed(const JobConfig& cfg, const PhaseConfig& phase) {
+  return phase.seed >= 0 ? static_cast<uint64_t>(phase.seed) : cfg.seed;
 }
 
 std::string checkpoint_dir(const JobConfig& cfg) {

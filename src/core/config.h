@@ -92,6 +92,7 @@ struct PhaseConfig {
   int log_every = 20;             // metrics line every n steps
   int history_every = 50;         // router history record every n steps (finetune)
   double router_entropy_weight = 0.0;  // SEER-MoE stage 2: weight of the mean router entropy
+  int64_t seed = -1;              // data order, augmentation and router noise of the phase (-1 = the job seed)
   int num_labels() const;         // labels of the task
 };
 
@@ -152,6 +153,8 @@ JobConfig parse_config_text(const std::string& yaml_text, const std::string& sou
 void validate(const JobConfig& cfg);
 // Checks that cfg can run on world_size ranks (expert placement, batch splits).
 void validate_world(const JobConfig& cfg, int world_size);
+// The seed of a phase's data order, augmentation and router noise.
+uint64_t phase_seed(const JobConfig& cfg, const PhaseConfig& phase);
 // <checkpoint.dir> or <output.dir>/checkpoints.
 std::string checkpoint_dir(const JobConfig& cfg);
 

@@ -85,7 +85,7 @@ PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader
   MoeTimers w_timers;
   std::map<int, LayerStats> w_stats;
   int64_t w_steps = 0, epoch = 0;
-  const uint64_t phase_salt = name_ == "pretrain" ? 1 : 2;
+  const uint64_t phase_salt = name_ == "pretrain" ? 1 : name_ == "finetune" ? 2 : 3;
 
   int64_t steps_done = start_step;
   for (int64_t step = start_step; step < phase_.steps; ++step) {
@@ -99,7 +99,7 @@ PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader
       epoch = b.epoch;
       ForwardContext ctx;
       ctx.train = true;
-      ctx.noise_seed = mix_seed(job_.seed, phase_salt, static_cast<uint64_t>(step * accum + a));
+      ctx.noise_seed = mix_seed(phase_seed(job_, phase_), phase_salt, static_cast<uint64_t>(step * accum + a));
       ctx.first_group = r * local / mc.moe.group_size;
       ctx.total_groups = groups;
       ctx.stats = &stats;
