@@ -13,7 +13,7 @@ CFG="$SRC/tests/data/small-planted.yaml"
 W=$(mktemp -d /tmp/moeprune-e2e.XXXXXX)
 trap 'rm -rf "$W"' EXIT
 fail() { echo "FAIL: $*"; exit 1; }
-SET=(--set finetune.steps=600 --set finetune.log_every=50 --set checkpoint.every=50
+SET=(--set finetune.steps=600 --set finetune.log_every=50 --set checkpoint.every=50 --set checkpoint.async=true
      --set refinetune.enabled=true --set refinetune.steps=8 --set refinetune.batch_size=24)
 
 "${MPI[@]}" -np 2 "$BIN" run --config "$CFG" --set output.dir="$W/a" "${SET[@]}" > "$W/a.log" 2>&1 \

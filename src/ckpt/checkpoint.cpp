@@ -192,7 +192,10 @@ CheckpointWriter::CheckpointWriter(Comms comms, std::string root, int keep, bool
     : comms_(comms), root_(std::move(root)), keep_(keep), async_(async) {}
 
 CheckpointWriter::~CheckpointWriter() {
-  if (pending_ && pending_->worker.joinable()) pending_->worker.join();
+  if (!pending_) return;
+  if (pending_->worker.joinable()) pending_->worker.join();
+  log::warn(concat("checkpoint ", pending_->name, " was written but never completed (no poll after save); ",
+                   "it stays in ", pending_->tmp, " and is ignored"));
 }
 
 void CheckpointWriter::save(const VisionTransformer& model, const Optimizer& opt, const TrainState& state,

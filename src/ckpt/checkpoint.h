@@ -86,7 +86,9 @@ void verify_files(const Manifest& m, const std::vector<std::string>& names = {})
 class CheckpointWriter {
  public:
   CheckpointWriter(Comms comms, std::string root, int keep, bool async);
-  ~CheckpointWriter();  // waits for a pending asynchronous save (no finalise: that is collective)
+  // Joins a pending asynchronous writer thread but cannot finalise its checkpoint
+  // (that is collective): call poll(true) before destroying a writer with a save pending.
+  ~CheckpointWriter();
   // Collective. Synchronous: returns once the checkpoint is complete and "latest"
   // points to it. Asynchronous: returns after copying the tensors; finish() or
   // poll() completes it.

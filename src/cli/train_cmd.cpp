@@ -183,6 +183,7 @@ int run_phase(World& world, const JobConfig& cfg, const std::string& name, const
   TrainState final_state = state_at(r.steps);
   final_state.finished_phases.push_back(name);
   ckpt.save(model, trainer.optimizer(), final_state, cfg, fine ? &history : nullptr);
+  ckpt.poll(/*wait=*/true);  // an asynchronous save must be complete before the next phase reads it
   report_throughput(cfg, world, name, r.images_per_s, micro);
   if (refine) {
     // SEER-MoE: also evaluate with fewer experts per token; add to the pruning report.
