@@ -6,16 +6,6 @@
 
 namespace moeprune {
 
-uint64_t mix_seed(uint64_t a, uint64_t b, uint64_t c) {
-  auto mix = [](uint64_t z) {
-    z += 0x9e3779b97f4a7c15ULL;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-  };
-  return mix(mix(mix(a) ^ b) ^ c);
-}
-
 ShardedLoader::ShardedLoader(Split split, LoaderOptions opts) : split_(std::move(split)), opts_(opts) {
   TORCH_CHECK(opts_.global_batch % opts_.world == 0, "loader: global batch not divisible by world size");
   if (opts_.train)

@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "core/config.h"
+#include "core/seed.h"
 #include "data/dataset.h"
 
 namespace moeprune {
@@ -72,7 +73,5 @@ class ShardedLoader {
   bool stop_ = false;
 };
 
-// Seed for (a, b, c) mixed with splitmix64; also used for augmentation draws.
-uint64_t mix_seed(uint64_t a, uint64_t b, uint64_t c);
 
 }  // namespace moeprune

@@ -1,5 +1,7 @@
 #include "model/expert_bank.h"
 
+#include "core/seed.h"
+
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <cmath>
@@ -7,14 +9,7 @@
 namespace moeprune {
 
 uint64_t expert_seed(uint64_t seed, int layer, int expert_id) {
-  // splitmix64 over the triple: distinct, well-mixed seeds per expert.
-  auto mix = [](uint64_t z) {
-    z += 0x9e3779b97f4a7c15ULL;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-  };
-  return mix(mix(mix(seed) ^ static_cast<uint64_t>(layer + 1)) ^ static_cast<uint64_t>(expert_id + 1));
+  return mix_seed(seed, static_cast<uint64_t>(layer + 1), static_cast<uint64_t>(expert_id + 1));
 }
 
 ExpertBankImpl::ExpertBankImpl(int hidden, int mlp_dim, std::vector<int> expert_ids, int layer, uint64_t seed)
