@@ -33,12 +33,15 @@ at::Tensor ExpertBankImpl::forward(const at::Tensor& x, const std::vector<int64_
               num_local(), " experts");
   std::vector<at::Tensor> outs;
   outs.reserve(counts.size());
+  // unbind once: its backward stacks the experts' gradients into one tensor, where
+  // indexing each expert (w1[i]) would materialise a full-size gradient per expert.
+  const auto W1 = w1.unbind(0), B1 = b1.unbind(0), W2 = w2.unbind(0), B2 = b2.unbind(0);
   int64_t off = 0;
   for (int i = 0; i < num_local(); ++i) {
     if (counts[i] == 0) continue;
     at::Tensor xi = x.narrow(0, off, counts[i]);
-    at::Tensor h = at::gelu(at::addmm(b1[i], xi, w1[i]), "tanh");
-    outs.push_back(at::addmm(b2[i], h, w2[i]));
+    at::Tensor h = at::gelu(at::addmm(B1[i], xi, W1[i]), "tanh");
+    outs.push_back(at::addmm(B2[i], h, W2[i]));
     off += counts[i];
   }
   if (outs.empty()) return x.narrow(0, 0, 0) * 0;  // keeps the graph connected to x
