@@ -31,17 +31,11 @@ std::string expert_file(int rank) {
   return buf;
 }
 
-bool is_expert(const std::string& name) { return name.find(".experts.") != std::string::npos; }
 
 // "blocks.3.moe.experts.w1", id 5 -> "blocks.3.moe.experts.e5.w1"
 std::string expert_name(const std::string& stacked, int id) {
   const auto dot = stacked.rfind('.');
   return concat(stacked.substr(0, dot), ".e", id, stacked.substr(dot));
-}
-
-int block_of(const std::string& name) {
-  const auto a = name.find('.') + 1, b = name.find('.', a);
-  return std::stoi(name.substr(a, b - a));
 }
 
 void fsync_path(const std::string& path) {
@@ -105,14 +99,14 @@ Snapshot snapshot(const VisionTransformer& model, const Optimizer& opt, const Ro
   for (const auto& item : model->named_parameters()) {
     const std::string& name = item.key();
     const ParamSlot* slot = slots.count(name) ? slots.at(name) : nullptr;
-    if (!is_expert(name)) {
+    if (!is_expert_param(name)) {
       if (rank != 0) continue;
       s.dense.emplace_back(name, host(item.value()));
       if (slot && slot->m1.defined()) s.dense.emplace_back("optim.m1." + name, host(slot->m1));
       if (slot && slot->m2.defined()) s.dense.emplace_back("optim.m2." + name, host(slot->m2));
       continue;
     }
-    const int block = block_of(name);
+    const int block = block_of_param(name);
     std::vector<int> ids;
     for (const auto& l : model->moe_layers())
       if (l->layer() == block) ids = l->experts->expert_ids();
@@ -479,13 +473,13 @@ TrainState load_checkpoint(const Manifest& m, VisionTransformer& model, Optimize
     const std::string& name = item.key();
     at::Tensor p = item.value();
     ParamSlot* slot = slots.count(name) ? slots.at(name) : nullptr;
-    if (!is_expert(name)) {
+    if (!is_expert_param(name)) {
       p.copy_(get(dense, name, p.sizes()));
       if (slot && dense.contains("optim.m1." + name)) slot->m1 = get(dense, "optim.m1." + name, p.sizes()).clone().to(p.device());
       if (slot && dense.contains("optim.m2." + name)) slot->m2 = get(dense, "optim.m2." + name, p.sizes()).clone().to(p.device());
       continue;
     }
-    const int block = block_of(name);
+    const int block = block_of_param(name);
     std::vector<int> ids;
     for (const auto& l : layers)
       if (l->layer() == block) ids = l->experts->expert_ids();

@@ -13,12 +13,10 @@
 namespace moeprune {
 namespace {
 
-bool is_expert(const std::string& name) { return name.find(".experts.") != std::string::npos; }
 
 // "blocks.3.moe.experts.w1" -> the MoE layer of block 3.
 MoeLayer layer_of(const VisionTransformer& model, const std::string& name) {
-  const auto a = name.find('.') + 1, b = name.find('.', a);
-  const int block = std::stoi(name.substr(a, b - a));
+  const int block = block_of_param(name);
   for (const auto& l : model->moe_layers())
     if (l->layer() == block) return l;
   throw std::logic_error(concat("no MoE layer for ", name));
@@ -51,7 +49,7 @@ void save_model(const std::string& path, const VisionTransformer& model, Communi
   for (const auto& item : model->named_parameters()) {
     const std::string& name = item.key();
     at::Tensor local = item.value().detach().to(at::kCPU).contiguous();
-    if (!is_expert(name)) {
+    if (!is_expert_param(name)) {
       if (host.rank() == 0) out.emplace_back(name, local);
       continue;
     }
@@ -102,7 +100,7 @@ std::map<std::string, std::string> load_model(const std::string& path, VisionTra
     require(f.contains(name), concat("model file '", path, "' has no tensor '", name, "' (was it saved from ",
                                      "another model config?)"));
     at::Tensor src = f.view(name);
-    if (is_expert(name)) {
+    if (is_expert_param(name)) {
       const auto& ids = layer_of(model, name)->experts->expert_ids();
       require(src.dim() == p.dim() && src.sizes().slice(1) == p.sizes().slice(1),
               concat("model file '", path, "': '", name, "' is ", src.sizes(), ", the model needs [E", p.sizes().slice(1),

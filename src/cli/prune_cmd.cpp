@@ -42,7 +42,7 @@ ModelFigures figures(const VisionTransformer& model, const std::map<int, LayerSt
   const ModelConfig& c = model->config();
   int64_t dense = 0, local_expert = 0;
   for (const auto& item : model->named_parameters()) {
-    if (item.key().find(".experts.") == std::string::npos) dense += item.value().numel();
+    if (!is_expert_param(item.key())) dense += item.value().numel();
     else local_expert += item.value().numel();
   }
   at::Tensor t = at::tensor({local_expert}, at::kLong);
@@ -52,12 +52,7 @@ ModelFigures figures(const VisionTransformer& model, const std::map<int, LayerSt
   host.all_reduce(mx, ReduceOp::Max);
   f.max_rank_bytes = mx.item<int64_t>();
   const double per_expert = 4.0 * c.hidden * c.mlp_dim;  // two GEMMs, multiply-add = 2
-  double kept = 0, tokens = 0;
-  for (const auto& [block, s] : load) {
-    for (int64_t k : s.kept) kept += static_cast<double>(k);
-    tokens += static_cast<double>(s.tokens);
-  }
-  f.expert_flops_per_token = tokens > 0 ? per_expert * kept / tokens : 0;
+  f.expert_flops_per_token = expert_flops_per_token(c, load);
   f.nominal_expert_flops_per_token = per_expert * top_k;
   return f;
 }

@@ -191,15 +191,9 @@ int run_phase(World& world, const JobConfig& cfg, const std::string& name, const
                           {"router_entropy_weight", phase.router_entropy_weight}};
     if (cfg.prune.eval_top_k > 0) {
       const EvalResult k = evaluate(model, test, world.comms(), 0, cfg.prune.eval_top_k);
-      double kept = 0, tokens = 0;
-      for (const auto& [b, s] : k.load) {
-        for (int64_t x : s.kept) kept += static_cast<double>(x);
-        tokens += static_cast<double>(s.tokens);
-      }
       add["eval_top_k"] = cfg.prune.eval_top_k;
       add["test_accuracy_eval_top_k"] = k.accuracy;
-      add["expert_flops_per_token_eval_top_k"] =
-          tokens > 0 ? 4.0 * cfg.model.hidden * cfg.model.mlp_dim * kept / tokens : 0.0;
+      add["expert_flops_per_token_eval_top_k"] = expert_flops_per_token(model->config(), k.load);
     }
     if (world.rank() == 0) {
       const std::string path = cfg.output.dir + "/prune_report.json";

@@ -103,14 +103,14 @@ std::vector<MoeLayer> VisionTransformerImpl::moe_layers() const {
 std::vector<at::Tensor> VisionTransformerImpl::dense_parameters() const {
   std::vector<at::Tensor> out;
   for (const auto& item : named_parameters())
-    if (item.key().find(".experts.") == std::string::npos) out.push_back(item.value());
+    if (!is_expert_param(item.key())) out.push_back(item.value());
   return out;
 }
 
 std::vector<at::Tensor> VisionTransformerImpl::expert_parameters() const {
   std::vector<at::Tensor> out;
   for (const auto& item : named_parameters())
-    if (item.key().find(".experts.") != std::string::npos) out.push_back(item.value());
+    if (is_expert_param(item.key())) out.push_back(item.value());
   return out;
 }
 
@@ -121,6 +121,22 @@ std::vector<Placement> default_placements(const ModelConfig& cfg, int world_size
     out.push_back(Placement::contiguous(n, world_size, /*allow_empty=*/n < cfg.moe.num_experts));
   }
   return out;
+}
+
+bool is_expert_param(const std::string& name) { return name.find(".experts.") != std::string::npos; }
+
+int block_of_param(const std::string& name) {
+  const auto a = name.find('.') + 1, b = name.find('.', a);
+  return std::stoi(name.substr(a, b - a));
+}
+
+double expert_flops_per_token(const ModelConfig& cfg, const std::map<int, LayerStats>& load) {
+  double kept = 0, tokens = 0;
+  for (const auto& [block, s] : load) {
+    for (int64_t k : s.kept) kept += static_cast<double>(k);
+    tokens += static_cast<double>(s.tokens);
+  }
+  return tokens > 0 ? 4.0 * cfg.hidden * cfg.mlp_dim * kept / tokens : 0.0;
 }
 
 double forward_flops_per_image(const ModelConfig& cfg) {

@@ -69,6 +69,16 @@ TORCH_MODULE(VisionTransformer);
 // Default placements: contiguous blocks of experts per rank in every MoE layer.
 std::vector<Placement> default_placements(const ModelConfig& cfg, int world_size);
 
+// Parameter names: "blocks.<b>.moe.experts.<w>" are expert parameters (held by one
+// rank); everything else is replicated.
+bool is_expert_param(const std::string& name);
+// "blocks.3.moe.experts.w1" -> 3.
+int block_of_param(const std::string& name);
+
+// Measured expert FLOPs per token per MoE layer: 4*H*F per kept choice, from the
+// routing statistics of an evaluation (LayerStats::kept / tokens).
+double expert_flops_per_token(const ModelConfig& cfg, const std::map<int, LayerStats>& load);
+
 // Forward FLOPs of one image (multiply-add = 2), with the MoE layers counted as k
 // expert MLPs per token (their dense-equivalent cost); E3 members multiply the
 // blocks from the first MoE block on.

@@ -121,7 +121,6 @@ std::vector<int> balanced_placement(const std::vector<double>& loads, const std:
 
 namespace {
 
-bool is_expert(const std::string& name) { return name.find(".experts.") != std::string::npos; }
 
 // Old router columns (of one member) that the new router keeps, matched by expert id;
 // undefined when they are the same columns.
@@ -181,14 +180,14 @@ static Migration rebuild(const VisionTransformer& old_model, const std::vector<P
   // Dense parameters (and their state): copied, router columns selected.
   for (auto& item : mig.model->named_parameters()) {
     const std::string& name = item.key();
-    if (is_expert(name)) continue;
+    if (is_expert_param(name)) continue;
     at::Tensor src = old_params[name];
     const ParamSlot* st = old_state.count(name) ? old_state.at(name) : nullptr;
     at::Tensor m1 = st && st->m1.defined() ? st->m1 : at::Tensor();
     at::Tensor m2 = st && st->m2.defined() ? st->m2 : at::Tensor();
     const auto pos = name.find(".moe.routers.");
     if (pos != std::string::npos) {
-      const int block = std::stoi(name.substr(7, name.find('.', 7) - 7));
+      const int block = block_of_param(name);
       const int member = std::stoi(name.substr(pos + 13, name.find('.', pos + 13) - pos - 13));
       for (size_t l = 0; l < new_layers.size(); ++l) {
         if (new_layers[l]->layer() != block) continue;

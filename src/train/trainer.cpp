@@ -40,7 +40,7 @@ std::vector<ParamSlot> param_slots(const VisionTransformer& model) {
     ParamSlot s;
     s.name = item.key();
     s.param = item.value();
-    s.expert = item.key().find(".experts.") != std::string::npos;
+    s.expert = is_expert_param(item.key());
     out.push_back(std::move(s));
   }
   return out;
