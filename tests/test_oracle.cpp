@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include "core/config.h"
+#include "model/fused_dispatch.h"
 #include "model/vit.h"
 #include "test_world.h"
 
@@ -52,6 +53,7 @@ at::Tensor fixed(std::vector<int64_t> shape, uint64_t seed) {
 struct LayerCase {
   int experts, top_k, members;
   bool bpr, scatter;
+  bool fused = false;  // the distributed layer routes and dispatches with the kernels' host path
 };
 
 class MoeLayerOracle : public ::testing::TestWithParam<LayerCase> {};
@@ -93,8 +95,11 @@ TEST_P(MoeLayerOracle, MatchesSingleProcess) {
   dc.aux_loss = at::Tensor();
   dc.first_group = r * local_B / cfg.moe.group_size;
   at::Tensor xd = local_rows(x_all).requires_grad_(true);
+  const KernelMode saved = kernel_mode();
+  set_kernel_mode(c.fused ? KernelMode::On : KernelMode::Off);
   at::Tensor yd = dist->forward(xd, dc);
   ((yd * local_rows(probe)).sum() + dc.aux_loss).backward();
+  set_kernel_mode(saved);
 
   EXPECT_LE(rel_err(yd, local_rows(yr)), kTol) << "outputs";
   EXPECT_LE(rel_err(xd.grad(), local_rows(xr.grad())), kTol) << "input gradients";
@@ -121,7 +126,8 @@ TEST_P(MoeLayerOracle, MatchesSingleProcess) {
 INSTANTIATE_TEST_SUITE_P(Cases, MoeLayerOracle,
                          ::testing::Values(LayerCase{8, 2, 1, false, false}, LayerCase{8, 2, 1, true, true},
                                            LayerCase{4, 1, 1, false, true}, LayerCase{8, 1, 2, true, false},
-                                           LayerCase{8, 2, 2, false, true}));
+                                           LayerCase{8, 2, 2, false, true}, LayerCase{8, 2, 1, true, true, true},
+                                           LayerCase{8, 1, 2, false, false, true}));
 
 class ModelOracle : public ::testing::TestWithParam<int> {};
 

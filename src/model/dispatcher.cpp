@@ -1,6 +1,7 @@
 #include "model/dispatcher.h"
 
 #include "dist/all_to_all.h"
+#include "model/fused_dispatch.h"
 
 namespace moeprune {
 
@@ -25,6 +26,8 @@ DispatchPlan Dispatcher::plan(const at::Tensor& expert, const at::Tensor& gate, 
                    position.reshape({-1}).index_select(0, kept);
   at::Tensor order = std::get<1>(key.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
   at::Tensor choice = kept.index_select(0, order);
+  p.choice = choice;
+  p.top_k = K;
   p.token = at::floor_divide(choice, K);
   p.gate = gate.reshape({-1}).index_select(0, choice);
   p.send_expert = e.index_select(0, order);
@@ -71,16 +74,31 @@ DispatchPlan Dispatcher::plan(const at::Tensor& expert, const at::Tensor& gate, 
       for (int64_t j = 0; j < n; ++j) perm.push_back(offset[s][i] + j);
     }
   p.recv_to_expert_major = at::tensor(perm, at::kLong).to(expert.device());
+  p.fused = use_kernels(expert);
+  if (p.fused) {
+    p.send_row_of = inverse_rows(p.choice, p.num_tokens, K);
+    p.expert_major_row = inverse_rows(p.recv_to_expert_major, total, 1).view({-1});
+  }
   return p;
 }
 
 at::Tensor Dispatcher::dispatch(const at::Tensor& x, const DispatchPlan& p) const {
+  if (p.fused) {
+    at::Tensor payload = permute_rows_autograd(x, p.token, p.send_row_of);
+    at::Tensor received = all_to_all_autograd(payload, p.send_splits, p.recv_splits, *comm_);
+    return permute_rows_autograd(received, p.recv_to_expert_major, p.expert_major_row.view({-1, 1}));
+  }
   at::Tensor payload = x.index_select(0, p.token);
   at::Tensor received = all_to_all_autograd(payload, p.send_splits, p.recv_splits, *comm_);
   return received.index_select(0, p.recv_to_expert_major);
 }
 
 at::Tensor Dispatcher::combine(const at::Tensor& y, const DispatchPlan& p) const {
+  if (p.fused) {
+    at::Tensor back = permute_rows_autograd(y, p.expert_major_row, p.recv_to_expert_major.view({-1, 1}));
+    at::Tensor returned = all_to_all_autograd(back, p.recv_splits, p.send_splits, *comm_);
+    return combine_autograd(returned, p.gate, p.token, p.send_row_of);
+  }
   // Undo the regrouping: row perm[i] of the received layout is row i of y.
   at::Tensor back = at::zeros_like(y).index_copy(0, p.recv_to_expert_major, y);
   at::Tensor returned = all_to_all_autograd(back, p.recv_splits, p.send_splits, *comm_);

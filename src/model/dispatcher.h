@@ -20,6 +20,7 @@ namespace moeprune {
 struct DispatchPlan {
   // Send side (this rank's tokens).
   at::Tensor token;        // [A] int64: source token of each kept choice, in send order
+  at::Tensor choice;       // [A] int64: its flat choice index token * k + j
   at::Tensor gate;         // [A] float: its gate (differentiable)
   at::Tensor send_expert;  // [A] int64: its expert, in send order
   std::vector<int64_t> send_splits, recv_splits;  // rows per rank
@@ -28,6 +29,13 @@ struct DispatchPlan {
   at::Tensor recv_to_expert_major;   // [R] int64: permutation from (source, expert) to (expert, source)
   std::vector<int64_t> expert_counts;  // rows per local expert, local order
   int64_t num_tokens = 0;
+  int64_t top_k = 0;
+  // Inverse maps for the fused path (model/fused_dispatch.h), built by plan() when
+  // use_kernels() holds for the routing tensors: the send rows of each token's
+  // choices [N, k], and the permutation from expert-major back to received order.
+  at::Tensor send_row_of;      // [N, k] int64, -1 for dropped choices
+  at::Tensor expert_major_row;  // [R] int64: row of received row i in expert-major order
+  bool fused = false;
 };
 
 class Dispatcher {

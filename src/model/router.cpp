@@ -2,6 +2,8 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include "model/fused_dispatch.h"
+
 #include <algorithm>
 #include <cmath>
 
@@ -78,8 +80,18 @@ Routing RouterImpl::forward(const at::Tensor& x, bool train, const std::vector<u
     noisy = logits + (at::stack(noise).to(logits.options()) * std_noise);
   }
   at::Tensor probs = at::softmax(noisy, -1);
-  auto [top_gate, top_expert] = probs.topk(k, -1);  // [G, S, k]
-  auto [position, keep] = assign_slots(top_expert, top_gate, E, r.capacity, opts_.bpr);
+  at::Tensor top_gate, top_expert, position, keep;
+  if (use_kernels(probs)) {  // kernels/: same decisions; gates gathered to stay differentiable
+    top_expert = fused_topk(probs, k).first;
+    top_gate = probs.gather(-1, top_expert);
+    at::Tensor order = opts_.bpr ? std::get<1>(at::sort(top_gate.select(2, 0).detach(), /*stable=*/true,
+                                                        /*dim=*/1, /*descending=*/true))
+                                 : at::arange(S, top_expert.options()).unsqueeze(0).expand({G, S});
+    std::tie(position, keep) = fused_assign_slots(top_expert, order, E, r.capacity);
+  } else {
+    std::tie(top_gate, top_expert) = probs.topk(k, -1);  // [G, S, k]
+    std::tie(position, keep) = assign_slots(top_expert, top_gate, E, r.capacity, opts_.bpr);
+  }
 
   r.importance_loss = importance_loss(probs);
   r.load_loss = noisy_routing ? load_loss(logits, noisy, std_noise, k) : at::zeros({}, logits.options());

@@ -1,0 +1,53 @@
+// The dispatcher's fused operations (kernels/): top-k selection, capacity
+// assignment, permute and unpermute + gate-weighted combine, with autograd.
+//
+// On CUDA tensors they launch the kernels of kernels/dispatch_kernels.cu; on CPU
+// tensors they run the kernels' own element functions (kernels/dispatch_ops.h) in
+// host loops. The model uses them on CUDA by default (mode "auto"); mode "on"
+// also routes CPU tensors through them, which is how the CPU test suite checks the
+// kernels' logic against the PyTorch-op path (the oracle) in router.cpp and
+// dispatcher.cpp. Mode comes from the environment variable MOEPRUNE_KERNELS
+// (auto|on|off) at start-up, or set_kernel_mode().
+#pragma once
+#include <ATen/ATen.h>
+
+#include <string>
+#include <utility>
+
+namespace moeprune {
+
+enum class KernelMode { Auto, On, Off };
+KernelMode kernel_mode();
+void set_kernel_mode(KernelMode m);
+KernelMode parse_kernel_mode(const std::string& s);  // throws UserError on anything else
+// Whether the model's routing and dispatch of tensor t use the fused operations.
+bool use_kernels(const at::Tensor& t);
+// Whether this binary contains the CUDA kernels (built with the CUDA path).
+bool cuda_kernels_built();
+
+// probs [..., E] float32 -> {expert [..., k] int64, gate [..., k] float32}; ties go
+// to the lower expert index. Not differentiable (take gates from probs with gather).
+std::pair<at::Tensor, at::Tensor> fused_topk(const at::Tensor& probs, int k);
+// top_expert [G, S, K] int64, order [G, S] int64 -> {position int64, keep bool}, the
+// semantics of assign_slots() in router.h.
+std::pair<at::Tensor, at::Tensor> fused_assign_slots(const at::Tensor& top_expert, const at::Tensor& order,
+                                                     int num_experts, int64_t capacity);
+
+// Raw operations (no autograd). x, y: [rows, H] float32 or bfloat16, contiguous.
+at::Tensor permute_rows(const at::Tensor& x, const at::Tensor& index, const at::Tensor& scale = {});
+at::Tensor combine_rows(const at::Tensor& y, const at::Tensor& row_of, const at::Tensor& weight = {});
+
+// slot [A] int64, distinct values in [0, N*K) -> row_of [N, K] int64 with
+// row_of.view(-1)[slot[a]] = a and -1 elsewhere. With slot = n*K + j of the kept
+// choices in send order, row_of[n, j] is the send row of choice j of token n.
+at::Tensor inverse_rows(const at::Tensor& slot, int64_t N, int64_t K);
+
+// Differentiable permute: out[a] = x[index[a]]. row_of is index's inverse over x's
+// rows ([rows of x, K]); the backward sums the gradient rows of each source row.
+at::Tensor permute_rows_autograd(const at::Tensor& x, const at::Tensor& index, const at::Tensor& row_of);
+// Differentiable unpermute + combine: out[n] = sum_a:token[a]=n gate[a] * y[a], with
+// row_of [N, K] the rows of each token. Gradients flow to y and gate.
+at::Tensor combine_autograd(const at::Tensor& y, const at::Tensor& gate, const at::Tensor& token,
+                            const at::Tensor& row_of);
+
+}  // namespace moeprune

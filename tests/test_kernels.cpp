@@ -1,0 +1,277 @@
+// The dispatcher kernels (kernels/) against the PyTorch-op oracle of src/model.
+//
+// Kernels.* run everywhere: they drive the kernels' element functions through the
+// host path of model/fused_dispatch.cpp (the same code the CUDA grids run) and
+// compare with router.cpp / dispatcher.cpp. Gpu.* launch the CUDA kernels and
+// compare them with the host path; without a GPU they are skipped with a message
+// (ctest lists them as the separate test "gpu_kernels", reported "Skipped").
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+#include <torch/autograd.h>
+
+#include "kernels/dispatch_ops.h"
+#include "model/fused_dispatch.h"
+#include "model/router.h"
+#include "model/vit.h"
+
+namespace moeprune {
+namespace {
+
+// Restores the kernel mode a test changed.
+struct ModeGuard {
+  KernelMode saved = kernel_mode();
+  explicit ModeGuard(KernelMode m) { set_kernel_mode(m); }
+  ~ModeGuard() { set_kernel_mode(saved); }
+};
+
+double max_rel(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor x = a.to(at::kDouble), y = b.to(at::kDouble);
+  return ((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item<double>();
+}
+
+TEST(Kernels, Bf16RoundingMatchesTorch) {
+  at::manual_seed(1);
+  at::Tensor f = at::cat({at::randn({20000}) * 100, at::randn({1000}) * 1e-30, at::randn({1000}) * 1e30,
+                          at::tensor({0.f, -0.f, 1.f, 1.00390625f, 1.01171875f, 3.4e38f, -3.4e38f, INFINITY, -INFINITY})});
+  at::Tensor ref = f.to(at::kBFloat16);
+  const float* fp = f.data_ptr<float>();
+  const auto* rp = reinterpret_cast<const uint16_t*>(ref.data_ptr());
+  int bad = 0;
+  for (int64_t i = 0; i < f.numel(); ++i) {
+    const kernels::bf16 b = kernels::from_float<kernels::bf16>(fp[i]);
+    bad += b.bits != rp[i];
+    if (i < 1000) {
+      EXPECT_EQ(kernels::to_float(b), ref[i].item<float>());
+    }
+  }
+  EXPECT_EQ(bad, 0);
+  const kernels::bf16 nan = kernels::from_float<kernels::bf16>(NAN);
+  EXPECT_TRUE(std::isnan(kernels::to_float(nan)));
+}
+
+TEST(Kernels, TopkMatchesTorch) {
+  at::manual_seed(2);
+  for (int E : {4, 8, 32})
+    for (int k : {1, 2, 4}) {
+      at::Tensor probs = at::softmax(at::randn({3, 257, E}), -1);
+      auto [ex, g] = fused_topk(probs, k);
+      auto [rg, rex] = probs.topk(k, -1);
+      EXPECT_TRUE(at::equal(ex, rex)) << "E=" << E << " k=" << k;
+      EXPECT_TRUE(at::equal(g, rg)) << "E=" << E << " k=" << k;
+    }
+  // Ties go to the lower expert index, NaN is never preferred to a number.
+  at::Tensor t = at::tensor({0.25f, 0.5f, 0.25f, NAN}).view({1, 4});
+  auto [ex, g] = fused_topk(t, 2);
+  EXPECT_EQ(ex[0][0].item<int64_t>(), 1);
+  EXPECT_EQ(ex[0][1].item<int64_t>(), 0);
+  EXPECT_THROW(fused_topk(t, 9), c10::Error);
+}
+
+TEST(Kernels, CapacityAssignmentMatchesOracle) {
+  at::manual_seed(3);
+  struct C {
+    int64_t G, S;
+    int K, E;
+    double cf;
+  };
+  // Small groups, groups longer than 64 pieces of 64 choices (S*K > 4096), skewed routing.
+  for (const C& c : {C{3, 10, 2, 4, 1.0}, C{2, 300, 1, 8, 1.05}, C{2, 3000, 2, 32, 0.5}, C{4, 65, 2, 8, 2.0}})
+    for (bool bpr : {false, true}) {
+      at::Tensor logits = at::randn({c.G, c.S, c.E});
+      logits.select(2, 0).add_(1.0);  // expert 0 is popular: overflows its capacity
+      at::Tensor probs = at::softmax(logits, -1);
+      auto [gate, expert] = probs.topk(c.K, -1);
+      const int64_t cap = expert_capacity(c.S, c.K, c.cf, c.E);
+      auto [pos_ref, keep_ref] = assign_slots(expert, gate, c.E, cap, bpr);
+      at::Tensor order = bpr ? std::get<1>(at::sort(gate.select(2, 0), true, 1, true))
+                             : at::arange(c.S, at::kLong).unsqueeze(0).expand({c.G, c.S});
+      auto [pos, keep] = fused_assign_slots(expert, order, c.E, cap);
+      EXPECT_TRUE(at::equal(pos, pos_ref)) << "S=" << c.S << " bpr=" << bpr;
+      EXPECT_TRUE(at::equal(keep, keep_ref)) << "S=" << c.S << " bpr=" << bpr;
+      EXPECT_LT(keep.sum().item<int64_t>(), keep.numel());  // capacity really dropped something
+    }
+}
+
+TEST(Kernels, PermuteMatchesIndexSelect) {
+  at::manual_seed(4);
+  for (auto dt : {at::kFloat, at::kBFloat16})
+    for (int64_t H : {1, 7, 64}) {
+      at::Tensor x = at::randn({50, H}).to(dt);
+      at::Tensor idx = at::randint(50, {123}, at::kLong);
+      EXPECT_TRUE(at::equal(permute_rows(x, idx), x.index_select(0, idx)));
+      at::Tensor s = at::rand({123});
+      at::Tensor ref = (x.index_select(0, idx).to(at::kFloat) * s.unsqueeze(1)).to(dt);
+      EXPECT_TRUE(at::equal(permute_rows(x, idx, s), ref)) << dt << " H=" << H;
+    }
+}
+
+TEST(Kernels, CombineMatchesIndexAdd) {
+  at::manual_seed(5);
+  for (auto dt : {at::kFloat, at::kBFloat16})
+    for (int64_t K : {1, 2, 4}) {
+      const int64_t N = 40, H = 24;
+      // Each token keeps a random subset of its K choices; rows in shuffled send order.
+      at::Tensor kept = (at::rand({N * K}) < 0.8).nonzero().squeeze(1);
+      at::Tensor choice = kept.index_select(0, at::randperm(kept.numel(), at::kLong));
+      const int64_t A = choice.numel();
+      at::Tensor y = at::randn({A, H}).to(dt), gate = at::rand({A});
+      at::Tensor token = choice.floor_divide(K);
+      at::Tensor row_of = inverse_rows(choice, N, K);
+      at::Tensor weight = at::where(row_of >= 0, gate.index_select(0, row_of.clamp_min(0).view(-1)).view_as(row_of),
+                                    at::zeros({}));
+      at::Tensor got = combine_rows(y, row_of, weight);
+      at::Tensor ref = at::zeros({N, H}, at::kDouble).index_add(0, token, y.to(at::kDouble) * gate.to(at::kDouble).unsqueeze(1));
+      // float: sums of <= 4 products; bfloat16: one rounding of the float sum (2^-8 relative per element).
+      const double tol = dt == at::kFloat ? 1e-6 : 8e-3;
+      EXPECT_LT(max_rel(got, ref), tol) << dt << " K=" << K;
+      if (dt == at::kFloat && K <= 2) {  // two terms: exactly torch's weighted index_add
+        at::Tensor exact = at::zeros({N, H}).index_add(0, token, y * gate.unsqueeze(1));
+        EXPECT_TRUE(at::equal(got, exact));
+      }
+      at::Tensor unweighted = combine_rows(y, row_of);
+      EXPECT_LT(max_rel(unweighted, at::zeros({N, H}, at::kDouble).index_add(0, token, y.to(at::kDouble))), tol);
+    }
+}
+
+TEST(Kernels, AutogradMatchesTorchOps) {
+  at::manual_seed(6);
+  const int64_t N = 30, K = 2, H = 16;
+  at::Tensor kept = (at::rand({N * K}) < 0.85).nonzero().squeeze(1);
+  at::Tensor choice = kept.index_select(0, at::randperm(kept.numel(), at::kLong));
+  at::Tensor token = choice.floor_divide(K);
+  at::Tensor row_of = inverse_rows(choice, N, K);
+  at::Tensor x = at::randn({N, H}).requires_grad_(true);
+  at::Tensor w = at::randn({H, H});
+  at::Tensor gate = at::rand({choice.numel()}).requires_grad_(true);
+  at::Tensor up = at::randn({N, H});
+  auto run = [&](bool fused) {
+    at::Tensor rows = fused ? permute_rows_autograd(x, token, row_of) : x.index_select(0, token);
+    at::Tensor y = at::tanh(at::mm(rows, w));
+    at::Tensor out = fused ? combine_autograd(y, gate, token, row_of)
+                           : at::zeros({N, H}).index_add(0, token, y * gate.unsqueeze(1));
+    auto g = torch::autograd::grad({(out * up).sum()}, {x, gate});
+    return std::tuple{out.detach(), g[0], g[1]};
+  };
+  auto [o1, gx1, gg1] = run(true);
+  auto [o0, gx0, gg0] = run(false);
+  EXPECT_LT(max_rel(o1, o0), 1e-6);
+  EXPECT_LT(max_rel(gx1, gx0), 1e-6);
+  EXPECT_LT(max_rel(gg1, gg0), 1e-5);
+}
+
+ModelConfig layer_config(int E, int k, bool bpr) {
+  ModelConfig m;
+  m.hidden = 24;
+  m.mlp_dim = 40;
+  m.num_heads = 1;
+  m.moe.num_experts = E;
+  m.moe.top_k = k;
+  m.moe.group_size = 4;
+  m.moe.capacity_factor = 1.0;
+  m.moe.bpr = bpr;
+  return m;
+}
+
+// The whole MoE layer (routing, dispatch, experts, combine), kernels on and off.
+TEST(Kernels, MoeLayerFusedEqualsTorchPath) {
+  for (int k : {1, 2})
+    for (bool bpr : {false, true}) {
+      const ModelConfig mc = layer_config(8, k, bpr);
+      SelfCommunicator comm;
+      at::manual_seed(7);
+      MoeLayer layer(mc, 1, Placement::contiguous(8, 1), comm, 11);
+      at::Tensor x0 = at::randn({16, 9, 24});
+      auto run = [&](KernelMode mode) {
+        ModeGuard g(mode);
+        layer->zero_grad();
+        at::Tensor x = x0.clone().requires_grad_(true);
+        ForwardContext ctx;
+        ctx.train = true;
+        ctx.noise_seed = 5;
+        ctx.total_groups = 4;
+        std::map<int, LayerStats> stats;
+        ctx.stats = &stats;
+        at::Tensor y = layer->forward(x, ctx);
+        ((y * y).sum() + ctx.aux_loss).backward();
+        std::vector<at::Tensor> grads{x.grad()};
+        for (const auto& p : layer->parameters()) grads.push_back(p.grad().defined() ? p.grad().clone() : at::zeros_like(p));
+        return std::tuple{y.detach(), grads, stats[1].kept};
+      };
+      auto [y1, g1, kept1] = run(KernelMode::On);
+      auto [y0, g0, kept0] = run(KernelMode::Off);
+      EXPECT_EQ(kept1, kept0);
+      EXPECT_LT(max_rel(y1, y0), 1e-6) << "k=" << k << " bpr=" << bpr;
+      for (size_t i = 0; i < g0.size(); ++i) EXPECT_LT(max_rel(g1[i], g0[i]), 1e-5) << "gradient " << i;
+    }
+}
+
+// ---- GPU: the CUDA kernels against the host path.
+bool have_gpu() { return cuda_kernels_built() && at::hasCUDA(); }
+#define REQUIRE_GPU()                                                                             \
+  do {                                                                                            \
+    if (!have_gpu()) {                                                                            \
+      GTEST_SKIP() << (cuda_kernels_built() ? "no CUDA device visible: CUDA kernel test skipped" \
+                                            : "built without the CUDA path: CUDA kernel test skipped"); \
+    }                                                                                             \
+  } while (0)
+
+TEST(Gpu, TopkAndSlotsMatchHost) {
+  REQUIRE_GPU();
+  at::manual_seed(8);
+  for (int E : {8, 32})
+    for (int k : {1, 2}) {
+      at::Tensor probs = at::softmax(at::randn({4, 1000, E}), -1);
+      auto [ex, g] = fused_topk(probs, k);
+      auto [exg, gg] = fused_topk(probs.cuda(), k);
+      EXPECT_TRUE(at::equal(ex, exg.cpu()));
+      EXPECT_TRUE(at::equal(g, gg.cpu()));
+      at::Tensor order = std::get<1>(at::sort(g.select(2, 0), true, 1, true));
+      const int64_t cap = expert_capacity(1000, k, 1.0, E);
+      auto [pos, keep] = fused_assign_slots(ex, order, E, cap);
+      auto [posg, keepg] = fused_assign_slots(ex.cuda(), order.cuda(), E, cap);
+      EXPECT_TRUE(at::equal(pos, posg.cpu()));
+      EXPECT_TRUE(at::equal(keep, keepg.cpu()));
+    }
+}
+
+TEST(Gpu, PermuteAndCombineMatchHost) {
+  REQUIRE_GPU();
+  at::manual_seed(9);
+  for (auto dt : {at::kFloat, at::kBFloat16})
+    for (int64_t H : {7, 768}) {  // scalar and 16-byte vector paths
+      const int64_t N = 500, K = 2;
+      at::Tensor choice = (at::rand({N * K}) < 0.9).nonzero().squeeze(1);
+      choice = choice.index_select(0, at::randperm(choice.numel(), at::kLong));
+      const int64_t A = choice.numel();
+      at::Tensor x = at::randn({N, H}).to(dt), y = at::randn({A, H}).to(dt), s = at::rand({A});
+      at::Tensor token = choice.floor_divide(K), row_of = inverse_rows(choice, N, K);
+      at::Tensor w = at::rand({N, K});
+      EXPECT_TRUE(at::equal(permute_rows(x, token, s), permute_rows(x.cuda(), token.cuda(), s.cuda()).cpu()));
+      EXPECT_TRUE(at::equal(permute_rows(x, token), permute_rows(x.cuda(), token.cuda()).cpu()));
+      // The device may contract w*v+acc into one FMA: one rounding apart at most.
+      at::Tensor c = combine_rows(y, row_of, w), cg = combine_rows(y.cuda(), row_of.cuda(), w.cuda()).cpu();
+      EXPECT_LT(max_rel(cg, c), dt == at::kFloat ? 1e-6 : 8e-3) << dt << " H=" << H;
+    }
+}
+
+TEST(Gpu, MoeLayerOnGpuMatchesCpu) {
+  REQUIRE_GPU();
+  const ModelConfig mc = layer_config(8, 2, true);
+  SelfCommunicator comm;
+  at::manual_seed(10);
+  MoeLayer layer(mc, 1, Placement::contiguous(8, 1), comm, 11);
+  at::Tensor x0 = at::randn({16, 9, 24});
+  ForwardContext ctx;
+  ctx.total_groups = 4;
+  at::Tensor y_cpu = layer->forward(x0, ctx);
+  layer->to(at::kCUDA);
+  ForwardContext ctx2;
+  ctx2.total_groups = 4;
+  at::Tensor y_gpu = layer->forward(x0.cuda(), ctx2).cpu();
+  EXPECT_LT(max_rel(y_gpu, y_cpu.detach()), 1e-4);  // TF32 is off by default in LibTorch; GEMM order differs
+}
+
+}  // namespace
+}  // namespace moeprune
