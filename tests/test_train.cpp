@@ -1,6 +1,7 @@
 // Training pieces in one process: the learning-rate schedule, the optimisers, the
 // router history against router weights set by the test, the model file round
 // trip, and a short fine-tune on the planted synthetic task that must learn.
+#include <ATen/autocast_mode.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -9,6 +10,7 @@
 #include "ckpt/model_file.h"
 #include "core/error.h"
 #include "prune/router_history.h"
+#include "train/precision.h"
 #include "train/trainer.h"
 
 namespace moeprune {
@@ -218,6 +220,46 @@ TEST(Training, SameSeedGivesBitIdenticalRuns) {
   for (const auto& it : a->named_parameters()) EXPECT_TRUE(at::equal(it.value(), pb[it.key()])) << it.key();
   job.seed = 5;  // and the seed matters
   EXPECT_NE(train_planted(job).first.train_loss, ra.train_loss);
+}
+
+// bf16 autocast: the forward runs in bfloat16 on the CPU as on the GPU; the router,
+// the loss, the master weights and the optimiser state stay float32.
+TEST(Training, Bf16AutocastLearnsWithFloat32MasterWeights) {
+  JobConfig job = planted_job();
+  job.finetune.precision = "bf16";
+  auto [r, model] = train_planted(job);
+  EXPECT_GT(r.test.accuracy, 0.85) << "test accuracy " << r.test.accuracy;
+  for (const auto& p : model->parameters()) EXPECT_EQ(p.scalar_type(), at::kFloat);
+  EXPECT_FALSE(at::autocast::is_autocast_enabled(at::kCPU)) << "the guard restores the autocast state";
+}
+
+TEST(Precision, RouterIsFloat32AndExpertsBf16UnderAutocast) {
+  SelfCommunicator comm;
+  ModelConfig mc = small_model(1);
+  at::manual_seed(3);
+  MoeLayer layer(mc, 1, Placement::contiguous(mc.moe.num_experts, 1), comm, 3);
+  at::Tensor x = at::randn({4 * mc.moe.group_size, 5, mc.hidden});
+  auto route = [&](bool amp) {
+    AutocastGuard g(x.device(), amp ? "bf16" : "fp32");
+    return layer->routers[0]->as<RouterImpl>()->forward(x.reshape({4, -1, mc.hidden}), false, {});
+  };
+  Routing a = route(true), b = route(false);
+  EXPECT_EQ(a.probs.scalar_type(), at::kFloat);
+  EXPECT_TRUE(at::equal(a.probs, b.probs)) << "routing must not see bf16 rounding";
+  EXPECT_TRUE(at::equal(a.expert, b.expert));
+  ForwardContext c1, c2;
+  c1.total_groups = c2.total_groups = 4;
+  at::Tensor y32 = layer->forward(x, c1);
+  at::Tensor y16;
+  {
+    AutocastGuard g(x.device(), "bf16");
+    y16 = layer->forward(x, c2);
+  }
+  EXPECT_EQ(y16.scalar_type(), at::kBFloat16);
+  const double rel = ((y16.to(at::kFloat) - y32).abs().max() / y32.abs().max()).item<double>();
+  EXPECT_LT(rel, 3e-2) << "bf16 has 8 bits of mantissa: a few rounding steps of 2^-8";
+  EXPECT_GT(rel, 0.0) << "the experts really ran in bf16";
+  EXPECT_THROW(AutocastGuard(x.device(), "fp16"), UserError);
 }
 
 }  // namespace

@@ -137,6 +137,7 @@ void read_phase(const YAML::Node& n, const std::string& name, PhaseConfig& p) {
   r.get("label_map", p.label_map);
   r.get("init", p.init);
   r.get("optimizer", p.optimizer);
+  r.get("precision", p.precision);
   r.get("lr", p.lr);
   r.get("end_lr", p.end_lr);
   r.get("warmup_steps", p.warmup_steps);
@@ -161,6 +162,8 @@ void validate_phase(const PhaseConfig& p, const std::string& name, const ModelCo
   auto key = [&](const char* k) { return name + "." + k; };
   require(p.optimizer == "sgd" || p.optimizer == "adamw",
           concat("config: ", key("optimizer"), "='", p.optimizer, "', expected sgd or adamw"));
+  require(p.precision == "fp32" || p.precision == "bf16",
+          concat("config: ", key("precision"), "='", p.precision, "', expected fp32 or bf16"));
   require(p.lr > 0, concat("config: ", key("lr"), "=", p.lr, " must be > 0"));
   require(p.end_lr >= 0 && p.end_lr <= p.lr,
           concat("config: ", key("end_lr"), "=", p.end_lr, " must be in [0, ", key("lr"), "=", p.lr, "]"));

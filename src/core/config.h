@@ -78,6 +78,9 @@ struct PhaseConfig {
   std::vector<int> label_map;     // optional: label_map[i] = label of classes[i] (regrouping)
   std::string init;               // finetune: model file to start from ("" = the pretrain output)
   std::string optimizer = "sgd";  // sgd (momentum) | adamw
+  // fp32 | bf16: bf16 runs the forward pass under autocast (GEMMs and the expert
+  // payload in bfloat16); router, losses, master weights and optimiser stay float32.
+  std::string precision = "fp32";
   double lr = 0.01;
   double end_lr = 1e-5;
   int warmup_steps = 0;

@@ -3,6 +3,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include "model/fused_dispatch.h"
+#include "train/precision.h"
 
 #include <algorithm>
 #include <cmath>
@@ -65,7 +66,10 @@ Routing RouterImpl::forward(const at::Tensor& x, bool train, const std::vector<u
   r.group_tokens = S;
   r.capacity = expert_capacity(S, k, opts_.capacity_factor, E);
 
-  at::Tensor logits = at::matmul(x, weight);  // [G, S, E]
+  // Routing in float32 also inside a bf16 autocast region: decisions, gates and
+  // auxiliary losses must not depend on bf16 rounding of the logits.
+  NoAutocastGuard fp32_router(x.device().type());
+  at::Tensor logits = at::matmul(x.to(at::kFloat), weight);  // [G, S, E]
   at::Tensor noisy = logits;
   const double std_noise = opts_.noise_std / E;
   const bool noisy_routing = train && std_noise > 0;

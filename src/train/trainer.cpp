@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "core/log.h"
+#include "train/precision.h"
 
 namespace moeprune {
 namespace {
@@ -77,7 +78,7 @@ PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader
   }
   Progress progress(name_, phase_.steps, r == 0);
   log::info(concat(name_, ": ", phase_.steps, " steps of ", phase_.batch_size, " images (", accum,
-                   " micro-batches) on ", W, " ranks, ", phase_.optimizer, " lr ", phase_.lr, ", train split ",
+                   " micro-batches) on ", W, " ranks, ", phase_.optimizer, " ", phase_.precision, " lr ", phase_.lr, ", train split ",
                    train.split().size(), " examples, ", train.steps_per_epoch(), " steps per epoch"));
   const auto phase_start = Clock::now();
   // Window accumulators between log lines.
@@ -105,7 +106,12 @@ PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader
       ctx.stats = &stats;
       ctx.timers = &timers;
       ctx.entropy_weight = phase_.router_entropy_weight;
-      at::Tensor logits = model_->forward(b.images, ctx);
+      at::Tensor logits;
+      {
+        AutocastGuard amp(b.images.device(), phase_.precision);
+        logits = model_->forward(b.images, ctx);
+      }
+      logits = logits.to(at::kFloat);  // loss in float32
       at::Tensor ce = cross_entropy_sum(logits, b.labels);
       at::Tensor loss = ce / static_cast<double>(micro * accum) +
                         ctx.aux_loss / static_cast<double>(M * groups * accum);
