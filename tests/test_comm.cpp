@@ -2,6 +2,8 @@
 // reverse, all-reduce, broadcast, all-gather, send/recv.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include "dist/all_to_all.h"
 #include "test_world.h"
 
@@ -66,6 +68,54 @@ TEST(Comm, AllToAllBackwardIsReverse) {
   // d/dx sum(y * y) = 2x once the gradient is routed back to its origin.
   (y * y).sum().backward();
   EXPECT_TRUE(at::equal(x.grad(), 2 * x.detach()));
+}
+
+// Block all-to-all: rank s sends 3 blocks to each rank d, block i holding
+// (s + d + i) % 3 rows (some zero); send blocks are interleaved across peers in the
+// send buffer and the receiver places them in reverse order in its buffer.
+int64_t block_rows(int s, int d, int i) { return (s + d + i) % 3; }
+
+TEST(Comm, AllToAllBlocksPlacesRowsWhereAsked) {
+  auto& comm = g_world->host_comm();
+  const int W = comm.size(), me = comm.rank();
+  std::vector<RowBlock> send_blocks, recv_blocks;
+  std::vector<float> v;
+  int64_t off = 0;
+  for (int i = 0; i < 3; ++i)  // send buffer order: block-major, then peer
+    for (int d = 0; d < W; ++d) {
+      const int64_t n = block_rows(me, d, i);
+      send_blocks.push_back({d, off, n});
+      for (int64_t j = 0; j < n; ++j) v.push_back(1000.f * me + 100.f * d + 10.f * i + j);
+      off += n;
+    }
+  // Blocks to one peer must be listed in pairing order: sort the list by (peer, i) stably.
+  std::stable_sort(send_blocks.begin(), send_blocks.end(), [](const RowBlock& a, const RowBlock& b) { return a.peer < b.peer; });
+  int64_t total = 0;
+  for (int s = 0; s < W; ++s)
+    for (int i = 0; i < 3; ++i) total += block_rows(s, me, i);
+  int64_t end = total;
+  for (int s = 0; s < W; ++s)
+    for (int i = 0; i < 3; ++i) {
+      const int64_t n = block_rows(s, me, i);
+      end -= n;
+      recv_blocks.push_back({s, end, n});
+    }
+  at::Tensor send = at::tensor(v).reshape({-1, 1}).expand({-1, 3}).contiguous();
+  at::Tensor got = comm.all_to_all_blocks(send, send_blocks, total + 2, recv_blocks);  // 2 rows nobody writes
+  ASSERT_EQ(got.size(0), total + 2);
+  for (const RowBlock& b : recv_blocks) {
+    const int i = static_cast<int>(&b - recv_blocks.data()) % 3;
+    for (int64_t j = 0; j < b.rows; ++j)
+      EXPECT_EQ(got[b.offset + j][2].item<float>(), 1000.f * b.peer + 100.f * me + 10.f * i + j);
+  }
+  EXPECT_EQ(got.narrow(0, total, 2).abs().sum().item<float>(), 0.f) << "uncovered rows are zero";
+  // Autograd: the gradient goes back to the rows it came from.
+  at::Tensor x = send.clone().requires_grad_(true);
+  at::Tensor y = all_to_all_blocks_autograd(x, send_blocks, total + 2, recv_blocks, comm);
+  (y * y).sum().backward();
+  EXPECT_TRUE(at::equal(x.grad(), 2 * x.detach()));
+  // Bad blocks are refused with the block named.
+  EXPECT_THROW(comm.all_to_all_blocks(send, {{W, 0, 1}}, 0, {}), std::invalid_argument);
 }
 
 TEST(Comm, AllReduceBroadcastGather) {

@@ -14,4 +14,10 @@ namespace moeprune {
 at::Tensor all_to_all_autograd(const at::Tensor& x, const std::vector<int64_t>& send_splits,
                                const std::vector<int64_t>& recv_splits, Communicator& comm);
 
+// Communicator::all_to_all_blocks, differentiable in x: the backward exchange swaps
+// the send and receive blocks.
+at::Tensor all_to_all_blocks_autograd(const at::Tensor& x, const std::vector<RowBlock>& send_blocks,
+                                      int64_t recv_rows, const std::vector<RowBlock>& recv_blocks,
+                                      Communicator& comm);
+
 }  // namespace moeprune

@@ -1,6 +1,7 @@
 #include "dist/communicator.h"
 
 #include <climits>
+#include <cstring>
 #include <numeric>
 
 #include "core/error.h"
@@ -65,7 +66,42 @@ void check_splits(const Communicator& comm, const at::Tensor& send, const std::v
     throw std::invalid_argument(concat("all_to_all: send splits sum to ", total, " but the tensor has ", rows, " rows"));
 }
 
+at::Tensor check_blocks_alloc(const Communicator& comm, const at::Tensor& send, const std::vector<RowBlock>& send_blocks,
+                              int64_t recv_rows, const std::vector<RowBlock>& recv_blocks) {
+  TORCH_CHECK(send.dim() >= 1, "all_to_all_blocks: the send tensor needs a row dimension");
+  auto check = [&](const std::vector<RowBlock>& blocks, int64_t rows, const char* side) {
+    int64_t covered = 0;
+    for (const RowBlock& b : blocks) {
+      if (b.peer < 0 || b.peer >= comm.size() || b.rows < 0 || b.offset < 0 || b.offset + b.rows > rows)
+        throw std::invalid_argument(concat("all_to_all_blocks: ", side, " block {peer ", b.peer, ", offset ", b.offset,
+                                           ", rows ", b.rows, "} outside ", comm.size(), " ranks x ", rows, " rows"));
+      covered += b.rows;
+    }
+    return covered;
+  };
+  check(send_blocks, send.size(0), "send");
+  const int64_t covered = check(recv_blocks, recv_rows, "receive");
+  const auto shape = out_shape(send, recv_rows);
+  return covered < recv_rows ? at::zeros(shape, send.options()) : at::empty(shape, send.options());
+}
+
 // ---------------------------------------------------------------------------
+at::Tensor SelfCommunicator::all_to_all_blocks(const at::Tensor& send, const std::vector<RowBlock>& send_blocks,
+                                               int64_t recv_rows, const std::vector<RowBlock>& recv_blocks) {
+  at::Tensor recv = check_blocks_alloc(*this, send, send_blocks, recv_rows, recv_blocks);
+  if (send_blocks.size() != recv_blocks.size())
+    throw std::invalid_argument("all_to_all_blocks: a single process pairs as many send as receive blocks");
+  for (size_t i = 0; i < send_blocks.size(); ++i) {
+    if (send_blocks[i].rows != recv_blocks[i].rows)
+      throw std::invalid_argument(concat("all_to_all_blocks: block ", i, " sends ", send_blocks[i].rows,
+                                         " rows but receives ", recv_blocks[i].rows));
+    if (send_blocks[i].rows)
+      recv.narrow(0, recv_blocks[i].offset, recv_blocks[i].rows)
+          .copy_(send.narrow(0, send_blocks[i].offset, send_blocks[i].rows));
+  }
+  return recv;
+}
+
 at::Tensor SelfCommunicator::all_to_all(const at::Tensor& send, const std::vector<int64_t>& send_splits,
                                         const std::vector<int64_t>& recv_splits) {
   check_splits(*this, send, send_splits, recv_splits);
@@ -121,6 +157,56 @@ at::Tensor MpiCommunicator::all_to_all(const at::Tensor& send_in, const std::vec
                                   row, comm_);
   MPI_Type_free(&row);
   mpi_check(rcode, "Alltoallv");
+  return recv;
+}
+
+at::Tensor MpiCommunicator::all_to_all_blocks(const at::Tensor& send_in, const std::vector<RowBlock>& send_blocks,
+                                              int64_t recv_rows, const std::vector<RowBlock>& recv_blocks) {
+  TORCH_CHECK(send_in.device().is_cpu(), "MpiCommunicator::all_to_all_blocks needs a CPU tensor");
+  at::Tensor send = send_in.contiguous();
+  at::Tensor recv = check_blocks_alloc(*this, send, send_blocks, recv_rows, recv_blocks);
+  const int64_t rb = row_bytes(send);
+  if (rb == 0) return recv;
+  MPI_Datatype row;
+  mpi_check(MPI_Type_contiguous(static_cast<int>(rb), MPI_BYTE, &row), "Type_contiguous");
+  mpi_check(MPI_Type_commit(&row), "Type_commit");
+  constexpr int kTag = 0x6d70;  // private to this exchange; same-tag messages between a pair keep their order
+  const auto* sbase = static_cast<const char*>(send.data_ptr());
+  auto* rbase = static_cast<char*>(recv.data_ptr());
+  std::vector<MPI_Request> req;
+  req.reserve(send_blocks.size() + recv_blocks.size());
+  int rc = MPI_SUCCESS;
+  std::vector<const RowBlock*> self_recv;
+  for (const RowBlock& b : recv_blocks) {
+    if (b.rows == 0) continue;
+    if (b.rows > INT_MAX) throw std::runtime_error("all_to_all_blocks: more than 2^31 rows in one block");
+    if (b.peer == rank_) {
+      self_recv.push_back(&b);
+      continue;
+    }
+    req.emplace_back();
+    rc = MPI_Irecv(rbase + b.offset * rb, static_cast<int>(b.rows), row, b.peer, kTag, comm_, &req.back());
+    if (rc != MPI_SUCCESS) break;
+  }
+  size_t self_i = 0;
+  for (const RowBlock& b : send_blocks) {
+    if (rc != MPI_SUCCESS || b.rows == 0) continue;
+    if (b.rows > INT_MAX) throw std::runtime_error("all_to_all_blocks: more than 2^31 rows in one block");
+    if (b.peer == rank_) {
+      if (self_i >= self_recv.size() || self_recv[self_i]->rows != b.rows)
+        throw std::invalid_argument("all_to_all_blocks: send and receive blocks to self do not pair up");
+      std::memcpy(rbase + self_recv[self_i]->offset * rb, sbase + b.offset * rb, static_cast<size_t>(b.rows * rb));
+      ++self_i;
+      continue;
+    }
+    req.emplace_back();
+    rc = MPI_Isend(sbase + b.offset * rb, static_cast<int>(b.rows), row, b.peer, kTag, comm_, &req.back());
+  }
+  if (rc == MPI_SUCCESS) rc = MPI_Waitall(static_cast<int>(req.size()), req.data(), MPI_STATUSES_IGNORE);
+  MPI_Type_free(&row);
+  mpi_check(rc, "all_to_all_blocks (Isend/Irecv/Waitall)");
+  if (self_i != self_recv.size())
+    throw std::invalid_argument("all_to_all_blocks: send and receive blocks to self do not pair up");
   return recv;
 }
 

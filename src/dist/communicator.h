@@ -14,6 +14,14 @@ namespace moeprune {
 
 enum class ReduceOp { Sum, Max };
 
+// A block of rows of a local buffer exchanged with one peer: rows
+// [offset, offset + rows). See Communicator::all_to_all_blocks.
+struct RowBlock {
+  int peer = 0;
+  int64_t offset = 0;
+  int64_t rows = 0;
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -25,6 +33,13 @@ class Communicator {
   // returns [sum(recv_splits), ...] rows grouped by source rank. Zero splits allowed.
   virtual at::Tensor all_to_all(const at::Tensor& send, const std::vector<int64_t>& send_splits,
                                 const std::vector<int64_t>& recv_splits) = 0;
+  // All-to-all in blocks, so that rows land where the caller wants them without a
+  // permutation pass. The send blocks for peer p (in vector order) pair one-to-one,
+  // in order, with p's receive blocks for this rank, and paired blocks have the
+  // same number of rows (zero-row blocks pair with zero-row blocks). Returns
+  // [recv_rows, ...]; rows no receive block covers are zero.
+  virtual at::Tensor all_to_all_blocks(const at::Tensor& send, const std::vector<RowBlock>& send_blocks,
+                                       int64_t recv_rows, const std::vector<RowBlock>& recv_blocks) = 0;
   // send: `block` int64 values per destination rank (size()*block values);
   // returns the `block` values each source rank sent here (size()*block values).
   // Always a host-side exchange: split sizes are needed on the host.
@@ -46,6 +61,8 @@ class SelfCommunicator final : public Communicator {
   c10::DeviceType device_type() const override { return dev_; }
   at::Tensor all_to_all(const at::Tensor& send, const std::vector<int64_t>& send_splits,
                         const std::vector<int64_t>& recv_splits) override;
+  at::Tensor all_to_all_blocks(const at::Tensor& send, const std::vector<RowBlock>& send_blocks, int64_t recv_rows,
+                               const std::vector<RowBlock>& recv_blocks) override;
   std::vector<int64_t> exchange_counts(const std::vector<int64_t>& send, int block) override;
   void all_reduce(at::Tensor&, ReduceOp) override {}
   void broadcast(at::Tensor&, int) override {}
@@ -70,6 +87,8 @@ class MpiCommunicator final : public Communicator {
   MPI_Comm handle() const { return comm_; }
   at::Tensor all_to_all(const at::Tensor& send, const std::vector<int64_t>& send_splits,
                         const std::vector<int64_t>& recv_splits) override;
+  at::Tensor all_to_all_blocks(const at::Tensor& send, const std::vector<RowBlock>& send_blocks, int64_t recv_rows,
+                               const std::vector<RowBlock>& recv_blocks) override;
   std::vector<int64_t> exchange_counts(const std::vector<int64_t>& send, int block) override;
   void all_reduce(at::Tensor& t, ReduceOp op) override;
   void broadcast(at::Tensor& t, int root) override;
@@ -83,6 +102,11 @@ class MpiCommunicator final : public Communicator {
   int rank_ = 0;
   int size_ = 1;
 };
+
+// Checks blocks against the communicator size and the buffers' rows; returns the
+// receive buffer (zeros where no receive block writes, uninitialised elsewhere).
+at::Tensor check_blocks_alloc(const Communicator& comm, const at::Tensor& send, const std::vector<RowBlock>& send_blocks,
+                              int64_t recv_rows, const std::vector<RowBlock>& recv_blocks);
 
 // Checks split vectors against the communicator size and the tensor's rows.
 void check_splits(const Communicator& comm, const at::Tensor& send, const std::vector<int64_t>& send_splits,

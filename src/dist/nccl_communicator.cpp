@@ -80,6 +80,30 @@ class NcclCommunicator final : public Communicator {
     return recv;
   }
 
+  at::Tensor all_to_all_blocks(const at::Tensor& send_in, const std::vector<RowBlock>& send_blocks, int64_t recv_rows,
+                               const std::vector<RowBlock>& recv_blocks) override {
+    check_device(send_in);
+    at::Tensor send = send_in.contiguous();
+    at::Tensor recv = check_blocks_alloc(*this, send, send_blocks, recv_rows, recv_blocks);
+    int64_t elems_per_row = 1;
+    for (int64_t d = 1; d < send.dim(); ++d) elems_per_row *= send.size(d);
+    const size_t row_bytes = static_cast<size_t>(elems_per_row) * send.element_size();
+    if (row_bytes == 0) return recv;
+    auto stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device_)).stream();
+    const auto* sbase = static_cast<const char*>(send.data_ptr());
+    auto* rbase = static_cast<char*>(recv.data_ptr());
+    // Several sends to one peer inside a group are matched in order by NCCL.
+    nccl_check(ncclGroupStart(), "GroupStart");
+    for (const RowBlock& b : send_blocks)
+      if (b.rows)
+        nccl_check(ncclSend(sbase + b.offset * row_bytes, b.rows * row_bytes, ncclUint8, b.peer, comm_, stream), "Send");
+    for (const RowBlock& b : recv_blocks)
+      if (b.rows)
+        nccl_check(ncclRecv(rbase + b.offset * row_bytes, b.rows * row_bytes, ncclUint8, b.peer, comm_, stream), "Recv");
+    nccl_check(ncclGroupEnd(), "GroupEnd");
+    return recv;
+  }
+
   std::vector<int64_t> exchange_counts(const std::vector<int64_t>& send, int block) override {
     return mpi_.exchange_counts(send, block);
   }

@@ -3,7 +3,10 @@
 #include <torch/cuda.h>
 #include <ATen/Parallel.h>
 
+#include <malloc.h>
+
 #include <cstdlib>
+#include <string>
 #include <thread>
 
 #include "core/error.h"
@@ -14,7 +17,22 @@
 
 namespace moeprune {
 
+namespace {
+// Large CPU tensors are allocated and freed every step (dispatch payloads,
+// activations). glibc returns blocks above its mmap threshold to the kernel and
+// trims the heap top eagerly, so each step page-faults its buffers in again
+// (measured: dispatch + combine 1.6-2x slower). Keep freed blocks up to 32 MiB
+// (glibc's largest mmap threshold) in the heap. MOEPRUNE_MALLOC_TUNE=0 disables.
+void tune_host_allocator() {
+  const char* env = std::getenv("MOEPRUNE_MALLOC_TUNE");
+  if (env && std::string(env) == "0") return;
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+}
+}  // namespace
+
 World::World(int* argc, char*** argv, const std::string& device_pref) {
+  tune_host_allocator();
   int initialized = 0;
   MPI_Initialized(&initialized);
   if (!initialized) {

@@ -37,71 +37,64 @@ DispatchPlan Dispatcher::plan(const at::Tensor& expert, const at::Tensor& gate, 
   const int64_t* c = counts_t.data_ptr<int64_t>();
   p.send_counts.assign(c, c + E);
 
-  // Tell every rank how many rows each of its experts gets from here.
+  // Tell every rank how many rows each of its experts gets from here. Send order
+  // is (rank, its local experts in order), so each (rank, expert) is one block.
   int block = 0;
   for (int r = 0; r < W; ++r) block = std::max<int>(block, static_cast<int>(pl.local_experts(r).size()));
-  std::vector<int64_t> send_blocks(static_cast<size_t>(W) * block, 0);
+  std::vector<int64_t> send_counts_blocked(static_cast<size_t>(W) * block, 0);
   p.send_splits.assign(W, 0);
+  int64_t send_off = 0;
   for (int r = 0; r < W; ++r) {
     const auto& local = pl.local_experts(r);
     for (size_t i = 0; i < local.size(); ++i) {
-      send_blocks[static_cast<size_t>(r) * block + i] = p.send_counts[local[i]];
-      p.send_splits[r] += p.send_counts[local[i]];
+      const int64_t n = p.send_counts[local[i]];
+      send_counts_blocked[static_cast<size_t>(r) * block + i] = n;
+      p.send_splits[r] += n;
+      p.send_blocks.push_back(RowBlock{r, send_off, n});
+      send_off += n;
     }
   }
-  const std::vector<int64_t> recv_blocks = comm_->exchange_counts(send_blocks, block);
+  const std::vector<int64_t> recv_counts = comm_->exchange_counts(send_counts_blocked, block);
 
-  // Received rows arrive as (source rank, local expert); regroup as (local expert, source).
+  // Received rows land expert-major, (local expert, source rank): the receive block
+  // of (source s, expert i) starts after the rows of experts < i and of the sources
+  // < s for expert i. Blocks are listed per source in expert order, the order in
+  // which that source sends them.
   const auto& mine = pl.local_experts(me);
   const int L = static_cast<int>(mine.size());
   p.recv_splits.assign(W, 0);
   p.expert_counts.assign(L, 0);
-  std::vector<std::vector<int64_t>> offset(W, std::vector<int64_t>(L));
-  int64_t total = 0;
   for (int s = 0; s < W; ++s)
     for (int i = 0; i < L; ++i) {
-      const int64_t n = recv_blocks[static_cast<size_t>(s) * block + i];
-      offset[s][i] = total;
-      total += n;
+      const int64_t n = recv_counts[static_cast<size_t>(s) * block + i];
       p.recv_splits[s] += n;
       p.expert_counts[i] += n;
     }
-  std::vector<int64_t> perm;
-  perm.reserve(total);
-  for (int i = 0; i < L; ++i)
-    for (int s = 0; s < W; ++s) {
-      const int64_t n = recv_blocks[static_cast<size_t>(s) * block + i];
-      for (int64_t j = 0; j < n; ++j) perm.push_back(offset[s][i] + j);
+  std::vector<int64_t> next(L, 0);  // next free row of each local expert
+  for (int i = 1; i < L; ++i) next[i] = next[i - 1] + p.expert_counts[i - 1];
+  for (int s = 0; s < W; ++s)
+    for (int i = 0; i < L; ++i) {
+      const int64_t n = recv_counts[static_cast<size_t>(s) * block + i];
+      p.recv_blocks.push_back(RowBlock{s, next[i], n});
+      next[i] += n;
     }
-  p.recv_to_expert_major = at::tensor(perm, at::kLong).to(expert.device());
+  p.recv_rows = L ? next[L - 1] : 0;
   p.fused = use_kernels(expert);
-  if (p.fused) {
-    p.send_row_of = inverse_rows(p.choice, p.num_tokens, K);
-    p.expert_major_row = inverse_rows(p.recv_to_expert_major, total, 1).view({-1});
-  }
+  if (p.fused) p.send_row_of = inverse_rows(p.choice, p.num_tokens, K);
   return p;
 }
 
 at::Tensor Dispatcher::dispatch(const at::Tensor& x, const DispatchPlan& p) const {
-  if (p.fused) {
-    at::Tensor payload = permute_rows_autograd(x, p.token, p.send_row_of);
-    at::Tensor received = all_to_all_autograd(payload, p.send_splits, p.recv_splits, *comm_);
-    return permute_rows_autograd(received, p.recv_to_expert_major, p.expert_major_row.view({-1, 1}));
-  }
-  at::Tensor payload = x.index_select(0, p.token);
-  at::Tensor received = all_to_all_autograd(payload, p.send_splits, p.recv_splits, *comm_);
-  return received.index_select(0, p.recv_to_expert_major);
+  // Permute into send order, then one exchange that writes expert-major directly.
+  at::Tensor payload = p.fused ? permute_rows_autograd(x, p.token, p.send_row_of) : x.index_select(0, p.token);
+  return all_to_all_blocks_autograd(payload, p.send_blocks, p.recv_rows, p.recv_blocks, *comm_);
 }
 
 at::Tensor Dispatcher::combine(const at::Tensor& y, const DispatchPlan& p) const {
-  if (p.fused) {
-    at::Tensor back = permute_rows_autograd(y, p.expert_major_row, p.recv_to_expert_major.view({-1, 1}));
-    at::Tensor returned = all_to_all_autograd(back, p.recv_splits, p.send_splits, *comm_);
-    return combine_autograd(returned, p.gate, p.token, p.send_row_of);
-  }
-  // Undo the regrouping: row perm[i] of the received layout is row i of y.
-  at::Tensor back = at::zeros_like(y).index_copy(0, p.recv_to_expert_major, y);
-  at::Tensor returned = all_to_all_autograd(back, p.recv_splits, p.send_splits, *comm_);
+  // The reverse exchange returns the rows in send order; then the gate-weighted sum per token.
+  const int64_t sent = p.token.size(0);
+  at::Tensor returned = all_to_all_blocks_autograd(y, p.recv_blocks, sent, p.send_blocks, *comm_);
+  if (p.fused) return combine_autograd(returned, p.gate, p.token, p.send_row_of);
   at::Tensor weighted = returned * p.gate.unsqueeze(1).to(returned.dtype());
   return at::zeros({p.num_tokens, y.size(1)}, y.options()).index_add(0, p.token, weighted);
 }

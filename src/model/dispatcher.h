@@ -3,10 +3,11 @@
 // all-to-all, nothing else). Knows the Placement, not the experts' internals.
 //
 // dispatch(): kept choices are sorted into send order (by the rank holding the
-// expert, then expert, then group, then capacity slot), counts are exchanged,
-// the payload moves with all-to-all-v, and the received rows are regrouped so
-// that each local expert's rows are contiguous. combine() reverses every step and
-// sums the expert outputs weighted by their gates in the original token order.
+// expert, then expert, then group, then capacity slot), counts are exchanged, and
+// the payload moves with one block all-to-all (one block per (rank, expert)) that
+// writes each local expert's rows contiguously on arrival: no regrouping pass.
+// combine() sends the expert outputs back the same way and sums them weighted by
+// their gates in the original token order.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -25,16 +26,16 @@ struct DispatchPlan {
   at::Tensor send_expert;  // [A] int64: its expert, in send order
   std::vector<int64_t> send_splits, recv_splits;  // rows per rank
   std::vector<int64_t> send_counts;  // [E] kept choices per expert of the layer (all ranks' experts)
-  // Receive side (rows for this rank's experts).
-  at::Tensor recv_to_expert_major;   // [R] int64: permutation from (source, expert) to (expert, source)
+  std::vector<RowBlock> send_blocks;  // one per (destination rank, its local expert), in send order
+  // Receive side (rows for this rank's experts), expert-major: (local expert, source rank).
+  std::vector<RowBlock> recv_blocks;  // one per (source rank, local expert), in each source's send order
   std::vector<int64_t> expert_counts;  // rows per local expert, local order
+  int64_t recv_rows = 0;
   int64_t num_tokens = 0;
   int64_t top_k = 0;
-  // Inverse maps for the fused path (model/fused_dispatch.h), built by plan() when
-  // use_kernels() holds for the routing tensors: the send rows of each token's
-  // choices [N, k], and the permutation from expert-major back to received order.
-  at::Tensor send_row_of;      // [N, k] int64, -1 for dropped choices
-  at::Tensor expert_major_row;  // [R] int64: row of received row i in expert-major order
+  // Fused path (model/fused_dispatch.h), set when use_kernels() holds for the
+  // routing tensors: the send row of each token's choices [N, k], -1 if dropped.
+  at::Tensor send_row_of;
   bool fused = false;
 };
 

@@ -2,8 +2,17 @@
 // against a reference measured in the same run. Never asserted in tests.
 //   moeprune-bench ckpt [--config FILE] [--dir DIR] [--repeat N]
 //     sharded checkpoint save and load MB/s against a plain copy of the same files.
-//   moeprune-bench moe [--repeat N]
+//   moeprune-bench moe [--repeat N] [--precision fp32|bf16]
 //     MoE layer forward+backward against dense GEMMs doing the same expert FLOPs.
+//   moeprune-bench dispatch [--repeat N] [--tokens N] [--hidden H]
+//     dispatch + combine bytes/s against a raw all-to-all of the same bytes
+//     (MPI on CPUs, NCCL on GPUs), PyTorch-op path and kernel path.
+//   moeprune-bench kernels [--repeat N]
+//     permute and unpermute+combine GB/s against a same-size device copy.
+//   moeprune-bench step [--repeat N] [--per-rank-batch B]
+//     training steps/s of the tiny default at a fixed per-rank batch (weak scaling:
+//     launch/bench_scaling.sh runs it on 1, 2 and 4 ranks and prints efficiency).
+//   moeprune-bench prune / ckpt: see their --help.
 #include <CLI/CLI.hpp>
 #include <fcntl.h>
 #include <unistd.h>
@@ -19,7 +28,11 @@
 #include "prune/rebalance.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "model/fused_dispatch.h"
+#include "train/precision.h"
 #include "train/trainer.h"
+
+#include <torch/cuda.h>
 
 using namespace moeprune;
 namespace fs = std::filesystem;
@@ -28,6 +41,11 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// Waits for the device's queued work, so that host timers measure it.
+void sync(const World& world) {
+  if (world.device().is_cuda()) torch::cuda::synchronize(world.device().index());
+}
 
 // Copies every file of src into dst with read/write + fsync: the plain-copy reference.
 int64_t copy_tree(const std::string& src, const std::string& dst) {
@@ -105,11 +123,13 @@ double median(std::vector<double> v) {
 }
 
 // MoE layer forward+backward against dense GEMMs with the same expert FLOPs.
-int bench_moe(World& world, int reps) {
+int bench_moe(World& world, int reps, std::string precision) {
+  const c10::Device dev = world.device();
+  if (precision.empty()) precision = dev.is_cuda() ? "bf16" : "fp32";
   if (world.rank() == 0)
-    std::printf("MoE layer forward+backward, %d rank(s), %d threads per rank; 'dense' = the two expert GEMMs on\n"
-                "all k*tokens rows at once (same FLOPs, no routing), measured in the same run\n",
-                world.size(), at::get_num_threads());
+    std::printf("MoE layer forward+backward, %d rank(s) on %s, %s, %d threads per rank; 'dense' = the two expert\n"
+                "GEMMs on all k*tokens rows at once (same FLOPs, no routing, same precision), same run\n",
+                world.size(), dev.str().c_str(), precision.c_str(), at::get_num_threads());
   if (world.rank() == 0)
     std::printf("  %7s %6s %4s %2s %12s %12s %10s %10s\n", "tokens", "hidden", "E", "k", "moe ms", "dense ms",
                 "ratio", "Mtok/s");
@@ -129,26 +149,39 @@ int bench_moe(World& world, int reps) {
           mc.moe.capacity_factor = 1.25;
           at::manual_seed(0);
           MoeLayer layer(mc, 1, Placement::contiguous(E, world.size()), world.comm(), 0);
+          layer->to(dev);
           const int64_t local = tokens / world.size();
-          at::Tensor x = at::randn({local, 1, hidden}).requires_grad_(true);
+          const auto opt = at::TensorOptions().device(dev);
+          at::Tensor x = at::randn({local, 1, hidden}, opt).requires_grad_(true);
           std::vector<double> tm, td;
-          at::Tensor w1 = at::randn({hidden, 4 * hidden}).requires_grad_(true);
-          at::Tensor w2 = at::randn({4 * hidden, hidden}).requires_grad_(true);
-          at::Tensor xd = at::randn({local * k, hidden}).requires_grad_(true);
+          at::Tensor w1 = at::randn({hidden, 4 * hidden}, opt).requires_grad_(true);
+          at::Tensor w2 = at::randn({4 * hidden, hidden}, opt).requires_grad_(true);
+          at::Tensor xd = at::randn({local * k, hidden}, opt).requires_grad_(true);
           for (int r = 0; r < reps + 1; ++r) {
+            sync(world);
             world.host_comm().barrier();
             auto t0 = Clock::now();
             ForwardContext ctx;
             ctx.train = true;
             ctx.total_groups = tokens / 1024;
             ctx.first_group = world.rank() * local / 1024;
-            at::Tensor y = layer->forward(x, ctx);
-            (y.sum() + ctx.aux_loss).backward();
+            at::Tensor y;
+            {
+              AutocastGuard amp(dev, precision);
+              y = layer->forward(x, ctx);
+            }
+            (y.to(at::kFloat).sum() + ctx.aux_loss).backward();
+            sync(world);
             world.host_comm().barrier();
             if (r) tm.push_back(seconds_since(t0));
             t0 = Clock::now();
-            at::Tensor yd = at::mm(at::gelu(at::mm(xd, w1), "tanh"), w2);
-            yd.sum().backward();
+            at::Tensor yd;
+            {
+              AutocastGuard amp(dev, precision);
+              yd = at::mm(at::gelu(at::mm(xd, w1), "tanh"), w2);
+            }
+            yd.to(at::kFloat).sum().backward();
+            sync(world);
             world.host_comm().barrier();
             if (r) td.push_back(seconds_since(t0));
           }
@@ -160,7 +193,7 @@ int bench_moe(World& world, int reps) {
                            {"dense_s", d}, {"ratio", m / d}, {"tokens_per_s", tokens / m}});
           }
         }
-  if (world.rank() == 0) std::printf("%s\n", nlohmann::json{{"bench", "moe"}, {"ranks", world.size()}, {"results", all}}.dump().c_str());
+  if (world.rank() == 0) std::printf("%s\n", nlohmann::json{{"bench", "moe"}, {"ranks", world.size()}, {"device", dev.str()}, {"precision", precision}, {"results", all}}.dump().c_str());
   return 0;
 }
 
@@ -233,6 +266,204 @@ int bench_prune(World& world, const JobConfig& cfg, const std::string& from, int
   return 0;
 }
 
+// Times f over reps (+1 warm-up) with device syncs and barriers; median seconds.
+template <typename F>
+double timed(World& world, int reps, const F& f) {
+  std::vector<double> t;
+  for (int r = 0; r < reps + 1; ++r) {
+    sync(world);
+    world.host_comm().barrier();
+    const auto t0 = Clock::now();
+    f();
+    sync(world);
+    world.host_comm().barrier();
+    if (r) t.push_back(seconds_since(t0));
+  }
+  return median(t);
+}
+
+const char* mode_name(KernelMode m) { return m == KernelMode::Off ? "torch ops" : "kernels"; }
+
+// Full dispatch + combine (plan, permute, all-to-all, regroup, and back with the
+// gate-weighted combine; no expert compute) against two raw all-to-alls of the same
+// rows on the same communicator.
+int bench_dispatch(World& world, int reps, int64_t tokens, int hidden) {
+  const c10::Device dev = world.device();
+  const auto dt = dev.is_cuda() ? at::kBFloat16 : at::kFloat;
+  const int W = world.size();
+  Communicator& comm = world.comm();
+  if (world.rank() == 0) {
+    std::printf("dispatch + combine vs raw all-to-all, %d rank(s) on %s (%s), %lld tokens per rank, hidden %d, %s\n",
+                W, dev.str().c_str(), dev.is_cuda() ? "NCCL" : "MPI", static_cast<long long>(tokens), hidden,
+                c10::toString(dt));
+    std::printf("  %4s %2s %-10s %12s %12s %12s %12s %8s\n", "E", "k", "path", "rows sent", "d+c ms", "raw ms",
+                "d+c GB/s", "vs raw");
+  }
+  nlohmann::json all = nlohmann::json::array();
+  for (int E : {8, 32})
+    for (int k : {1, 2}) {
+      if (E < W) continue;
+      at::manual_seed(1 + world.rank());
+      const Placement pl = Placement::contiguous(E, W);
+      Dispatcher d(comm, pl);
+      const auto opt = at::TensorOptions().device(dev);
+      at::Tensor probs = at::softmax(at::randn({1, tokens, E}, opt), -1);
+      auto [gate, expert] = probs.topk(k, -1);
+      auto [position, keep] = assign_slots(expert, gate, E, tokens * k, false);  // no drops: all rows move
+      at::Tensor ex = expert.reshape({tokens, k}), g = gate.reshape({tokens, k});
+      at::Tensor kp = keep.reshape({tokens, k}), pos = position.reshape({tokens, k});
+      at::Tensor group = at::zeros({tokens, k}, ex.options());
+      at::Tensor x = at::randn({tokens, hidden}, opt).to(dt);
+      at::NoGradGuard ng;
+      for (KernelMode mode : {KernelMode::Off, KernelMode::Auto}) {
+        set_kernel_mode(mode == KernelMode::Auto && !dev.is_cuda() ? KernelMode::On : mode);
+        DispatchPlan plan = d.plan(ex, g, kp, group, pos, tokens * k, 1);
+        const double t_dc = timed(world, reps, [&] {
+          DispatchPlan p2 = d.plan(ex, g, kp, group, pos, tokens * k, 1);
+          at::Tensor y = d.dispatch(x, p2);
+          at::Tensor out = d.combine(y, p2);
+        });
+        const double t_plan = timed(world, reps, [&] { d.plan(ex, g, kp, group, pos, tokens * k, 1); });
+        if (std::getenv("MOEPRUNE_BENCH_VERBOSE") && world.rank() == 0) std::printf("    plan alone %.3f ms\n", 1e3 * t_plan);
+        const int64_t sent = plan.token.size(0);
+        at::Tensor payload = at::randn({sent, hidden}, opt).to(dt);
+        int64_t recv_rows = 0;
+        for (int64_t n : plan.recv_splits) recv_rows += n;
+        at::Tensor back = at::randn({recv_rows, hidden}, opt).to(dt);
+        const double t_raw = timed(world, reps, [&] {
+          at::Tensor a = comm.all_to_all(payload, plan.send_splits, plan.recv_splits);
+          at::Tensor b = comm.all_to_all(back, plan.recv_splits, plan.send_splits);
+        });
+        // Bytes this rank sends in both directions (the same for both measurements).
+        at::Tensor bytes_t = at::tensor({static_cast<double>((sent + recv_rows) * hidden * x.element_size())}, at::kDouble);
+        at::Tensor times = at::tensor({t_dc, t_raw}, at::kDouble);
+        world.host_comm().all_reduce(bytes_t, ReduceOp::Sum);
+        world.host_comm().all_reduce(times, ReduceOp::Max);
+        const double gb = bytes_t.item<double>() / W / 1e9, tdc = times[0].item<double>(), traw = times[1].item<double>();
+        if (world.rank() == 0) {
+          std::printf("  %4d %2d %-10s %12lld %12.3f %12.3f %12.2f %7.2fx\n", E, k, mode_name(mode),
+                      static_cast<long long>(sent), 1e3 * tdc, 1e3 * traw, gb / tdc, traw / tdc);
+          all.push_back({{"experts", E}, {"k", k}, {"path", mode_name(mode)}, {"rows", sent},
+                         {"dispatch_combine_s", tdc}, {"raw_all_to_all_s", traw}, {"gb_per_s", gb / tdc},
+                         {"vs_raw", traw / tdc}});
+        }
+      }
+      set_kernel_mode(KernelMode::Auto);
+    }
+  if (world.rank() == 0)
+    std::printf("%s\n", nlohmann::json{{"bench", "dispatch"}, {"ranks", W}, {"device", dev.str()},
+                                       {"tokens_per_rank", tokens}, {"hidden", hidden}, {"results", all}}
+                            .dump()
+                            .c_str());
+  return 0;
+}
+
+// Permute and unpermute+combine alone: GB/s (bytes read + written) against a
+// device copy of the same bytes in the same run (the memory-bandwidth reference).
+int bench_kernels(World& world, int reps) {
+  const c10::Device dev = world.device();
+  if (world.rank() == 0) {
+    std::printf("dispatcher kernels on %s (%s), median of %d; reference: a copy of the same bytes\n",
+                dev.str().c_str(), dev.is_cuda() ? "CUDA kernels" : "host path of the kernels", reps);
+    std::printf("  %-8s %7s %5s %2s %-20s %10s %10s %8s\n", "dtype", "tokens", "H", "k", "op", "ms", "GB/s", "vs copy");
+  }
+  nlohmann::json all = nlohmann::json::array();
+  const auto opt = at::TensorOptions().device(dev);
+  for (auto dt : {at::kFloat, at::kBFloat16})
+    for (int64_t tokens : {4096, 16384})
+      for (int64_t H : {768}) {
+        const int64_t k = 2, A = tokens * k;
+        at::manual_seed(2);
+        at::Tensor choice = at::randperm(A, opt.dtype(at::kLong));
+        at::Tensor token = choice.floor_divide(k), row_of = inverse_rows(choice, tokens, k);
+        at::Tensor x = at::randn({tokens, H}, opt).to(dt), y = at::randn({A, H}, opt).to(dt);
+        at::Tensor w = at::rand({tokens, k}, opt), big = at::empty({A, H}, opt.dtype(dt));
+        auto bw = [&](double bytes, double t) { return bytes / t / 1e9; };
+        const double es = static_cast<double>(x.element_size());
+        const double t_copy = timed(world, reps, [&] { big.copy_(y); });
+        const double t_perm = timed(world, reps, [&] { permute_rows(x, token); });
+        const double t_comb = timed(world, reps, [&] { combine_rows(y, row_of, w); });
+        // The PyTorch-op path doing the same work (the model's path with MOEPRUNE_KERNELS=off).
+        at::Tensor gate = w.reshape({-1}).index_select(0, choice);
+        const double t_isel = timed(world, reps, [&] { x.index_select(0, token); });
+        const double t_iadd = timed(world, reps, [&] {
+          at::zeros({tokens, H}, x.options()).index_add(0, token, y * gate.unsqueeze(1).to(dt));
+        });
+        const double copy_bytes = 2.0 * A * H * es;
+        const double perm_bytes = 2.0 * A * H * es + A * 8.0;                       // read rows, write rows, index
+        const double comb_bytes = (A + tokens) * H * es + tokens * k * (8.0 + 4.0);  // read rows, write tokens, maps
+        if (world.rank() == 0) {
+          const char* dn = dt == at::kFloat ? "float32" : "bfloat16";
+          for (auto [name, t, b] : {std::tuple{"copy (reference)", t_copy, copy_bytes},
+                                    std::tuple{"permute", t_perm, perm_bytes},
+                                    std::tuple{"unpermute+combine", t_comb, comb_bytes},
+                                    std::tuple{"torch index_select", t_isel, perm_bytes},
+                                    std::tuple{"torch mul+index_add", t_iadd, comb_bytes}}) {
+            std::printf("  %-8s %7lld %5lld %2lld %-20s %10.3f %10.1f %7.2fx\n", dn, static_cast<long long>(tokens),
+                        static_cast<long long>(H), static_cast<long long>(k), name, 1e3 * t, bw(b, t),
+                        bw(b, t) / bw(copy_bytes, t_copy));
+            all.push_back({{"dtype", dn}, {"tokens", tokens}, {"hidden", H}, {"k", k}, {"op", name}, {"s", t},
+                           {"gb_per_s", bw(b, t)}, {"vs_copy", bw(b, t) / bw(copy_bytes, t_copy)}});
+          }
+        }
+      }
+  if (world.rank() == 0)
+    std::printf("%s\n", nlohmann::json{{"bench", "kernels"}, {"device", dev.str()}, {"results", all}}.dump().c_str());
+  return 0;
+}
+
+// One training step of the tiny default (forward, backward, gradient sync,
+// optimiser) at a fixed per-rank batch: weak scaling when run on 1, 2, 4 ranks.
+int bench_step(World& world, int reps, int per_rank) {
+  JobConfig cfg = parse_config("");
+  const ModelConfig& mc = cfg.model;
+  require(per_rank % mc.moe.group_size == 0,
+          concat("bench step: --per-rank-batch ", per_rank, " must be a multiple of group_size ", mc.moe.group_size));
+  const c10::Device dev = world.device();
+  at::manual_seed(cfg.seed);
+  VisionTransformer model(mc, default_placements(mc, world.size()), world.comm(), cfg.seed);
+  model->to(dev);
+  model->train();
+  Optimizer opt(cfg.finetune, param_slots(model));
+  at::manual_seed(100 + world.rank());
+  const auto o = at::TensorOptions().device(dev);
+  at::Tensor images = at::randn({per_rank, mc.channels, mc.image_size, mc.image_size}, o);
+  at::Tensor labels = at::randint(mc.num_classes, {per_rank}, o.dtype(at::kLong));
+  const int64_t groups = static_cast<int64_t>(per_rank) * world.size() / mc.moe.group_size;
+  int64_t step = 0;
+  const double t = timed(world, reps, [&] {
+    opt.zero_grad();
+    ForwardContext ctx;
+    ctx.train = true;
+    ctx.noise_seed = static_cast<uint64_t>(++step);
+    ctx.total_groups = groups;
+    ctx.first_group = world.rank() * per_rank / mc.moe.group_size;
+    at::Tensor logits;
+    {
+      AutocastGuard amp(dev, cfg.finetune.precision);
+      logits = model->forward(images, ctx);
+    }
+    at::Tensor loss = cross_entropy_sum(logits.to(at::kFloat), labels) / static_cast<double>(per_rank) +
+                      ctx.aux_loss / static_cast<double>(groups);
+    loss.backward();
+    opt.sync_gradients(*world.comms().device);
+    opt.step(*world.comms().device, 1e-3);
+  });
+  if (world.rank() == 0) {
+    const double ips = per_rank * world.size() / t;
+    std::printf("training step, %s, %d rank(s) on %s, %d images per rank, %d threads per rank, median of %d: "
+                "%.1f ms/step, %.1f images/s (%.1f per rank)\n",
+                mc.name.c_str(), world.size(), dev.str().c_str(), per_rank, at::get_num_threads(), reps, 1e3 * t, ips,
+                ips / world.size());
+    std::printf("%s\n", nlohmann::json{{"bench", "step"}, {"model", mc.name}, {"ranks", world.size()},
+                                       {"device", dev.str()}, {"threads_per_rank", at::get_num_threads()},
+                                       {"per_rank_batch", per_rank}, {"step_s", t}, {"images_per_s", ips}}
+                            .dump()
+                            .c_str());
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -255,6 +486,21 @@ int main(int argc, char** argv) {
   prn->add_option("--repeat", reps, "timed repetitions (median reported)");
   std::string prune_config;
   prn->add_option("--config", prune_config, "config of the checkpoint's job (default: embedded vmoe-tiny)");
+  std::string precision;
+  moe->add_option("--precision", precision, "fp32 | bf16 (default: bf16 on GPUs, fp32 on CPUs)")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
+  int64_t tokens = 4096;
+  int hidden = 768;
+  auto* dsp = app.add_subcommand("dispatch", "dispatch + combine bytes/s against a raw all-to-all of the same bytes");
+  dsp->add_option("--repeat", reps, "timed repetitions (median reported)");
+  dsp->add_option("--tokens", tokens, "tokens per rank")->check(CLI::PositiveNumber);
+  dsp->add_option("--hidden", hidden, "hidden size")->check(CLI::PositiveNumber);
+  auto* krn = app.add_subcommand("kernels", "permute and unpermute+combine GB/s against a copy of the same bytes");
+  krn->add_option("--repeat", reps, "timed repetitions (median reported)");
+  int per_rank = 64;
+  auto* stp = app.add_subcommand("step", "training step time of the tiny default at a fixed per-rank batch");
+  stp->add_option("--repeat", reps, "timed repetitions (median reported)");
+  stp->add_option("--per-rank-batch", per_rank, "images per rank per step")->check(CLI::PositiveNumber);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -262,7 +508,10 @@ int main(int argc, char** argv) {
   }
   return run_ranks(world, [&](World& w) {
     w.set_threads();
-    if (*moe) return bench_moe(w, reps);
+    if (*moe) return bench_moe(w, reps, precision);
+    if (*dsp) return bench_dispatch(w, reps, tokens, hidden);
+    if (*krn) return bench_kernels(w, reps);
+    if (*stp) return bench_step(w, reps, per_rank);
     if (*prn) return bench_prune(w, parse_config(prune_config), from, reps);
     const JobConfig cfg = parse_config(config);
     return bench_ckpt(w, cfg, dir, repeat);
