@@ -132,7 +132,7 @@ int bench_moe(World& world, int reps, std::string precision) {
                 world.size(), dev.str().c_str(), precision.c_str(), at::get_num_threads());
   if (world.rank() == 0)
     std::printf("  %7s %6s %4s %2s %12s %12s %10s %10s\n", "tokens", "hidden", "E", "k", "moe ms", "dense ms",
-                "ratio", "Mtok/s");
+                "ratio", "ktok/s");
   nlohmann::json all = nlohmann::json::array();
   for (int64_t tokens : {4096, 16384})
     for (int hidden : {128, 768})
@@ -188,7 +188,7 @@ int bench_moe(World& world, int reps, std::string precision) {
           const double m = median(tm), d = median(td);
           if (world.rank() == 0) {
             std::printf("  %7lld %6d %4d %2d %12.2f %12.2f %10.2f %10.2f\n", static_cast<long long>(tokens), hidden, E,
-                        k, 1e3 * m, 1e3 * d, m / d, tokens / m / 1e6);
+                        k, 1e3 * m, 1e3 * d, m / d, tokens / m / 1e3);
             all.push_back({{"tokens", tokens}, {"hidden", hidden}, {"experts", E}, {"k", k}, {"moe_s", m},
                            {"dense_s", d}, {"ratio", m / d}, {"tokens_per_s", tokens / m}});
           }
