@@ -11,7 +11,8 @@
 //             -> position [G, S, K] int64, keep [G, S, K] bool. The choice-major
 //             sequence of group g is q = j * S + i -> token order[g, i], choice j.
 //             It is cut into `chunks` pieces; count() counts expert e in a piece,
-//             assign() numbers them after the pieces before it.
+//             assign() numbers them after the pieces before it. Tokens marked
+//             invalid are skipped (the caller presets position -1, keep false).
 //   permute:  out[a, :] = x[index[a], :] * (scale ? scale[a] : 1)
 //   combine:  out[n, :] = sum_j weight[n, j] * y[row_of[n, j], :]  (row_of < 0: none),
 //             accumulated in float in j order, rounded once.
@@ -100,6 +101,7 @@ MP_HD void topk_row(const float* p, int E, int K, int64_t* expert, float* gate) 
 struct SlotArgs {
   const int64_t* expert;  // [G, S, K]
   const int64_t* order;   // [G, S]
+  const bool* valid;      // [G, S] or null: invalid tokens take no slot (their outputs are left as set)
   int64_t* counts;        // [G, E, chunks]
   int64_t* position;      // [G, S, K]
   bool* keep;             // [G, S, K]
@@ -114,6 +116,7 @@ MP_HD void slot_count(const SlotArgs& a, int64_t g, int64_t e, int64_t c) {
   int64_t count = 0;
   for (int64_t q = q0; q < q1; ++q) {
     const int64_t j = q / a.S, t = a.order[g * a.S + q % a.S];
+    if (a.valid && !a.valid[g * a.S + t]) continue;
     count += a.expert[(g * a.S + t) * a.K + j] == e;
   }
   a.counts[(g * a.E + e) * a.chunks + c] = count;
@@ -127,7 +130,7 @@ MP_HD void slot_assign(const SlotArgs& a, int64_t g, int64_t e, int64_t c) {
   for (int64_t q = q0; q < q1; ++q) {
     const int64_t j = q / a.S, t = a.order[g * a.S + q % a.S];
     const int64_t at = (g * a.S + t) * a.K + j;
-    if (a.expert[at] != e) continue;
+    if (a.expert[at] != e || (a.valid && !a.valid[g * a.S + t])) continue;
     a.position[at] = next;
     a.keep[at] = next < a.capacity;
     ++next;

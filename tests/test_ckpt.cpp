@@ -11,28 +11,14 @@
 #include "ckpt/checkpoint.h"
 #include "core/error.h"
 #include "core/safetensors.h"
+#include "test_models.h"
 #include "train/trainer.h"
 
 namespace moeprune {
 namespace {
 namespace fs = std::filesystem;
 
-ModelConfig tiny() {
-  ModelConfig m;
-  m.image_size = 8;
-  m.channels = 1;
-  m.patch_size = 4;
-  m.hidden = 16;
-  m.mlp_dim = 24;
-  m.num_layers = 2;
-  m.num_heads = 2;
-  m.num_classes = 3;
-  m.moe.num_experts = 4;
-  m.moe.top_k = 2;
-  m.moe.every = 2;
-  m.moe.group_size = 2;
-  return m;
-}
+ModelConfig tiny() { return test::small_vit(2, 4, 3); }
 
 struct Fixture {
   SelfCommunicator comm;

@@ -8,6 +8,7 @@
 #include "ckpt/checkpoint.h"
 #include "train/trainer.h"
 #include "test_world.h"
+#include "test_models.h"
 
 namespace moeprune::test {
 namespace {
@@ -15,19 +16,7 @@ namespace {
 JobConfig small_job() {
   JobConfig job;
   job.seed = 7;
-  ModelConfig& m = job.model;
-  m.image_size = 8;
-  m.channels = 1;
-  m.patch_size = 4;
-  m.hidden = 16;
-  m.mlp_dim = 24;
-  m.num_layers = 4;
-  m.num_heads = 2;
-  m.num_classes = 2;
-  m.moe.num_experts = 4;
-  m.moe.top_k = 2;
-  m.moe.every = 2;
-  m.moe.group_size = 2;
+  job.model = small_vit(4, 4, 2);
   job.data.dataset = "planted";
   job.data.planted_train = 256;
   job.data.planted_test = 64;

@@ -9,6 +9,7 @@
 #include "prune/rebalance.h"
 #include "train/trainer.h"
 #include "test_world.h"
+#include "test_models.h"
 
 namespace moeprune::test {
 namespace {
@@ -25,19 +26,7 @@ TEST(PruneMpi, DifferentPlansAreRefusedOnEveryRank) {
 }
 
 ModelConfig model_cfg() {
-  ModelConfig m;
-  m.image_size = 8;
-  m.channels = 1;
-  m.patch_size = 4;
-  m.hidden = 16;
-  m.mlp_dim = 24;
-  m.num_layers = 4;
-  m.num_heads = 2;
-  m.num_classes = 3;
-  m.moe.num_experts = 8;
-  m.moe.top_k = 2;
-  m.moe.every = 2;
-  m.moe.group_size = 2;
+  ModelConfig m = small_vit(4, 8, 3);
   m.moe.capacity_factor = 1.0;
   return m;
 }

@@ -12,6 +12,7 @@
 #include "prune/router_history.h"
 #include "train/precision.h"
 #include "train/trainer.h"
+#include "test_models.h"
 
 namespace moeprune {
 namespace {
@@ -70,18 +71,8 @@ TEST(Optimizer, ClipsTheGlobalNorm) {
 }
 
 ModelConfig small_model(int classes) {
-  ModelConfig m;
-  m.image_size = 8;
-  m.channels = 1;
-  m.patch_size = 4;
-  m.hidden = 16;
+  ModelConfig m = test::small_vit(2, 4, classes);
   m.mlp_dim = 32;
-  m.num_layers = 2;
-  m.num_heads = 2;
-  m.num_classes = classes;
-  m.moe.num_experts = 4;
-  m.moe.top_k = 2;
-  m.moe.every = 2;
   m.moe.group_size = 4;
   return m;
 }

@@ -6,6 +6,7 @@
 
 #include "train/trainer.h"
 #include "test_world.h"
+#include "test_models.h"
 
 namespace moeprune::test {
 namespace {
@@ -14,19 +15,7 @@ TEST(TrainOracle, FewStepsMatchSingleProcess) {
   World& w = *g_world;
   JobConfig job;
   job.seed = 11;
-  ModelConfig& m = job.model;
-  m.image_size = 8;
-  m.channels = 1;
-  m.patch_size = 4;
-  m.hidden = 16;
-  m.mlp_dim = 24;
-  m.num_layers = 2;
-  m.num_heads = 2;
-  m.num_classes = 2;
-  m.moe.num_experts = 4;
-  m.moe.top_k = 2;
-  m.moe.every = 2;
-  m.moe.group_size = 2;
+  job.model = small_vit(2, 4, 2);
   job.data.dataset = "planted";
   job.data.planted_train = 256;
   job.data.planted_test = 64;

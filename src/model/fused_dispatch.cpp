@@ -117,13 +117,17 @@ std::pair<at::Tensor, at::Tensor> fused_topk(const at::Tensor& probs_in, int K) 
 }
 
 std::pair<at::Tensor, at::Tensor> fused_assign_slots(const at::Tensor& top_expert, const at::Tensor& order,
-                                                     int num_experts, int64_t capacity) {
+                                                     int num_experts, int64_t capacity,
+                                                     const at::Tensor& token_valid) {
   TORCH_CHECK(top_expert.dim() == 3 && order.dim() == 2, "fused_assign_slots: expert [G,S,K] and order [G,S]");
   at::Tensor ex = top_expert.contiguous().to(at::kLong);
   at::Tensor ord = order.contiguous().to(at::kLong);
   const int64_t G = ex.size(0), S = ex.size(1), K = ex.size(2);
-  at::Tensor position = at::empty_like(ex);
-  at::Tensor keep = at::empty(ex.sizes(), ex.options().dtype(at::kBool));
+  at::Tensor valid = token_valid.defined() ? token_valid.contiguous().to(at::kBool) : at::Tensor();
+  TORCH_CHECK(!valid.defined() || (valid.size(0) == G && valid.size(1) == S), "fused_assign_slots: token_valid must be [G, S]");
+  // Tokens the kernel skips (invalid) keep these values.
+  at::Tensor position = at::full(ex.sizes(), -1, ex.options());
+  at::Tensor keep = at::zeros(ex.sizes(), ex.options().dtype(at::kBool));
   k::SlotArgs a{};
   a.S = S;
   a.K = K;
@@ -133,6 +137,7 @@ std::pair<at::Tensor, at::Tensor> fused_assign_slots(const at::Tensor& top_exper
   at::Tensor counts = at::empty({G, num_experts, a.chunks}, ex.options());
   a.expert = ex.data_ptr<int64_t>();
   a.order = ord.data_ptr<int64_t>();
+  a.valid = valid.defined() ? valid.data_ptr<bool>() : nullptr;
   a.counts = counts.data_ptr<int64_t>();
   a.position = position.data_ptr<int64_t>();
   a.keep = keep.data_ptr<bool>();

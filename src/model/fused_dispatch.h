@@ -28,10 +28,11 @@ bool cuda_kernels_built();
 // probs [..., E] float32 -> {expert [..., k] int64, gate [..., k] float32}; ties go
 // to the lower expert index. Not differentiable (take gates from probs with gather).
 std::pair<at::Tensor, at::Tensor> fused_topk(const at::Tensor& probs, int k);
-// top_expert [G, S, K] int64, order [G, S] int64 -> {position int64, keep bool}, the
-// semantics of assign_slots() in router.h.
+// top_expert [G, S, K] int64, order [G, S] int64, token_valid [G, S] bool (optional)
+// -> {position int64, keep bool}, the semantics of assign_slots() in router.h.
 std::pair<at::Tensor, at::Tensor> fused_assign_slots(const at::Tensor& top_expert, const at::Tensor& order,
-                                                     int num_experts, int64_t capacity);
+                                                     int num_experts, int64_t capacity,
+                                                     const at::Tensor& token_valid = {});
 
 // Raw operations (no autograd). x, y: [rows, H] float32 or bfloat16, contiguous.
 at::Tensor permute_rows(const at::Tensor& x, const at::Tensor& index, const at::Tensor& scale = {});

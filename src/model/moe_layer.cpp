@@ -86,13 +86,20 @@ at::Tensor MoeLayerImpl::forward(const at::Tensor& x, ForwardContext& ctx) {
 
   std::vector<at::Tensor> expert, gate, keep, group, position, soft, assigned_mask;
   int64_t capacity = 0;
+  at::Tensor token_valid, choice_valid;  // [G, gs*T] and [G*gs*T, 1]: padding images are not routed
+  if (ctx.image_valid.defined()) {
+    TORCH_CHECK(ctx.image_valid.numel() == B, "MoE layer: image_valid has ", ctx.image_valid.numel(),
+                " entries for ", B, " images");
+    token_valid = ctx.image_valid.to(x.device()).to(at::kBool).view({G, gs}).repeat_interleave(T, 1);
+    choice_valid = token_valid.reshape({-1, 1});
+  }
   auto t0 = Clock::now();
   for (int m = 0; m < M; ++m) {
     at::Tensor xm = x.narrow(0, m * B, B).reshape({G, gs * T, H});
     std::vector<uint64_t> seeds(G);
     for (int64_t g = 0; g < G; ++g)
       seeds[g] = expert_seed(ctx.noise_seed, layer_, static_cast<int>((m * ctx.total_groups + ctx.first_group + g)));
-    Routing r = routers[m]->as<RouterImpl>()->forward(xm, ctx.train, seeds, ctx.top_k);
+    Routing r = routers[m]->as<RouterImpl>()->forward(xm, ctx.train, seeds, ctx.top_k, token_valid);
     const double wi = cfg_.moe.importance_loss_weight, wl = cfg_.moe.load_loss_weight;
     at::Tensor aux = r.importance_loss * wi + r.load_loss * wl;
     if (ctx.entropy_weight > 0) aux = aux + r.entropy * ctx.entropy_weight;
@@ -104,12 +111,14 @@ at::Tensor MoeLayerImpl::forward(const at::Tensor& x, ForwardContext& ctx) {
     expert.push_back(slot.clamp_min(0));
     gate.push_back(r.gate);
     keep.push_back(r.keep.logical_and(alive));
-    if (ctx.stats) assigned_mask.push_back(alive);
+    if (ctx.stats) assigned_mask.push_back(choice_valid.defined() ? alive.logical_and(choice_valid) : alive);
     // Groups of member m follow those of members < m in the dispatch order.
     group.push_back((at::arange(G, r.expert.options()) + m * G).repeat_interleave(gs * T).unsqueeze(1).expand_as(r.expert));
     position.push_back(r.position);
     if (ctx.stats) {
-      at::Tensor cols = r.probs.detach().sum(0).to(at::kDouble);
+      at::Tensor pr = r.probs.detach();
+      if (choice_valid.defined()) pr = pr * choice_valid.to(pr.scalar_type());
+      at::Tensor cols = pr.sum(0).to(at::kDouble);
       at::Tensor ok = column_slot_[m] >= 0;
       soft.push_back(at::zeros({static_cast<int64_t>(ids_.size())}, cols.options())
                          .index_add(0, column_slot_[m].masked_select(ok), cols.masked_select(ok)));
@@ -133,7 +142,7 @@ at::Tensor MoeLayerImpl::forward(const at::Tensor& x, ForwardContext& ctx) {
     for (size_t i = 1; i < soft.size(); ++i) sf = sf + soft[i];
     sf = sf.to(at::kCPU);
     s.soft.assign(sf.data_ptr<double>(), sf.data_ptr<double>() + E);
-    s.tokens = rows * T;
+    s.tokens = ctx.image_valid.defined() ? M * T * ctx.image_valid.to(at::kBool).sum().item<int64_t>() : rows * T;
     (*ctx.stats)[layer_].add(s);
   }
 

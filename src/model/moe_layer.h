@@ -47,6 +47,11 @@ struct ForwardContext {
   MoeTimers* timers = nullptr;
   double entropy_weight = 0.0;  // adds weight * router entropy (per group) to aux_loss
   int top_k = 0;                // > 0: route with this many experts per token instead of the config's
+  // [B] bool, B = images of this rank (before E3 repetition); false for padding
+  // images (the last evaluation batch). Their tokens come last in the priority
+  // order (BPR included), are never dispatched and are left out of the statistics,
+  // so real images route exactly as without padding. Undefined = all valid.
+  at::Tensor image_valid;
 };
 
 class MoeLayerImpl : public torch::nn::Module {

@@ -17,11 +17,14 @@ int64_t expert_capacity(int64_t group_tokens, int top_k, double capacity_factor,
 }
 
 std::pair<at::Tensor, at::Tensor> assign_slots(const at::Tensor& top_expert, const at::Tensor& top_gate,
-                                               int num_experts, int64_t capacity, bool bpr) {
+                                               int num_experts, int64_t capacity, bool bpr,
+                                               const at::Tensor& token_valid) {
   const int64_t G = top_expert.size(0), S = top_expert.size(1), K = top_expert.size(2);
   at::Tensor order;  // [G, S]: the i-th token in priority order
   if (bpr) {
-    order = std::get<1>(at::sort(top_gate.select(2, 0).detach(), /*stable=*/true, /*dim=*/1, /*descending=*/true));
+    at::Tensor key = top_gate.select(2, 0).detach();
+    if (token_valid.defined()) key = key.masked_fill(token_valid.logical_not(), -1.0);  // gates are >= 0
+    order = std::get<1>(at::sort(key, /*stable=*/true, /*dim=*/1, /*descending=*/true));
   } else {
     order = at::arange(S, top_expert.options()).unsqueeze(0).expand({G, S});
   }
@@ -29,11 +32,15 @@ std::pair<at::Tensor, at::Tensor> assign_slots(const at::Tensor& top_expert, con
   // Choice-major: all top-1 choices of the group, then all top-2 choices, ...
   at::Tensor flat = sorted.transpose(1, 2).reshape({G, K * S});
   at::Tensor onehot = at::one_hot(flat, num_experts);                 // [G, K*S, E]
-  at::Tensor pos = (onehot.cumsum(1) * onehot).sum(2) - 1;            // [G, K*S]
+  if (token_valid.defined()) {  // invalid tokens count for no expert
+    at::Tensor v = token_valid.gather(1, order).unsqueeze(1).expand({G, K, S}).reshape({G, K * S, 1});
+    onehot = onehot * v.to(onehot.scalar_type());
+  }
+  at::Tensor pos = (onehot.cumsum(1) * onehot).sum(2) - 1;            // [G, K*S], -1 for invalid tokens
   pos = pos.reshape({G, K, S}).transpose(1, 2);                       // [G, S, K] in priority order
   at::Tensor position = at::empty_like(pos);
   position.scatter_(1, order.unsqueeze(2).expand({G, S, K}), pos);    // back to token order
-  return {position, position < capacity};
+  return {position, position.ge(0).logical_and(position < capacity)};
 }
 
 at::Tensor importance_loss(const at::Tensor& probs) {
@@ -57,7 +64,8 @@ RouterImpl::RouterImpl(int hidden, RouterOptions opts) : opts_(opts) {
   weight = register_parameter("weight", at::randn({hidden, opts.num_experts}) * 0.02);
 }
 
-Routing RouterImpl::forward(const at::Tensor& x, bool train, const std::vector<uint64_t>& noise_seeds, int top_k) {
+Routing RouterImpl::forward(const at::Tensor& x, bool train, const std::vector<uint64_t>& noise_seeds, int top_k,
+                            const at::Tensor& token_valid) {
   const int k = top_k > 0 ? std::min(top_k, opts_.top_k) : opts_.top_k;
   const int64_t G = x.size(0), S = x.size(1);
   const int E = opts_.num_experts;
@@ -88,13 +96,14 @@ Routing RouterImpl::forward(const at::Tensor& x, bool train, const std::vector<u
   if (use_kernels(probs)) {  // kernels/: same decisions; gates gathered to stay differentiable
     top_expert = fused_topk(probs, k).first;
     top_gate = probs.gather(-1, top_expert);
-    at::Tensor order = opts_.bpr ? std::get<1>(at::sort(top_gate.select(2, 0).detach(), /*stable=*/true,
-                                                        /*dim=*/1, /*descending=*/true))
+    at::Tensor key = top_gate.select(2, 0).detach();
+    if (token_valid.defined()) key = key.masked_fill(token_valid.logical_not(), -1.0);
+    at::Tensor order = opts_.bpr ? std::get<1>(at::sort(key, /*stable=*/true, /*dim=*/1, /*descending=*/true))
                                  : at::arange(S, top_expert.options()).unsqueeze(0).expand({G, S});
-    std::tie(position, keep) = fused_assign_slots(top_expert, order, E, r.capacity);
+    std::tie(position, keep) = fused_assign_slots(top_expert, order, E, r.capacity, token_valid);
   } else {
     std::tie(top_gate, top_expert) = probs.topk(k, -1);  // [G, S, k]
-    std::tie(position, keep) = assign_slots(top_expert, top_gate, E, r.capacity, opts_.bpr);
+    std::tie(position, keep) = assign_slots(top_expert, top_gate, E, r.capacity, opts_.bpr, token_valid);
   }
 
   r.importance_loss = importance_loss(probs);

@@ -43,8 +43,11 @@ int64_t expert_capacity(int64_t group_tokens, int top_k, double capacity_factor,
 // {position [G,S,k] int64, keep [G,S,k] bool}: choice j of every token takes its
 // slot after all choices < j of the group; within a choice rank, tokens go in
 // order (or by descending top-1 gate with bpr).
+// token_valid [G, S] (optional): invalid tokens take no slot (keep false, position
+// -1) and do not delay valid ones.
 std::pair<at::Tensor, at::Tensor> assign_slots(const at::Tensor& top_expert, const at::Tensor& top_gate,
-                                               int num_experts, int64_t capacity, bool bpr);
+                                               int num_experts, int64_t capacity, bool bpr,
+                                               const at::Tensor& token_valid = {});
 
 // probs: [G, S, E] -> sum over groups of (std/mean of per-expert probability mass)^2.
 at::Tensor importance_loss(const at::Tensor& probs);
@@ -58,7 +61,10 @@ class RouterImpl : public torch::nn::Module {
   // x: [G, S, hidden]. noise_seeds: G seeds (one per group) used while training, so
   // the noise of a group is the same whichever rank routes it.
   // top_k > 0 overrides the configured k (SEER-MoE: evaluate with fewer experts).
-  Routing forward(const at::Tensor& x, bool train, const std::vector<uint64_t>& noise_seeds, int top_k = 0);
+  // token_valid [G, S] bool (optional): invalid tokens go after all valid ones in the
+  // BPR priority order and are marked not kept.
+  Routing forward(const at::Tensor& x, bool train, const std::vector<uint64_t>& noise_seeds, int top_k = 0,
+                  const at::Tensor& token_valid = {});
 
   const RouterOptions& options() const { return opts_; }
   at::Tensor weight;  // [hidden, E]: column e is expert e's router weight

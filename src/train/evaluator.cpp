@@ -37,6 +37,7 @@ EvalResult evaluate(VisionTransformer& model, ShardedLoader& loader, Comms comms
     ctx.train = false;
     ctx.stats = &r.load;
     ctx.top_k = top_k;
+    ctx.image_valid = b.valid;  // padding of the last batch: not routed, not counted
     at::Tensor lp = ensemble_log_probs(model->forward(b.images, ctx));  // [b, C]
     at::Tensor valid = b.valid;
     at::Tensor nll = -lp.gather(1, b.labels.unsqueeze(1)).squeeze(1);

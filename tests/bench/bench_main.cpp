@@ -323,8 +323,19 @@ int bench_dispatch(World& world, int reps, int64_t tokens, int hidden) {
           at::Tensor y = d.dispatch(x, p2);
           at::Tensor out = d.combine(y, p2);
         });
-        const double t_plan = timed(world, reps, [&] { d.plan(ex, g, kp, group, pos, tokens * k, 1); });
-        if (std::getenv("MOEPRUNE_BENCH_VERBOSE") && world.rank() == 0) std::printf("    plan alone %.3f ms\n", 1e3 * t_plan);
+        if (std::getenv("MOEPRUNE_BENCH_VERBOSE")) {  // where the time goes
+          const double t_plan = timed(world, reps, [&] { d.plan(ex, g, kp, group, pos, tokens * k, 1); });
+          at::Tensor y = d.dispatch(x, plan);
+          const double t_disp = timed(world, reps, [&] { d.dispatch(x, plan); });
+          const double t_comb = timed(world, reps, [&] { d.combine(y, plan); });
+          at::Tensor pay = x.index_select(0, plan.token);
+          const double t_blk = timed(world, reps, [&] {
+            comm.all_to_all_blocks(pay, plan.send_blocks, plan.recv_rows, plan.recv_blocks);
+          });
+          if (world.rank() == 0)
+            std::printf("    plan %.3f ms, dispatch %.3f ms, combine %.3f ms, one block all-to-all %.3f ms\n",
+                        1e3 * t_plan, 1e3 * t_disp, 1e3 * t_comb, 1e3 * t_blk);
+        }
         const int64_t sent = plan.token.size(0);
         at::Tensor payload = at::randn({sent, hidden}, opt).to(dt);
         int64_t recv_rows = 0;
