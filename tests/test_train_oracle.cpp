@@ -16,6 +16,7 @@ TEST(TrainOracle, FewStepsMatchSingleProcess) {
   JobConfig job;
   job.seed = 11;
   job.model = small_vit(2, 4, 2);
+  const ModelConfig& m = job.model;
   job.data.dataset = "planted";
   job.data.planted_train = 256;
   job.data.planted_test = 64;
