@@ -123,7 +123,7 @@ double median(std::vector<double> v) {
 }
 
 // MoE layer forward+backward against dense GEMMs with the same expert FLOPs.
-int bench_moe(World& world, int reps, std::string precision) {
+int bench_moe(World& world, int reps, std::string precision, int only_hidden, int only_experts, int64_t only_tokens) {
   const c10::Device dev = world.device();
   if (precision.empty()) precision = dev.is_cuda() ? "bf16" : "fp32";
   if (world.rank() == 0)
@@ -139,6 +139,9 @@ int bench_moe(World& world, int reps, std::string precision) {
       for (int E : {8, 32})
         for (int k : {1, 2}) {
           if (E < world.size()) continue;
+          if ((only_hidden && hidden != only_hidden) || (only_experts && E != only_experts) ||
+              (only_tokens && tokens != only_tokens))
+            continue;
           ModelConfig mc;
           mc.hidden = hidden;
           mc.mlp_dim = 4 * hidden;
@@ -500,6 +503,11 @@ int main(int argc, char** argv) {
   std::string precision;
   moe->add_option("--precision", precision, "fp32 | bf16 (default: bf16 on GPUs, fp32 on CPUs)")
       ->check(CLI::IsMember({"fp32", "bf16"}));
+  int only_hidden = 0, only_experts = 0;
+  int64_t only_tokens = 0;
+  moe->add_option("--hidden", only_hidden, "only this hidden size (128 or 768)");
+  moe->add_option("--experts", only_experts, "only this number of experts (8 or 32)");
+  moe->add_option("--tokens", only_tokens, "only this number of tokens (4096 or 16384)");
   int64_t tokens = 4096;
   int hidden = 768;
   auto* dsp = app.add_subcommand("dispatch", "dispatch + combine bytes/s against a raw all-to-all of the same bytes");
@@ -519,7 +527,7 @@ int main(int argc, char** argv) {
   }
   return run_ranks(world, [&](World& w) {
     w.set_threads();
-    if (*moe) return bench_moe(w, reps, precision);
+    if (*moe) return bench_moe(w, reps, precision, only_hidden, only_experts, only_tokens);
     if (*dsp) return bench_dispatch(w, reps, tokens, hidden);
     if (*krn) return bench_kernels(w, reps);
     if (*stp) return bench_step(w, reps, per_rank);
