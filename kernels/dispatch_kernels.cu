@@ -45,14 +45,15 @@ template <typename T>
 __global__ void permute_scalar_kernel(const T* x, const int64_t* index, const float* scale, T* out, int64_t A,
                                       int64_t H) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t < A * H) permute_elem(x, index, scale, out, H, t / H, t % H);
+  if (t < A * H) permute_span(x, index, scale, out, H, t / H, t % H, 1);
 }
 
 template <typename T>
 __global__ void combine_scalar_kernel(const T* y, const int64_t* row_of, const float* weight, T* out, int64_t N,
                                       int64_t K, int64_t H) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t < N * H) combine_elem(y, row_of, weight, out, K, H, t / H, t % H);
+  float acc;
+  if (t < N * H) combine_span(y, row_of, weight, out, &acc, K, H, t / H, t % H, 1);
 }
 
 // 16 bytes per thread: V elements of T. Same arithmetic as the element functions.

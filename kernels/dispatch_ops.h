@@ -137,26 +137,41 @@ MP_HD void slot_assign(const SlotArgs& a, int64_t g, int64_t e, int64_t c) {
   }
 }
 
-// ---- permute: one output element.
+// ---- permute: elements [h0, h0 + len) of output row a (len 1 on the device's
+// scalar path, a whole row on the host).
 template <typename T>
-MP_HD void permute_elem(const T* x, const int64_t* index, const float* scale, T* out, int64_t H, int64_t a,
-                        int64_t h) {
-  const T v = x[index[a] * H + h];
-  out[a * H + h] = scale ? from_float<T>(to_float(v) * scale[a]) : v;
+MP_HD void permute_span(const T* __restrict__ x, const int64_t* __restrict__ index, const float* __restrict__ scale,
+                        T* __restrict__ out, int64_t H, int64_t a, int64_t h0, int64_t len) {
+  const T* src = x + index[a] * H + h0;
+  T* dst = out + a * H + h0;
+  if (scale) {
+    const float s = scale[a];
+    for (int64_t i = 0; i < len; ++i) dst[i] = from_float<T>(to_float(src[i]) * s);
+  } else {
+    for (int64_t i = 0; i < len; ++i) dst[i] = src[i];
+  }
 }
 
-// ---- unpermute + combine: one output element.
+// ---- unpermute + combine: elements [h0, h0 + len) of output row n, accumulated in
+// acc (len floats of scratch) over the token's choices in j order, rounded once.
 template <typename T>
-MP_HD void combine_elem(const T* y, const int64_t* row_of, const float* weight, T* out, int64_t K, int64_t H,
-                        int64_t n, int64_t h) {
-  float acc = 0.f;
+MP_HD void combine_span(const T* __restrict__ y, const int64_t* __restrict__ row_of, const float* __restrict__ weight,
+                        T* __restrict__ out, float* __restrict__ acc, int64_t K, int64_t H, int64_t n, int64_t h0,
+                        int64_t len) {
+  for (int64_t i = 0; i < len; ++i) acc[i] = 0.f;
   for (int64_t j = 0; j < K; ++j) {
     const int64_t r = row_of[n * K + j];
     if (r < 0) continue;
-    const float v = to_float(y[r * H + h]);
-    acc += weight ? weight[n * K + j] * v : v;
+    const T* src = y + r * H + h0;
+    if (weight) {
+      const float w = weight[n * K + j];
+      for (int64_t i = 0; i < len; ++i) acc[i] += w * to_float(src[i]);
+    } else {
+      for (int64_t i = 0; i < len; ++i) acc[i] += to_float(src[i]);
+    }
   }
-  out[n * H + h] = from_float<T>(acc);
+  T* dst = out + n * H + h0;
+  for (int64_t i = 0; i < len; ++i) dst[i] = from_float<T>(acc[i]);
 }
 
 }  // namespace moeprune::kernels

@@ -178,7 +178,7 @@ at::Tensor permute_rows(const at::Tensor& x, const at::Tensor& index_in, const a
   }
   auto run = [&](auto* xp, auto* op) {
     host_for(A, 16, [&](int64_t a) {
-      for (int64_t h = 0; h < H; ++h) k::permute_elem(xp, ip, sp, op, H, a, h);
+      k::permute_span(xp, ip, sp, op, H, a, 0, H);
     });
   };
   if (x.scalar_type() == at::kFloat) run(x.data_ptr<float>(), out.data_ptr<float>());
@@ -206,8 +206,9 @@ at::Tensor combine_rows(const at::Tensor& y, const at::Tensor& row_of_in, const 
     return out;
   }
   auto run = [&](auto* yp, auto* op) {
-    host_for(N, 16, [&](int64_t n) {
-      for (int64_t h = 0; h < H; ++h) k::combine_elem(yp, rp, wp, op, K, H, n, h);
+    at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
+      std::vector<float> acc(static_cast<size_t>(H));  // one row of scratch per worker
+      for (int64_t n = b; n < e; ++n) k::combine_span(yp, rp, wp, op, acc.data(), K, H, n, 0, H);
     });
   };
   if (y.scalar_type() == at::kFloat) run(y.data_ptr<float>(), out.data_ptr<float>());
