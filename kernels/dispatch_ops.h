@@ -1,4 +1,4 @@
-// The per-element work of the dispatcher kernels, written once for the device and
+// The per-thread work of the dispatcher kernels, written once for the device and
 // the host. dispatch_kernels.cu launches these functions over CUDA grids; on the CPU
 // src/model/fused_dispatch.cpp runs the very same functions in loops over the same
 // index space, so the CPU test suite exercises the kernels' index arithmetic,
