@@ -126,6 +126,8 @@ std::pair<at::Tensor, at::Tensor> fused_assign_slots(const at::Tensor& top_exper
   at::Tensor valid = token_valid.defined() ? token_valid.contiguous().to(at::kBool) : at::Tensor();
   TORCH_CHECK(!valid.defined() || (valid.size(0) == G && valid.size(1) == S), "fused_assign_slots: token_valid must be [G, S]");
   // Tokens the kernel skips (invalid) keep these values.
+  TORCH_CHECK(ord.device() == ex.device() && (!valid.defined() || valid.device() == ex.device()),
+              "fused_assign_slots: order and token_valid must be on ", ex.device());
   at::Tensor position = at::full(ex.sizes(), -1, ex.options());
   at::Tensor keep = at::zeros(ex.sizes(), ex.options().dtype(at::kBool));
   k::SlotArgs a{};
@@ -163,6 +165,9 @@ at::Tensor permute_rows(const at::Tensor& x, const at::Tensor& index_in, const a
   const int64_t A = index_in.numel(), H = x.size(1);
   at::Tensor index = index_in.contiguous().to(at::kLong);
   at::Tensor scale = scale_in.defined() ? scale_in.detach().contiguous().to(at::kFloat) : at::Tensor();
+  TORCH_CHECK(index.device() == x.device() && (!scale.defined() || scale.device() == x.device()),
+              "permute_rows: index and scale must be on ", x.device(), " like x");
+  TORCH_CHECK(!scale.defined() || scale.numel() == A, "permute_rows: ", scale.numel(), " scales for ", A, " rows");
   at::Tensor out = at::empty({A, H}, x.options());
   const float* sp = scale.defined() ? scale.data_ptr<float>() : nullptr;
   const int64_t* ip = index.data_ptr<int64_t>();
@@ -192,6 +197,10 @@ at::Tensor combine_rows(const at::Tensor& y, const at::Tensor& row_of_in, const 
   const int64_t N = row_of_in.size(0), K = row_of_in.size(1), H = y.size(1);
   at::Tensor row_of = row_of_in.contiguous().to(at::kLong);
   at::Tensor weight = weight_in.defined() ? weight_in.detach().contiguous().to(at::kFloat) : at::Tensor();
+  TORCH_CHECK(row_of.device() == y.device() && (!weight.defined() || weight.device() == y.device()),
+              "combine_rows: row_of and weight must be on ", y.device(), " like y");
+  TORCH_CHECK(!weight.defined() || weight.numel() == N * K, "combine_rows: ", weight.numel(), " weights for [", N,
+              ", ", K, "] choices");
   at::Tensor out = at::empty({N, H}, y.options());
   const float* wp = weight.defined() ? weight.data_ptr<float>() : nullptr;
   const int64_t* rp = row_of.data_ptr<int64_t>();
