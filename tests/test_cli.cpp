@@ -48,6 +48,13 @@ TEST(Cli, UnknownConfigKey) {
   expect_user_error("forward --set model.moe.topk=3", 2, "unknown key 'model.moe.topk'");
 }
 
+TEST(Cli, BadKernelModeIsAUserError) {
+  const Result r = run("-x MOEPRUNE_KERNELS=fast " + std::string(MOEPRUNE_BIN) + " forward", 2);
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("MOEPRUNE_KERNELS='fast': expected auto, on or off"), std::string::npos) << r.out;
+  EXPECT_EQ(count(r.out, "error"), 2) << "each rank reports it once:\n" << r.out;
+}
+
 TEST(Cli, TopKLargerThanExperts) {
   expect_user_error("forward --set model.moe.top_k=9", 2, "model.moe.top_k=9 must be <=");
 }

@@ -66,6 +66,8 @@ TEST(Config, BadValues) {
   EXPECT_NE(error_of("finetune: {batch_size: 20}").find("must be a multiple of model.moe.group_size"), std::string::npos);
   EXPECT_NE(error_of("model: [1, 2]").find("'model' must be a mapping"), std::string::npos);
   EXPECT_NE(error_of("model: {hidden: 62}").find("divisible by model.num_heads"), std::string::npos);
+  EXPECT_NE(error_of("finetune: {precision: fp16}").find("finetune.precision='fp16', expected fp32 or bf16"),
+            std::string::npos);
 }
 
 TEST(Config, WorldSize) {

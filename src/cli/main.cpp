@@ -7,6 +7,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "model/fused_dispatch.h"
 
 using namespace moeprune;
 
@@ -122,6 +123,7 @@ int main(int argc, char** argv) {
   try {
     cfg = parse_config(config_path, overrides);
     validate_world(cfg, world->size());
+    kernel_mode();  // MOEPRUNE_KERNELS is checked here, not in the first forward pass
   } catch (const UserError& e) {
     error = e.what();
   }
