@@ -53,6 +53,9 @@ TEST(Cli, BadKernelModeIsAUserError) {
   EXPECT_EQ(r.code, 2) << r.out;
   EXPECT_NE(r.out.find("MOEPRUNE_KERNELS='fast': expected auto, on or off"), std::string::npos) << r.out;
   EXPECT_EQ(count(r.out, "error"), 2) << "each rank reports it once:\n" << r.out;
+  const Result g = run("-x MOEPRUNE_EXPERT_GEMM=batched " + std::string(MOEPRUNE_BIN) + " forward", 2);
+  EXPECT_EQ(g.code, 2) << g.out;
+  EXPECT_NE(g.out.find("MOEPRUNE_EXPERT_GEMM='batched': expected loop or grouped"), std::string::npos) << g.out;
 }
 
 TEST(Cli, TopKLargerThanExperts) {

@@ -13,8 +13,10 @@
 
 #include "kernels/dispatch_ops.h"
 #include "model/fused_dispatch.h"
+#include "model/expert_bank.h"
 #include "model/router.h"
 #include "model/vit.h"
+#include "train/precision.h"
 
 namespace moeprune {
 namespace {
@@ -254,6 +256,39 @@ TEST(Kernels, PaddingImagesDoNotAffectRealImages) {
     // Without the mask the padding competes for capacity: the test can tell.
     EXPECT_FALSE(at::equal(run(50.0, false), run(0.01, false)));
   }
+}
+
+// The experts as one grouped GEMM per side (at::_grouped_mm) against one GEMM pair
+// per expert: same outputs and gradients, empty experts included.
+TEST(Kernels, GroupedExpertGemmEqualsLoop) {
+  at::manual_seed(14);
+  const ExpertGemm saved = expert_gemm();
+  ExpertBank bank(24, 40, std::vector<int>{0, 2, 3, 5, 6}, 1, 9);
+  const std::vector<int64_t> counts{7, 0, 13, 1, 4};
+  at::Tensor x0 = at::randn({25, 24}), up = at::randn({25, 24});
+  auto run = [&](ExpertGemm g) {
+    set_expert_gemm(g);
+    bank->zero_grad();
+    at::Tensor x = x0.clone().requires_grad_(true);
+    at::Tensor y = bank->forward(x, counts);
+    (y * up).sum().backward();
+    std::vector<at::Tensor> out{y.detach(), x.grad()};
+    for (const auto& p : bank->parameters()) out.push_back(p.grad().clone());
+    return out;
+  };
+  const auto grouped = run(ExpertGemm::Grouped), loop = run(ExpertGemm::Loop);
+  for (size_t i = 0; i < loop.size(); ++i) EXPECT_LT(max_rel(grouped[i], loop[i]), 1e-5) << "tensor " << i;
+  // Under bf16 autocast both compute in bfloat16: close, not equal (different GEMM kernels).
+  {
+    AutocastGuard amp(at::Device(at::kCPU), "bf16");
+    set_expert_gemm(ExpertGemm::Grouped);
+    at::Tensor a = bank->forward(x0.to(at::kBFloat16), counts);
+    set_expert_gemm(ExpertGemm::Loop);
+    at::Tensor b = bank->forward(x0.to(at::kBFloat16), counts);
+    EXPECT_EQ(a.scalar_type(), at::kBFloat16);
+    EXPECT_LT(max_rel(a, b), 3e-2);
+  }
+  set_expert_gemm(saved);
 }
 
 // ---- GPU: the CUDA kernels against the host path.

@@ -7,6 +7,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "model/expert_bank.h"
 #include "model/fused_dispatch.h"
 
 using namespace moeprune;
@@ -123,7 +124,8 @@ int main(int argc, char** argv) {
   try {
     cfg = parse_config(config_path, overrides);
     validate_world(cfg, world->size());
-    kernel_mode();  // MOEPRUNE_KERNELS is checked here, not in the first forward pass
+    kernel_mode();  // MOEPRUNE_KERNELS and MOEPRUNE_EXPERT_GEMM are checked here, not in the first forward pass
+    expert_gemm();
   } catch (const UserError& e) {
     error = e.what();
   }
