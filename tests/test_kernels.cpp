@@ -340,6 +340,23 @@ TEST(Gpu, PermuteAndCombineMatchHost) {
     }
 }
 
+TEST(Gpu, GroupedExpertGemmBf16MatchesLoop) {
+  REQUIRE_GPU();
+  at::manual_seed(15);
+  const ExpertGemm saved = expert_gemm();
+  ExpertBank bank(64, 128, std::vector<int>{0, 1, 2, 3}, 1, 9);
+  bank->to(at::kCUDA);
+  const std::vector<int64_t> counts{33, 0, 100, 7};
+  at::Tensor x = at::randn({140, 64}).cuda();
+  AutocastGuard amp(x.device(), "bf16");
+  set_expert_gemm(ExpertGemm::Grouped);
+  at::Tensor a = bank->forward(x.to(at::kBFloat16), counts).cpu();
+  set_expert_gemm(ExpertGemm::Loop);
+  at::Tensor b = bank->forward(x.to(at::kBFloat16), counts).cpu();
+  set_expert_gemm(saved);
+  EXPECT_LT(max_rel(a, b), 3e-2);
+}
+
 TEST(Gpu, MoeLayerOnGpuMatchesCpu) {
   REQUIRE_GPU();
   const ModelConfig mc = layer_config(8, 2, true);
