@@ -428,8 +428,9 @@ int bench_kernels(World& world, int reps) {
 
 // One training step of the tiny default (forward, backward, gradient sync,
 // optimiser) at a fixed per-rank batch: weak scaling when run on 1, 2, 4 ranks.
-int bench_step(World& world, int reps, int per_rank) {
-  JobConfig cfg = parse_config("");
+int bench_step(World& world, int reps, int per_rank, const std::string& config, const std::string& precision) {
+  JobConfig cfg = parse_config(config);
+  if (!precision.empty()) cfg.finetune.precision = precision;
   const ModelConfig& mc = cfg.model;
   require(per_rank % mc.moe.group_size == 0,
           concat("bench step: --per-rank-batch ", per_rank, " must be a multiple of group_size ", mc.moe.group_size));
@@ -465,12 +466,13 @@ int bench_step(World& world, int reps, int per_rank) {
   });
   if (world.rank() == 0) {
     const double ips = per_rank * world.size() / t;
-    std::printf("training step, %s, %d rank(s) on %s, %d images per rank, %d threads per rank, median of %d: "
+    std::printf("training step, %s, %d rank(s) on %s, %s, %d images per rank, %d threads per rank, median of %d: "
                 "%.1f ms/step, %.1f images/s (%.1f per rank)\n",
-                mc.name.c_str(), world.size(), dev.str().c_str(), per_rank, at::get_num_threads(), reps, 1e3 * t, ips,
-                ips / world.size());
+                mc.name.c_str(), world.size(), dev.str().c_str(), cfg.finetune.precision.c_str(), per_rank,
+                at::get_num_threads(), reps, 1e3 * t, ips, ips / world.size());
     std::printf("%s\n", nlohmann::json{{"bench", "step"}, {"model", mc.name}, {"ranks", world.size()},
-                                       {"device", dev.str()}, {"threads_per_rank", at::get_num_threads()},
+                                       {"device", dev.str()}, {"precision", cfg.finetune.precision},
+                                       {"threads_per_rank", at::get_num_threads()},
                                        {"per_rank_batch", per_rank}, {"step_s", t}, {"images_per_s", ips}}
                             .dump()
                             .c_str());
@@ -520,6 +522,10 @@ int main(int argc, char** argv) {
   auto* stp = app.add_subcommand("step", "training step time of the tiny default at a fixed per-rank batch");
   stp->add_option("--repeat", reps, "timed repetitions (median reported)");
   stp->add_option("--per-rank-batch", per_rank, "images per rank per step")->check(CLI::PositiveNumber);
+  std::string step_config, step_precision;
+  stp->add_option("--config", step_config, "model config (default: the embedded tiny default)");
+  stp->add_option("--precision", step_precision, "fp32 | bf16 (default: the config's finetune.precision)")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -530,7 +536,7 @@ int main(int argc, char** argv) {
     if (*moe) return bench_moe(w, reps, precision, only_hidden, only_experts, only_tokens);
     if (*dsp) return bench_dispatch(w, reps, tokens, hidden);
     if (*krn) return bench_kernels(w, reps);
-    if (*stp) return bench_step(w, reps, per_rank);
+    if (*stp) return bench_step(w, reps, per_rank, step_config, step_precision);
     if (*prn) return bench_prune(w, parse_config(prune_config), from, reps);
     const JobConfig cfg = parse_config(config);
     return bench_ckpt(w, cfg, dir, repeat);
