@@ -144,6 +144,21 @@ void combine_t(const void* y, const int64_t* row_of, const float* weight, void* 
 
 }  // namespace
 
+bool kernels_runnable(int device, const char** why) {
+  int prev = 0;
+  if (cudaGetDevice(&prev) != cudaSuccess) prev = device;
+  cudaError_t err = cudaSetDevice(device);
+  cudaFuncAttributes attr;
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, topk_kernel);
+  cudaSetDevice(prev);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // reset the error state so that later launches do not report it
+    if (why) *why = cudaGetErrorString(err);
+    return false;
+  }
+  return true;
+}
+
 void launch_topk(const float* probs, int64_t N, int E, int K, int64_t* expert, float* gate, void* stream) {
   if (K < 1 || K > kMaxTopK || K > E)
     throw std::invalid_argument("moeprune CUDA kernel topk: k=" + std::to_string(K) + " outside [1, min(" +

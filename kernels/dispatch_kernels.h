@@ -23,6 +23,10 @@ void launch_permute(DType dt, const void* x, const int64_t* index, const float* 
 void launch_combine(DType dt, const void* y, const int64_t* row_of, const float* weight, void* out, int64_t N,
                     int64_t K, int64_t H, void* stream);
 
+// Whether this binary holds code for `device` (its compute capability is among
+// CMAKE_CUDA_ARCHITECTURES): false with the CUDA error in *why otherwise.
+bool kernels_runnable(int device, const char** why);
+
 // How many pieces the capacity assignment cuts a group's choice sequence into.
 inline int64_t slot_chunks(int64_t S, int64_t K) {
   const int64_t c = (S * K + 63) / 64;

@@ -292,13 +292,18 @@ TEST(Kernels, GroupedExpertGemmEqualsLoop) {
 }
 
 // ---- GPU: the CUDA kernels against the host path.
-bool have_gpu() { return cuda_kernels_built() && at::hasCUDA(); }
-#define REQUIRE_GPU()                                                                             \
-  do {                                                                                            \
-    if (!have_gpu()) {                                                                            \
-      GTEST_SKIP() << (cuda_kernels_built() ? "no CUDA device visible: CUDA kernel test skipped" \
-                                            : "built without the CUDA path: CUDA kernel test skipped"); \
-    }                                                                                             \
+const char* gpu_skip_reason() {
+  if (!cuda_kernels_built()) return "built without the CUDA path: CUDA kernel test skipped";
+  if (!at::hasCUDA()) return "no CUDA device visible: CUDA kernel test skipped";
+  if (!cuda_kernels_runnable(0))
+    return "the kernels were built for another GPU architecture (CMAKE_CUDA_ARCHITECTURES): CUDA kernel test skipped";
+  return nullptr;
+}
+#define REQUIRE_GPU()                                   \
+  do {                                                  \
+    if (const char* why = gpu_skip_reason()) {          \
+      GTEST_SKIP() << why;                              \
+    }                                                   \
   } while (0)
 
 TEST(Gpu, TopkAndSlotsMatchHost) {

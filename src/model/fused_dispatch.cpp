@@ -5,8 +5,11 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 
 #include "core/error.h"
+#include "core/log.h"
 #include "kernels/dispatch_ops.h"
 
 #ifdef MOEPRUNE_WITH_CUDA
@@ -79,11 +82,41 @@ bool cuda_kernels_built() {
 #endif
 }
 
+namespace {
+// Whether the kernels have code for the tensor's GPU (built for another
+// architecture: the PyTorch-op path, with one warning per device).
+bool runnable_on(const at::Tensor& t) {
+#ifdef MOEPRUNE_WITH_CUDA
+  static std::mutex mu;
+  static std::map<int, bool> known;
+  const int dev = t.device().index() < 0 ? 0 : t.device().index();
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known.find(dev);
+  if (it != known.end()) return it->second;
+  const char* why = "";
+  const bool ok = k::kernels_runnable(dev, &why);
+  if (!ok)
+    log::warn(concat("dispatcher kernels cannot run on cuda:", dev, " (", why,
+                     "); using the PyTorch-op path. Rebuild with -DCMAKE_CUDA_ARCHITECTURES naming this GPU's "
+                     "architecture (default 90, Hopper)."));
+  known[dev] = ok;
+  return ok;
+#else
+  (void)t;
+  return false;
+#endif
+}
+}  // namespace
+
+bool cuda_kernels_runnable(int device) {
+  return cuda_kernels_built() && runnable_on(at::empty({0}, at::TensorOptions().device(at::kCUDA, device)));
+}
+
 bool use_kernels(const at::Tensor& t) {
   switch (kernel_mode()) {
     case KernelMode::Off: return false;
-    case KernelMode::On: return t.is_cpu() || (t.is_cuda() && cuda_kernels_built());
-    case KernelMode::Auto: return t.is_cuda() && cuda_kernels_built();
+    case KernelMode::On: return t.is_cpu() || (t.is_cuda() && cuda_kernels_built() && runnable_on(t));
+    case KernelMode::Auto: return t.is_cuda() && cuda_kernels_built() && runnable_on(t);
   }
   return false;
 }

@@ -24,6 +24,9 @@ KernelMode parse_kernel_mode(const std::string& s);  // throws UserError on anyt
 bool use_kernels(const at::Tensor& t);
 // Whether this binary contains the CUDA kernels (built with the CUDA path).
 bool cuda_kernels_built();
+// Whether they have code for CUDA device `device` (else use_kernels() is false for
+// its tensors, with one warning).
+bool cuda_kernels_runnable(int device);
 
 // probs [..., E] float32 -> {expert [..., k] int64, gate [..., k] float32}; ties go
 // to the lower expert index. Not differentiable (take gates from probs with gather).
