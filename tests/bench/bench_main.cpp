@@ -131,8 +131,8 @@ int bench_moe(World& world, int reps, std::string precision, int only_hidden, in
                 "GEMMs on all k*tokens rows at once (same FLOPs, no routing, same precision), same run\n",
                 world.size(), dev.str().c_str(), precision.c_str(), at::get_num_threads());
   if (world.rank() == 0)
-    std::printf("  %7s %6s %4s %2s %12s %12s %10s %10s\n", "tokens", "hidden", "E", "k", "moe ms", "dense ms",
-                "ratio", "ktok/s");
+    std::printf("  %7s %6s %4s %2s %12s %12s %10s %10s  %s\n", "tokens", "hidden", "E", "k", "moe ms", "dense ms",
+                "ratio", "ktok/s", dev.is_cuda() ? "target <= 1.3 (hidden 768, 16k tokens)" : "target <= 1.3 (hidden 768)");
   nlohmann::json all = nlohmann::json::array();
   for (int64_t tokens : {4096, 16384})
     for (int hidden : {128, 768})
@@ -190,8 +190,10 @@ int bench_moe(World& world, int reps, std::string precision, int only_hidden, in
           }
           const double m = median(tm), d = median(td);
           if (world.rank() == 0) {
-            std::printf("  %7lld %6d %4d %2d %12.2f %12.2f %10.2f %10.2f\n", static_cast<long long>(tokens), hidden, E,
-                        k, 1e3 * m, 1e3 * d, m / d, tokens / m / 1e3);
+            const bool targeted = hidden == 768 && (!dev.is_cuda() || tokens == 16384);
+            std::printf("  %7lld %6d %4d %2d %12.2f %12.2f %10.2f %10.2f  %s\n", static_cast<long long>(tokens), hidden,
+                        E, k, 1e3 * m, 1e3 * d, m / d, tokens / m / 1e3,
+                        targeted ? (m / d <= 1.3 ? "met" : "MISSED") : "");
             all.push_back({{"tokens", tokens}, {"hidden", hidden}, {"experts", E}, {"k", k}, {"moe_s", m},
                            {"dense_s", d}, {"ratio", m / d}, {"tokens_per_s", tokens / m}});
           }
@@ -243,7 +245,8 @@ int bench_prune(World& world, const JobConfig& cfg, const std::string& from, int
     std::printf("pruning benchmark: %s from %s, %d rank(s), batch %lld, median of %d\n", mc.name.c_str(), dir.c_str(),
                 world.size(), static_cast<long long>(B * world.size()), reps);
   if (world.rank() == 0)
-    std::printf("  %-22s %12s %10s %14s %10s\n", "model", "images/s", "speed-up", "expert MiB", "memory");
+    std::printf("  %-22s %12s %10s %14s %10s  %s\n", "model", "images/s", "speed-up", "expert MiB", "memory",
+                "target: speed-up >= 1.25x, memory <= 0.5x");
   if (world.rank() == 0)
     std::printf("  %-22s %12.1f %10s %14.2f %10s\n", "unpruned", ips0, "1.00x", mem0 / 1048576.0, "1.00x");
   nlohmann::json res = {{"bench", "prune"}, {"model", mc.name}, {"ranks", world.size()},
@@ -260,8 +263,9 @@ int bench_prune(World& world, const JobConfig& cfg, const std::string& from, int
     Migration mg = apply_plan(model, {}, plan, pl, world.comms(), 0);
     const auto [ips, mem] = measure(mg.model);
     if (world.rank() == 0)
-      std::printf("  %-22s %12.1f %9.2fx %14.2f %9.2fx\n", concat("pruned 50%, ", routing).c_str(), ips, ips / ips0,
-                  mem / 1048576.0, static_cast<double>(mem) / mem0);
+      std::printf("  %-22s %12.1f %9.2fx %14.2f %9.2fx  %s\n", concat("pruned 50%, ", routing).c_str(), ips, ips / ips0,
+                  mem / 1048576.0, static_cast<double>(mem) / mem0,
+                  ips / ips0 >= 1.25 && static_cast<double>(mem) / mem0 <= 0.5 + 1e-9 ? "met" : "MISSED");
     res[concat("pruned_", routing, "_images_per_s")] = ips;
     res[concat("pruned_", routing, "_expert_bytes")] = mem;
   }
@@ -299,8 +303,8 @@ int bench_dispatch(World& world, int reps, int64_t tokens, int hidden) {
     std::printf("dispatch + combine vs raw all-to-all, %d rank(s) on %s (%s), %lld tokens per rank, hidden %d, %s\n",
                 W, dev.str().c_str(), dev.is_cuda() ? "NCCL" : "MPI", static_cast<long long>(tokens), hidden,
                 c10::toString(dt));
-    std::printf("  %4s %2s %-10s %12s %12s %12s %12s %8s\n", "E", "k", "path", "rows sent", "d+c ms", "raw ms",
-                "d+c GB/s", "vs raw");
+    std::printf("  %4s %2s %-10s %12s %12s %12s %12s %8s  %s\n", "E", "k", "path", "rows sent", "d+c ms", "raw ms",
+                "d+c GB/s", "vs raw", "target >= 0.9x");
   }
   nlohmann::json all = nlohmann::json::array();
   for (int E : {8, 32})
@@ -355,8 +359,9 @@ int bench_dispatch(World& world, int reps, int64_t tokens, int hidden) {
         world.host_comm().all_reduce(times, ReduceOp::Max);
         const double gb = bytes_t.item<double>() / W / 1e9, tdc = times[0].item<double>(), traw = times[1].item<double>();
         if (world.rank() == 0) {
-          std::printf("  %4d %2d %-10s %12lld %12.3f %12.3f %12.2f %7.2fx\n", E, k, mode_name(mode),
-                      static_cast<long long>(sent), 1e3 * tdc, 1e3 * traw, gb / tdc, traw / tdc);
+          std::printf("  %4d %2d %-10s %12lld %12.3f %12.3f %12.2f %7.2fx  %s\n", E, k, mode_name(mode),
+                      static_cast<long long>(sent), 1e3 * tdc, 1e3 * traw, gb / tdc, traw / tdc,
+                      traw / tdc >= 0.9 ? "met" : "MISSED");
           all.push_back({{"experts", E}, {"k", k}, {"path", mode_name(mode)}, {"rows", sent},
                          {"dispatch_combine_s", tdc}, {"raw_all_to_all_s", traw}, {"gb_per_s", gb / tdc},
                          {"vs_raw", traw / tdc}});
@@ -379,7 +384,8 @@ int bench_kernels(World& world, int reps) {
   if (world.rank() == 0) {
     std::printf("dispatcher kernels on %s (%s), median of %d; reference: a copy of the same bytes\n",
                 dev.str().c_str(), dev.is_cuda() ? "CUDA kernels" : "host path of the kernels", reps);
-    std::printf("  %-8s %7s %5s %2s %-20s %10s %10s %8s\n", "dtype", "tokens", "H", "k", "op", "ms", "GB/s", "vs copy");
+    std::printf("  %-8s %7s %5s %2s %-20s %10s %10s %8s  %s\n", "dtype", "tokens", "H", "k", "op", "ms", "GB/s", "vs copy",
+                dev.is_cuda() ? "target (GPU) >= 0.78x copy = 70% of peak" : "(GPU target only)");
   }
   nlohmann::json all = nlohmann::json::array();
   const auto opt = at::TensorOptions().device(dev);
@@ -413,9 +419,13 @@ int bench_kernels(World& world, int reps) {
                                     std::tuple{"unpermute+combine", t_comb, comb_bytes},
                                     std::tuple{"torch index_select", t_isel, perm_bytes},
                                     std::tuple{"torch mul+index_add", t_iadd, comb_bytes}}) {
-            std::printf("  %-8s %7lld %5lld %2lld %-20s %10.3f %10.1f %7.2fx\n", dn, static_cast<long long>(tokens),
-                        static_cast<long long>(H), static_cast<long long>(k), name, 1e3 * t, bw(b, t),
-                        bw(b, t) / bw(copy_bytes, t_copy));
+            // GPU target: >= 70% of peak bandwidth; a device copy reaches ~90% of peak
+            // on H100/H200 (3.0 and 4.3 TB/s measured against 3.35 and 4.8), so 0.78x of the copy.
+            const bool kernel_row = std::string(name) == "permute" || std::string(name) == "unpermute+combine";
+            const double vs = bw(b, t) / bw(copy_bytes, t_copy);
+            std::printf("  %-8s %7lld %5lld %2lld %-20s %10.3f %10.1f %7.2fx  %s\n", dn, static_cast<long long>(tokens),
+                        static_cast<long long>(H), static_cast<long long>(k), name, 1e3 * t, bw(b, t), vs,
+                        dev.is_cuda() && kernel_row ? (vs >= 0.78 ? "met" : "MISSED") : "");
             all.push_back({{"dtype", dn}, {"tokens", tokens}, {"hidden", H}, {"k", k}, {"op", name}, {"s", t},
                            {"gb_per_s", bw(b, t)}, {"vs_copy", bw(b, t) / bw(copy_bytes, t_copy)}});
           }
