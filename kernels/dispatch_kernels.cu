@@ -29,14 +29,16 @@ __global__ void topk_kernel(const float* probs, int64_t N, int E, int K, int64_t
 __global__ void slot_count_kernel(SlotArgs a, int64_t total) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= total) return;
-  const int64_t c = t % a.chunks, e = (t / a.chunks) % a.E, g = t / (a.chunks * a.E);
+  int64_t g, e, c;
+  slot_thread(a, t, g, e, c);
   slot_count(a, g, e, c);
 }
 
 __global__ void slot_assign_kernel(SlotArgs a, int64_t total) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= total) return;
-  const int64_t c = t % a.chunks, e = (t / a.chunks) % a.E, g = t / (a.chunks * a.E);
+  int64_t g, e, c;
+  slot_thread(a, t, g, e, c);
   slot_assign(a, g, e, c);
 }
 

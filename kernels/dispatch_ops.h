@@ -110,6 +110,13 @@ struct SlotArgs {
 
 MP_HD int64_t slot_chunk_len(const SlotArgs& a) { return (a.S * a.K + a.chunks - 1) / a.chunks; }
 
+// Thread t of a pass over G * E * chunks: (group, expert, piece), piece fastest.
+MP_HD void slot_thread(const SlotArgs& a, int64_t t, int64_t& g, int64_t& e, int64_t& c) {
+  c = t % a.chunks;
+  e = (t / a.chunks) % a.E;
+  g = t / (a.chunks * a.E);
+}
+
 MP_HD void slot_count(const SlotArgs& a, int64_t g, int64_t e, int64_t c) {
   const int64_t len = slot_chunk_len(a), n = a.S * a.K;
   const int64_t q0 = c * len, q1 = q0 + len < n ? q0 + len : n;

@@ -87,18 +87,14 @@ TEST(Kernels, CapacityAssignmentMatchesOracle) {
       auto [gate, expert] = probs.topk(c.K, -1);
       const int64_t cap = expert_capacity(c.S, c.K, c.cf, c.E);
       auto [pos_ref, keep_ref] = assign_slots(expert, gate, c.E, cap, bpr);
-      at::Tensor order = bpr ? std::get<1>(at::sort(gate.select(2, 0), true, 1, true))
-                             : at::arange(c.S, at::kLong).unsqueeze(0).expand({c.G, c.S});
-      auto [pos, keep] = fused_assign_slots(expert, order, c.E, cap);
+      auto [pos, keep] = fused_assign_slots(expert, priority_order(gate, bpr), c.E, cap);
       EXPECT_TRUE(at::equal(pos, pos_ref)) << "S=" << c.S << " bpr=" << bpr;
       EXPECT_TRUE(at::equal(keep, keep_ref)) << "S=" << c.S << " bpr=" << bpr;
       EXPECT_LT(keep.sum().item<int64_t>(), keep.numel());  // capacity really dropped something
       // With invalid (padding) tokens: they take no slot and do not delay valid ones.
       at::Tensor valid = at::rand({c.G, c.S}) < 0.7;
       auto [pv_ref, kv_ref] = assign_slots(expert, gate, c.E, cap, bpr, valid);
-      at::Tensor key = gate.select(2, 0).masked_fill(valid.logical_not(), -1.0);
-      at::Tensor vorder = bpr ? std::get<1>(at::sort(key, true, 1, true)) : order;
-      auto [pv, kv] = fused_assign_slots(expert, vorder, c.E, cap, valid);
+      auto [pv, kv] = fused_assign_slots(expert, priority_order(gate, bpr, valid), c.E, cap, valid);
       EXPECT_TRUE(at::equal(pv, pv_ref)) << "masked, S=" << c.S << " bpr=" << bpr;
       EXPECT_TRUE(at::equal(kv, kv_ref)) << "masked, S=" << c.S << " bpr=" << bpr;
       EXPECT_FALSE(kv.logical_and(valid.logical_not().unsqueeze(2)).any().item<bool>());
@@ -316,7 +312,7 @@ TEST(Gpu, TopkAndSlotsMatchHost) {
       auto [exg, gg] = fused_topk(probs.cuda(), k);
       EXPECT_TRUE(at::equal(ex, exg.cpu()));
       EXPECT_TRUE(at::equal(g, gg.cpu()));
-      at::Tensor order = std::get<1>(at::sort(g.select(2, 0), true, 1, true));
+      at::Tensor order = priority_order(g, /*bpr=*/true);
       const int64_t cap = expert_capacity(1000, k, 1.0, E);
       auto [pos, keep] = fused_assign_slots(ex, order, E, cap);
       auto [posg, keepg] = fused_assign_slots(ex.cuda(), order.cuda(), E, cap);

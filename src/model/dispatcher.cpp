@@ -26,8 +26,6 @@ DispatchPlan Dispatcher::plan(const at::Tensor& expert, const at::Tensor& gate, 
                    position.reshape({-1}).index_select(0, kept);
   at::Tensor order = std::get<1>(key.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
   at::Tensor choice = kept.index_select(0, order);
-  p.choice = choice;
-  p.top_k = K;
   p.token = at::floor_divide(choice, K);
   p.gate = gate.reshape({-1}).index_select(0, choice);
   p.send_expert = e.index_select(0, order);
@@ -80,7 +78,7 @@ DispatchPlan Dispatcher::plan(const at::Tensor& expert, const at::Tensor& gate, 
     }
   p.recv_rows = L ? next[L - 1] : 0;
   p.fused = use_kernels(expert);
-  if (p.fused) p.send_row_of = inverse_rows(p.choice, p.num_tokens, K);
+  if (p.fused) p.send_row_of = inverse_rows(choice, p.num_tokens, K);
   return p;
 }
 

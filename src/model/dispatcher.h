@@ -21,7 +21,6 @@ namespace moeprune {
 struct DispatchPlan {
   // Send side (this rank's tokens).
   at::Tensor token;        // [A] int64: source token of each kept choice, in send order
-  at::Tensor choice;       // [A] int64: its flat choice index token * k + j
   at::Tensor gate;         // [A] float: its gate (differentiable)
   at::Tensor send_expert;  // [A] int64: its expert, in send order
   std::vector<int64_t> send_splits, recv_splits;  // rows per rank
@@ -32,7 +31,6 @@ struct DispatchPlan {
   std::vector<int64_t> expert_counts;  // rows per local expert, local order
   int64_t recv_rows = 0;
   int64_t num_tokens = 0;
-  int64_t top_k = 0;
   // Fused path (model/fused_dispatch.h), set when use_kernels() holds for the
   // routing tensors: the send row of each token's choices [N, k], -1 if dropped.
   at::Tensor send_row_of;

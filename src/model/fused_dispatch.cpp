@@ -54,6 +54,17 @@ void host_for(int64_t n, int64_t grain, const F& f) {
   });
 }
 
+// Calls f(in, out) with the data pointers typed as the kernels' float or bf16.
+template <typename F>
+void with_typed_rows(const at::Tensor& in, at::Tensor& out, const F& f) {
+  if (in.scalar_type() == at::kFloat) f(in.data_ptr<float>(), out.data_ptr<float>());
+  else f(reinterpret_cast<const k::bf16*>(in.data_ptr()), reinterpret_cast<k::bf16*>(out.data_ptr()));
+}
+
+#ifdef MOEPRUNE_WITH_CUDA
+k::DType kernel_dtype(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? k::DType::f32 : k::DType::bf16; }
+#endif
+
 void check_rows(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.dim() == 2, what, ": expected a [rows, H] tensor, got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, what,
@@ -158,9 +169,9 @@ std::pair<at::Tensor, at::Tensor> fused_assign_slots(const at::Tensor& top_exper
   const int64_t G = ex.size(0), S = ex.size(1), K = ex.size(2);
   at::Tensor valid = token_valid.defined() ? token_valid.contiguous().to(at::kBool) : at::Tensor();
   TORCH_CHECK(!valid.defined() || (valid.size(0) == G && valid.size(1) == S), "fused_assign_slots: token_valid must be [G, S]");
-  // Tokens the kernel skips (invalid) keep these values.
   TORCH_CHECK(ord.device() == ex.device() && (!valid.defined() || valid.device() == ex.device()),
               "fused_assign_slots: order and token_valid must be on ", ex.device());
+  // Tokens the kernel skips (invalid) keep these values.
   at::Tensor position = at::full(ex.sizes(), -1, ex.options());
   at::Tensor keep = at::zeros(ex.sizes(), ex.options().dtype(at::kBool));
   k::SlotArgs a{};
@@ -186,9 +197,16 @@ std::pair<at::Tensor, at::Tensor> fused_assign_slots(const at::Tensor& top_exper
   } else {
     // The two passes of the kernel, each over its whole (g, e, c) grid.
     const int64_t total = G * a.E * a.chunks;
-    auto split = [&](int64_t t, auto&& f) { f(t / (a.chunks * a.E), (t / a.chunks) % a.E, t % a.chunks); };
-    host_for(total, 64, [&](int64_t t) { split(t, [&](int64_t g, int64_t e, int64_t c) { k::slot_count(a, g, e, c); }); });
-    host_for(total, 64, [&](int64_t t) { split(t, [&](int64_t g, int64_t e, int64_t c) { k::slot_assign(a, g, e, c); }); });
+    host_for(total, 64, [&](int64_t t) {
+      int64_t g, e, c;
+      k::slot_thread(a, t, g, e, c);
+      k::slot_count(a, g, e, c);
+    });
+    host_for(total, 64, [&](int64_t t) {
+      int64_t g, e, c;
+      k::slot_thread(a, t, g, e, c);
+      k::slot_assign(a, g, e, c);
+    });
   }
   return {position, keep};
 }
@@ -207,20 +225,15 @@ at::Tensor permute_rows(const at::Tensor& x, const at::Tensor& index_in, const a
   if (x.is_cuda()) {
 #ifdef MOEPRUNE_WITH_CUDA
     c10::cuda::CUDAGuard guard(x.device());
-    const auto dt = x.scalar_type() == at::kFloat ? k::DType::f32 : k::DType::bf16;
-    k::launch_permute(dt, x.data_ptr(), ip, sp, out.data_ptr(), A, H, stream_of(x));
+    k::launch_permute(kernel_dtype(x), x.data_ptr(), ip, sp, out.data_ptr(), A, H, stream_of(x));
 #else
     require_cuda_build("permute_rows");
 #endif
     return out;
   }
-  auto run = [&](auto* xp, auto* op) {
-    host_for(A, 16, [&](int64_t a) {
-      k::permute_span(xp, ip, sp, op, H, a, 0, H);
-    });
-  };
-  if (x.scalar_type() == at::kFloat) run(x.data_ptr<float>(), out.data_ptr<float>());
-  else run(reinterpret_cast<const k::bf16*>(x.data_ptr()), reinterpret_cast<k::bf16*>(out.data_ptr()));
+  with_typed_rows(x, out, [&](auto* xp, auto* op) {
+    host_for(A, 16, [&](int64_t a) { k::permute_span(xp, ip, sp, op, H, a, 0, H); });
+  });
   return out;
 }
 
@@ -240,21 +253,18 @@ at::Tensor combine_rows(const at::Tensor& y, const at::Tensor& row_of_in, const 
   if (y.is_cuda()) {
 #ifdef MOEPRUNE_WITH_CUDA
     c10::cuda::CUDAGuard guard(y.device());
-    const auto dt = y.scalar_type() == at::kFloat ? k::DType::f32 : k::DType::bf16;
-    k::launch_combine(dt, y.data_ptr(), rp, wp, out.data_ptr(), N, K, H, stream_of(y));
+    k::launch_combine(kernel_dtype(y), y.data_ptr(), rp, wp, out.data_ptr(), N, K, H, stream_of(y));
 #else
     require_cuda_build("combine_rows");
 #endif
     return out;
   }
-  auto run = [&](auto* yp, auto* op) {
+  with_typed_rows(y, out, [&](auto* yp, auto* op) {
     at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
       std::vector<float> acc(static_cast<size_t>(H));  // one row of scratch per worker
       for (int64_t n = b; n < e; ++n) k::combine_span(yp, rp, wp, op, acc.data(), K, H, n, 0, H);
     });
-  };
-  if (y.scalar_type() == at::kFloat) run(y.data_ptr<float>(), out.data_ptr<float>());
-  else run(reinterpret_cast<const k::bf16*>(y.data_ptr()), reinterpret_cast<k::bf16*>(out.data_ptr()));
+  });
   return out;
 }
 

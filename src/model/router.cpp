@@ -16,18 +16,19 @@ int64_t expert_capacity(int64_t group_tokens, int top_k, double capacity_factor,
   return (c + 3) / 4 * 4;
 }
 
+at::Tensor priority_order(const at::Tensor& top_gate, bool bpr, const at::Tensor& token_valid) {
+  const int64_t G = top_gate.size(0), S = top_gate.size(1);
+  if (!bpr) return at::arange(S, top_gate.options().dtype(at::kLong)).unsqueeze(0).expand({G, S});
+  at::Tensor key = top_gate.select(2, 0).detach();
+  if (token_valid.defined()) key = key.masked_fill(token_valid.logical_not(), -1.0);  // gates are >= 0
+  return std::get<1>(at::sort(key, /*stable=*/true, /*dim=*/1, /*descending=*/true));
+}
+
 std::pair<at::Tensor, at::Tensor> assign_slots(const at::Tensor& top_expert, const at::Tensor& top_gate,
                                                int num_experts, int64_t capacity, bool bpr,
                                                const at::Tensor& token_valid) {
   const int64_t G = top_expert.size(0), S = top_expert.size(1), K = top_expert.size(2);
-  at::Tensor order;  // [G, S]: the i-th token in priority order
-  if (bpr) {
-    at::Tensor key = top_gate.select(2, 0).detach();
-    if (token_valid.defined()) key = key.masked_fill(token_valid.logical_not(), -1.0);  // gates are >= 0
-    order = std::get<1>(at::sort(key, /*stable=*/true, /*dim=*/1, /*descending=*/true));
-  } else {
-    order = at::arange(S, top_expert.options()).unsqueeze(0).expand({G, S});
-  }
+  const at::Tensor order = priority_order(top_gate, bpr, token_valid);  // [G, S]: the i-th token in priority order
   at::Tensor sorted = top_expert.gather(1, order.unsqueeze(2).expand({G, S, K}));  // [G, S, K]
   // Choice-major: all top-1 choices of the group, then all top-2 choices, ...
   at::Tensor flat = sorted.transpose(1, 2).reshape({G, K * S});
@@ -96,11 +97,8 @@ Routing RouterImpl::forward(const at::Tensor& x, bool train, const std::vector<u
   if (use_kernels(probs)) {  // kernels/: same decisions; gates gathered to stay differentiable
     top_expert = fused_topk(probs, k).first;
     top_gate = probs.gather(-1, top_expert);
-    at::Tensor key = top_gate.select(2, 0).detach();
-    if (token_valid.defined()) key = key.masked_fill(token_valid.logical_not(), -1.0);
-    at::Tensor order = opts_.bpr ? std::get<1>(at::sort(key, /*stable=*/true, /*dim=*/1, /*descending=*/true))
-                                 : at::arange(S, top_expert.options()).unsqueeze(0).expand({G, S});
-    std::tie(position, keep) = fused_assign_slots(top_expert, order, E, r.capacity, token_valid);
+    std::tie(position, keep) =
+        fused_assign_slots(top_expert, priority_order(top_gate, opts_.bpr, token_valid), E, r.capacity, token_valid);
   } else {
     std::tie(top_gate, top_expert) = probs.topk(k, -1);  // [G, S, k]
     std::tie(position, keep) = assign_slots(top_expert, top_gate, E, r.capacity, opts_.bpr, token_valid);

@@ -39,6 +39,11 @@ struct Routing {
 // ceil(group_tokens * k * capacity_factor / E), rounded up to a multiple of 4.
 int64_t expert_capacity(int64_t group_tokens, int top_k, double capacity_factor, int num_experts);
 
+// The order in which a group's tokens take capacity slots: [G, S] token indices,
+// token order, or with BPR by descending top-1 gate (stable); tokens marked
+// invalid in token_valid [G, S] (optional) come after all valid ones.
+at::Tensor priority_order(const at::Tensor& top_gate, bool bpr, const at::Tensor& token_valid = {});
+
 // top_expert, top_gate: [G, S, k] (choice 0 is the largest gate). Returns
 // {position [G,S,k] int64, keep [G,S,k] bool}: choice j of every token takes its
 // slot after all choices < j of the group; within a choice rank, tokens go in
