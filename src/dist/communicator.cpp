@@ -18,12 +18,6 @@ void mpi_check(int rc, const char* what) {
   }
 }
 
-int64_t row_bytes(const at::Tensor& t) {
-  int64_t elems = 1;
-  for (int64_t d = 1; d < t.dim(); ++d) elems *= t.size(d);
-  return elems * static_cast<int64_t>(t.element_size());
-}
-
 std::vector<int64_t> out_shape(const at::Tensor& like, int64_t rows) {
   std::vector<int64_t> shape(like.sizes().begin(), like.sizes().end());
   if (shape.empty()) shape.push_back(rows);
@@ -47,6 +41,12 @@ MPI_Datatype mpi_type(at::ScalarType t) {
 constexpr int64_t kChunkBytes = int64_t{1} << 30;
 
 }  // namespace
+
+int64_t row_bytes(const at::Tensor& t) {
+  int64_t elems = 1;
+  for (int64_t d = 1; d < t.dim(); ++d) elems *= t.size(d);
+  return elems * static_cast<int64_t>(t.element_size());
+}
 
 void check_splits(const Communicator& comm, const at::Tensor& send, const std::vector<int64_t>& send_splits,
                   const std::vector<int64_t>& recv_splits) {

@@ -108,6 +108,9 @@ class MpiCommunicator final : public Communicator {
 at::Tensor check_blocks_alloc(const Communicator& comm, const at::Tensor& send, const std::vector<RowBlock>& send_blocks,
                               int64_t recv_rows, const std::vector<RowBlock>& recv_blocks);
 
+// Bytes of one row (dim 0) of t: the unit all-to-alls move.
+int64_t row_bytes(const at::Tensor& t);
+
 // Checks split vectors against the communicator size and the tensor's rows.
 void check_splits(const Communicator& comm, const at::Tensor& send, const std::vector<int64_t>& send_splits,
                   const std::vector<int64_t>& recv_splits);

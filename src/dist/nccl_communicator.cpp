@@ -60,17 +60,15 @@ class NcclCommunicator final : public Communicator {
     std::vector<int64_t> shape(send.sizes().begin(), send.sizes().end());
     shape[0] = total;
     at::Tensor recv = at::empty(shape, send.options());
-    int64_t elems_per_row = 1;
-    for (int64_t d = 1; d < send.dim(); ++d) elems_per_row *= send.size(d);
-    const size_t row_bytes = static_cast<size_t>(elems_per_row) * send.element_size();
+    const size_t row = static_cast<size_t>(row_bytes(send));
     auto stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device_)).stream();
     const auto* sbase = static_cast<const char*>(send.data_ptr());
     auto* rbase = static_cast<char*>(recv.data_ptr());
     size_t so = 0, ro = 0;
     nccl_check(ncclGroupStart(), "GroupStart");
     for (int r = 0; r < size(); ++r) {
-      const size_t sb = static_cast<size_t>(send_splits[r]) * row_bytes;
-      const size_t rb = static_cast<size_t>(recv_splits[r]) * row_bytes;
+      const size_t sb = static_cast<size_t>(send_splits[r]) * row;
+      const size_t rb = static_cast<size_t>(recv_splits[r]) * row;
       if (sb) nccl_check(ncclSend(sbase + so, sb, ncclUint8, r, comm_, stream), "Send");
       if (rb) nccl_check(ncclRecv(rbase + ro, rb, ncclUint8, r, comm_, stream), "Recv");
       so += sb;
@@ -85,10 +83,8 @@ class NcclCommunicator final : public Communicator {
     check_device(send_in);
     at::Tensor send = send_in.contiguous();
     at::Tensor recv = check_blocks_alloc(*this, send, send_blocks, recv_rows, recv_blocks);
-    int64_t elems_per_row = 1;
-    for (int64_t d = 1; d < send.dim(); ++d) elems_per_row *= send.size(d);
-    const size_t row_bytes = static_cast<size_t>(elems_per_row) * send.element_size();
-    if (row_bytes == 0) return recv;
+    const size_t row = static_cast<size_t>(row_bytes(send));
+    if (row == 0) return recv;
     auto stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device_)).stream();
     const auto* sbase = static_cast<const char*>(send.data_ptr());
     auto* rbase = static_cast<char*>(recv.data_ptr());
@@ -96,10 +92,10 @@ class NcclCommunicator final : public Communicator {
     nccl_check(ncclGroupStart(), "GroupStart");
     for (const RowBlock& b : send_blocks)
       if (b.rows)
-        nccl_check(ncclSend(sbase + b.offset * row_bytes, b.rows * row_bytes, ncclUint8, b.peer, comm_, stream), "Send");
+        nccl_check(ncclSend(sbase + b.offset * row, b.rows * row, ncclUint8, b.peer, comm_, stream), "Send");
     for (const RowBlock& b : recv_blocks)
       if (b.rows)
-        nccl_check(ncclRecv(rbase + b.offset * row_bytes, b.rows * row_bytes, ncclUint8, b.peer, comm_, stream), "Recv");
+        nccl_check(ncclRecv(rbase + b.offset * row, b.rows * row, ncclUint8, b.peer, comm_, stream), "Recv");
     nccl_check(ncclGroupEnd(), "GroupEnd");
     return recv;
   }

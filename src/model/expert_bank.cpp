@@ -1,16 +1,13 @@
 #include "model/expert_bank.h"
 
-#include "core/error.h"
-#include "core/seed.h"
-
-#include <ATen/autocast_mode.h>
-
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/autocast_mode.h>
 
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
-#include <string>
+
+#include "core/env.h"
+#include "core/seed.h"
 
 namespace moeprune {
 
@@ -21,11 +18,7 @@ std::atomic<int> g_gemm{-1};
 ExpertGemm expert_gemm() {
   int g = g_gemm.load();
   if (g < 0) {
-    const char* env = std::getenv("MOEPRUNE_EXPERT_GEMM");
-    const std::string v = env ? env : "loop";
-    if (v == "loop" || v.empty()) g = static_cast<int>(ExpertGemm::Loop);
-    else if (v == "grouped") g = static_cast<int>(ExpertGemm::Grouped);
-    else throw UserError(concat("MOEPRUNE_EXPERT_GEMM='", v, "': expected loop or grouped"));
+    g = env_choice("MOEPRUNE_EXPERT_GEMM", {"loop", "grouped"});  // in ExpertGemm's order
     g_gemm.store(g);
   }
   return static_cast<ExpertGemm>(g);

@@ -4,10 +4,10 @@
 #include <torch/autograd.h>
 
 #include <atomic>
-#include <cstdlib>
 #include <map>
 #include <mutex>
 
+#include "core/env.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "kernels/dispatch_ops.h"
@@ -21,13 +21,6 @@
 
 namespace moeprune {
 namespace k = kernels;
-
-KernelMode parse_kernel_mode(const std::string& s) {
-  if (s == "auto" || s.empty()) return KernelMode::Auto;
-  if (s == "on") return KernelMode::On;
-  if (s == "off") return KernelMode::Off;
-  throw UserError(concat("MOEPRUNE_KERNELS='", s, "': expected auto, on or off"));
-}
 
 namespace {
 std::atomic<int> g_mode{-1};
@@ -76,8 +69,7 @@ void check_rows(const at::Tensor& t, const char* what) {
 KernelMode kernel_mode() {
   int m = g_mode.load();
   if (m < 0) {
-    const char* env = std::getenv("MOEPRUNE_KERNELS");
-    m = static_cast<int>(parse_kernel_mode(env ? env : "auto"));
+    m = env_choice("MOEPRUNE_KERNELS", {"auto", "on", "off"});  // in KernelMode's order
     g_mode.store(m);
   }
   return static_cast<KernelMode>(m);

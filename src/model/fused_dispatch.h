@@ -11,7 +11,6 @@
 #pragma once
 #include <ATen/ATen.h>
 
-#include <string>
 #include <utility>
 
 namespace moeprune {
@@ -19,7 +18,6 @@ namespace moeprune {
 enum class KernelMode { Auto, On, Off };
 KernelMode kernel_mode();
 void set_kernel_mode(KernelMode m);
-KernelMode parse_kernel_mode(const std::string& s);  // throws UserError on anything else
 // Whether the model's routing and dispatch of tensor t use the fused operations.
 bool use_kernels(const at::Tensor& t);
 // Whether this binary contains the CUDA kernels (built with the CUDA path).
