@@ -5,13 +5,7 @@
 #     checkpoint verifies, and --resume auto finishes the phase.
 # usage: ckpt_faults.sh BUILD/moeprune SOURCE_DIR
 set -u
-BIN="$1"; SRC="$2"
-MPI=(mpirun --oversubscribe --bind-to none -x OMP_NUM_THREADS=1)
-[ "$(id -u)" -eq 0 ] && MPI+=(--allow-run-as-root)
-CFG="$SRC/tests/data/small-planted.yaml"
-W=$(mktemp -d /tmp/moeprune-faults.XXXXXX)
-trap 'rm -rf "$W"' EXIT
-fail() { echo "FAIL: $*"; exit 1; }
+source "$(dirname "$0")/cli_common.sh" faults "$1" "$2"
 wait_for_ckpts() {  # dir count timeout_s
   for _ in $(seq 1 $(( $3 * 10 ))); do
     n=$(ls -d "$1"/ckpt-* 2>/dev/null | wc -l)

@@ -6,13 +6,8 @@
 # differs between world sizes (~1e-7); after 8 SGD steps we see ~1e-6.
 # usage: ckpt_reshard.sh BUILD/moeprune SOURCE_DIR
 set -u
-BIN="$1"; SRC="$2"
+source "$(dirname "$0")/cli_common.sh" reshard "$1" "$2"
 CMP="$(dirname "$BIN")/tests/st_compare"
-MPI=(mpirun --oversubscribe --bind-to none -x OMP_NUM_THREADS=1)
-[ "$(id -u)" -eq 0 ] && MPI+=(--allow-run-as-root)
-CFG="$SRC/tests/data/small-planted.yaml"
-W=$(mktemp -d /tmp/moeprune-reshard.XXXXXX)
-trap 'rm -rf "$W"' EXIT
 pass=0; failed=0
 for pair in "2 4" "4 2" "1 3"; do
   set -- $pair

@@ -6,13 +6,7 @@
 # every layer, accuracies within 1 test example.
 # usage: pipeline_e2e.sh BUILD/moeprune SOURCE_DIR
 set -u
-BIN="$1"; SRC="$2"
-MPI=(mpirun --oversubscribe --bind-to none -x OMP_NUM_THREADS=1)
-[ "$(id -u)" -eq 0 ] && MPI+=(--allow-run-as-root)
-CFG="$SRC/tests/data/small-planted.yaml"
-W=$(mktemp -d /tmp/moeprune-e2e.XXXXXX)
-trap 'rm -rf "$W"' EXIT
-fail() { echo "FAIL: $*"; exit 1; }
+source "$(dirname "$0")/cli_common.sh" e2e "$1" "$2"
 SET=(--set finetune.steps=600 --set finetune.log_every=50 --set checkpoint.every=50 --set checkpoint.async=true
      --set refinetune.enabled=true --set refinetune.steps=8 --set refinetune.batch_size=24)
 

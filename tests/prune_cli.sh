@@ -8,13 +8,7 @@
 #     calibration split.
 # usage: prune_cli.sh BUILD/moeprune SOURCE_DIR
 set -u
-BIN="$1"; SRC="$2"
-MPI=(mpirun --oversubscribe --bind-to none -x OMP_NUM_THREADS=1)
-[ "$(id -u)" -eq 0 ] && MPI+=(--allow-run-as-root)
-CFG="$SRC/tests/data/small-planted.yaml"
-W=$(mktemp -d /tmp/moeprune-prune.XXXXXX)
-trap 'rm -rf "$W"' EXIT
-fail() { echo "FAIL: $*"; exit 1; }
+source "$(dirname "$0")/cli_common.sh" prune "$1" "$2"
 OUT="$W/run"
 "${MPI[@]}" -np 2 "$BIN" pretrain --config "$CFG" --set output.dir="$OUT" > "$W/p.log" 2>&1 || { cat "$W/p.log"; fail "pretrain"; }
 "${MPI[@]}" -np 2 "$BIN" finetune --config "$CFG" --set output.dir="$OUT" > "$W/f.log" 2>&1 || { cat "$W/f.log"; fail "finetune"; }

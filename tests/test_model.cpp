@@ -5,23 +5,16 @@
 #include <cmath>
 
 #include "model/vit.h"
+#include "test_models.h"
 
 namespace moeprune {
 namespace {
 
 ModelConfig tiny(int members) {
-  ModelConfig m;
-  m.image_size = 8;
-  m.channels = 1;
-  m.patch_size = 4;
-  m.hidden = 16;
+  ModelConfig m = test::small_vit(4, 4, 3);
   m.mlp_dim = 32;
-  m.num_layers = 4;
   m.num_heads = 4;
-  m.num_classes = 3;
-  m.moe.num_experts = 4;
   m.moe.top_k = members > 1 ? 1 : 2;
-  m.moe.group_size = 2;
   m.moe.ensemble_size = members;
   return m;
 }
