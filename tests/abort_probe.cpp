@@ -4,7 +4,7 @@
 #include "dist/world.h"
 
 int main(int argc, char** argv) {
-  moeprune::World world(&argc, &argv, "cpu");
+  moeprune::World world(&argc, &argv, /*use_gpus=*/false);
   return moeprune::run_ranks(world, [](moeprune::World& w) {
     if (w.rank() == 1) throw std::runtime_error("probe failure raised on rank 1");
     w.host_comm().barrier();  // never completes: rank 1 is gone

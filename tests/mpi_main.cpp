@@ -10,7 +10,7 @@ World* g_world = nullptr;
 }
 
 int main(int argc, char** argv) {
-  moeprune::World world(&argc, &argv, "cpu");
+  moeprune::World world(&argc, &argv, /*use_gpus=*/false);
   moeprune::test::g_world = &world;
   if (world.rank() != 0) GTEST_FLAG_SET(brief, true);  // before InitGoogleTest, which picks the printer
   ::testing::InitGoogleTest(&argc, argv);

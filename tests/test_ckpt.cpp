@@ -8,10 +8,16 @@
 #include <filesystem>
 #include <fstream>
 
-#include "ckpt/checkpoint.h"
+#include "ckpt/manifest.h"
+#include "ckpt/reader.h"
+#include "ckpt/store.h"
+#include "ckpt/tools.h"
+#include "ckpt/writer.h"
 #include "core/error.h"
 #include "core/safetensors.h"
+#include "model/model_state.h"
 #include "test_models.h"
+#include "test_tmp.h"
 #include "train/trainer.h"
 
 namespace moeprune {
@@ -25,29 +31,27 @@ struct Fixture {
   JobConfig job;
   VisionTransformer model{nullptr};
   std::unique_ptr<Optimizer> opt;
+  test::TempDir tmp;
   std::string root;
 
-  explicit Fixture(const std::string& name) {
+  explicit Fixture(const std::string& name) : tmp("ckpt-" + name), root(tmp / "checkpoints") {
     job.model = tiny();
     at::manual_seed(0);
     model = VisionTransformer(job.model, default_placements(job.model, 1), comm, 0);
     PhaseConfig p;
     opt = std::make_unique<Optimizer>(p, param_slots(model));
-    root = (fs::temp_directory_path() / ("moeprune_ckpt_" + name)).string();
-    fs::remove_all(root);
   }
   std::string save(int64_t step, int keep = 3) {
     CheckpointWriter w(Comms{&comm, &comm}, root, keep, false);
-    TrainState st;
-    st.phase = "finetune";
-    st.step = step;
-    w.save(model, *opt, st, job, nullptr);
+    ModelState state(model);
+    w.save({&state, opt.get()}, "finetune", step, job.resolved_yaml);
     return w.last_saved();
   }
   std::string load_error(const std::string& dir) {
     try {
       VisionTransformer other(job.model, default_placements(job.model, 1), comm, 1);
-      load_checkpoint(read_manifest(dir), other, nullptr, nullptr);
+      ModelState state(other);
+      load_checkpoint(read_manifest(dir), {&state});
     } catch (const UserError& e) {
       return e.what();
     }
@@ -100,13 +104,16 @@ TEST(Checkpoint, TruncatedFlippedMissingAndUnknownVersion) {
     std::ifstream in(dir + "/manifest.json");
     text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
   }
-  const auto pos = text.find("\"version\": 1");
+  const std::string version = "\"version\": " + std::to_string(kCheckpointVersion);
+  const auto pos = text.find(version);
   ASSERT_NE(pos, std::string::npos);
   std::string bad = text;
-  bad.replace(pos, 12, "\"version\": 99");
+  bad.replace(pos, version.size(), "\"version\": 99");
   std::ofstream(dir + "/manifest.json") << bad;
   e = f.load_error(dir);
-  EXPECT_NE(e.find("has version 99, this moeprune reads version 1"), std::string::npos) << e;
+  EXPECT_NE(e.find("has version 99, this moeprune reads version " + std::to_string(kCheckpointVersion)),
+            std::string::npos)
+      << e;
 }
 
 TEST(Checkpoint, InterruptedSaveLeavesThePreviousLatest) {

@@ -5,10 +5,16 @@
 
 #include <filesystem>
 
-#include "ckpt/checkpoint.h"
+#include "ckpt/manifest.h"
+#include "ckpt/reader.h"
+#include "ckpt/store.h"
+#include "ckpt/writer.h"
+#include "model/model_state.h"
+#include "prune/router_history.h"
 #include "train/trainer.h"
-#include "test_world.h"
 #include "test_models.h"
+#include "test_tmp.h"
+#include "test_world.h"
 
 namespace moeprune::test {
 namespace {
@@ -17,12 +23,12 @@ JobConfig small_job() {
   JobConfig job;
   job.seed = 7;
   job.model = small_vit(4, 4, 2);
-  job.data.dataset = "planted";
+  job.data.dataset = DatasetKind::Planted;
   job.data.planted_train = 256;
   job.data.planted_test = 64;
   job.data.prefetch = 0;
   PhaseConfig p;
-  p.optimizer = "adamw";  // both moments are saved and restored
+  p.optimizer = OptimizerKind::AdamW;  // both moments are saved and restored
   p.lr = 0.01;
   p.warmup_steps = 2;
   p.steps = 8;
@@ -30,13 +36,6 @@ JobConfig small_job() {
   p.log_every = 1;
   job.finetune = p;
   return job;
-}
-
-std::string shared_root(const std::string& name) {
-  const std::string root = "/tmp/moeprune_mpi_ckpt_" + name + "_np" + std::to_string(g_world->size());
-  if (g_world->rank() == 0) std::filesystem::remove_all(root);
-  g_world->host_comm().barrier();
-  return root;
 }
 
 struct Run {
@@ -49,7 +48,7 @@ struct Run {
 // init_seed: the model's initial weights (the job seed drives data order and noise).
 std::unique_ptr<Run> make_run(const JobConfig& job, uint64_t init_seed) {
   auto r = std::make_unique<Run>();
-  auto data = load_dataset(job, "train");
+  auto data = load_dataset(job, SplitPart::Train);
   LoaderOptions lo;
   lo.image_size = 8;
   lo.seed = job.seed;
@@ -57,35 +56,35 @@ std::unique_ptr<Run> make_run(const JobConfig& job, uint64_t init_seed) {
   lo.rank = g_world->rank();
   lo.world = g_world->size();
   lo.prefetch = 0;
-  r->train = std::make_unique<ShardedLoader>(make_split(data, job.finetune, "finetune", "train", 0.25), lo);
+  r->train = std::make_unique<ShardedLoader>(make_split(data, job.finetune, "finetune", SplitPart::Train, 0.25), lo);
   lo.train = false;
   lo.global_batch = 16;
-  r->val = std::make_unique<ShardedLoader>(make_split(data, job.finetune, "finetune", "val", 0.25), lo);
+  r->val = std::make_unique<ShardedLoader>(make_split(data, job.finetune, "finetune", SplitPart::Val, 0.25), lo);
   at::manual_seed(init_seed);
   r->model = VisionTransformer(job.model, default_placements(job.model, g_world->size()), g_world->comm(), init_seed);
-  r->trainer = std::make_unique<Trainer>(g_world->comms(), job, job.finetune, "finetune", r->model, r->sink);
+  r->trainer = std::make_unique<Trainer>(g_world->comms(), job, job.finetune, Phase::Finetune, r->model, r->sink);
   return r;
 }
 
 TEST(CheckpointMpi, EveryTensorRoundTrips) {
   const JobConfig job = small_job();
-  const std::string root = shared_root("rt");
+  test::TempDir tmp("mpi-ckpt-rt", g_world->host_comm());
+  const std::string root = tmp / "checkpoints";
   auto a = make_run(job, job.seed);
   a->trainer->run(*a->train, *a->val, nullptr);  // optimiser state exists now
   CheckpointWriter w(g_world->comms(), root, 2, false);
-  TrainState st;
-  st.phase = "finetune";
-  st.step = 8;
   RouterHistory h;
   h.snapshot(a->model);
-  w.save(a->model, a->trainer->optimizer(), st, job, &h);
+  ModelState a_state(a->model);
+  w.save({&a_state, &a->trainer->optimizer(), &h}, "finetune", 8, job.resolved_yaml);
 
   auto b = make_run(job, 99);  // other initial weights: everything must come from the file
   RouterHistory hb;
   const Manifest m = read_manifest(latest_checkpoint(root));
   EXPECT_EQ(m.world_size, g_world->size());
-  const TrainState got = load_checkpoint(m, b->model, &b->trainer->optimizer(), &hb);
-  EXPECT_EQ(got.step, 8);
+  ModelState b_state(b->model);
+  load_checkpoint(m, {&b_state, &b->trainer->optimizer(), &hb});
+  EXPECT_EQ(m.step, 8);
   auto pb = b->model->named_parameters();
   for (const auto& it : a->model->named_parameters()) EXPECT_TRUE(at::equal(it.value(), pb[it.key()])) << it.key();
   auto& sa = a->trainer->optimizer().slots();
@@ -102,7 +101,8 @@ TEST(CheckpointMpi, EveryTensorRoundTrips) {
 
 TEST(CheckpointMpi, ResumeIsBitIdenticalToUninterrupted) {
   const JobConfig job = small_job();
-  const std::string root = shared_root("resume");
+  test::TempDir tmp("mpi-ckpt-resume", g_world->host_comm());
+  const std::string root = tmp / "checkpoints";
   auto full = make_run(job, job.seed);
   const PhaseResult want = full->trainer->run(*full->train, *full->val, nullptr);
 
@@ -110,13 +110,10 @@ TEST(CheckpointMpi, ResumeIsBitIdenticalToUninterrupted) {
   auto first = make_run(job, job.seed);
   CheckpointWriter w(g_world->comms(), root, 2, /*async=*/true);  // the asynchronous writer, finished at stop
   TrainHooks hooks;
+  ModelState s1(first->model);
   hooks.after_step = [&](int64_t step) {
     if (step != 3) return false;
-    TrainState st;
-    st.phase = "finetune";
-    st.step = step;
-    std::tie(st.epoch, st.loader_step) = first->trainer->loader_position(*first->train, step);
-    w.save(first->model, first->trainer->optimizer(), st, job, nullptr);
+    w.save({&s1, &first->trainer->optimizer(), first->train.get()}, "finetune", step, job.resolved_yaml);
     w.poll(true);
     return true;
   };
@@ -126,8 +123,9 @@ TEST(CheckpointMpi, ResumeIsBitIdenticalToUninterrupted) {
 
   auto second = make_run(job, 1234);  // the initial weights of the resumed process must not matter
   const Manifest m = read_manifest(latest_checkpoint(root));
-  const TrainState st = load_checkpoint(m, second->model, &second->trainer->optimizer(), nullptr);
-  const PhaseResult got = second->trainer->run(*second->train, *second->val, nullptr, {}, st.step);
+  ModelState s2(second->model);
+  load_checkpoint(m, {&s2, &second->trainer->optimizer(), second->train.get()});
+  const PhaseResult got = second->trainer->run(*second->train, *second->val, nullptr, {}, m.step);
 
   EXPECT_EQ(got.train_loss, want.train_loss);
   EXPECT_EQ(got.val.loss, want.val.loss);

@@ -9,6 +9,8 @@
 #include <regex>
 #include <string>
 
+#include "test_tmp.h"
+
 namespace {
 
 struct Result {
@@ -80,12 +82,14 @@ TEST(Cli, MissingConfigFile) {
 }
 
 TEST(Cli, MissingDataFiles) {
-  expect_user_error("pretrain --set data.root=/nonexistent/fmnist --set output.dir=/tmp/moeprune_cli_test", 2,
+  moeprune::test::TempDir out("cli");
+  expect_user_error("pretrain --set data.root=/nonexistent/fmnist --set output.dir=" + out.path(), 2,
                     "found in '/nonexistent/fmnist'");
 }
 
 TEST(Cli, ClassOutsideTheDataset) {
-  expect_user_error("pretrain --set pretrain.classes=[3,12] --set output.dir=/tmp/moeprune_cli_test", 2,
+  moeprune::test::TempDir out("cli");
+  expect_user_error("pretrain --set pretrain.classes=[3,12] --set output.dir=" + out.path(), 2,
                     "pretrain.classes has class 12, but fashion_mnist/train has classes 0..9");
 }
 

@@ -12,17 +12,11 @@
 #include "core/error.h"
 #include "core/safetensors.h"
 #include "data/loader.h"
+#include "test_tmp.h"
 
 namespace moeprune {
 namespace {
 namespace fs = std::filesystem;
-
-fs::path temp_dir(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("moeprune_test_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
-  fs::create_directories(p);
-  return p;
-}
 
 void put_be32(std::vector<uint8_t>& v, uint32_t x) {
   for (int s = 24; s >= 0; s -= 8) v.push_back(static_cast<uint8_t>(x >> s));
@@ -67,7 +61,8 @@ std::string user_error(const std::function<void()>& fn) {
 
 TEST(Data, IdxRawAndGzip) {
   for (bool gz : {false, true}) {
-    fs::path d = temp_dir(gz ? "idxgz" : "idx");
+    test::TempDir tmp(gz ? "idxgz" : "idx");
+  const fs::path d = tmp.path();
     write_idx(d, 7, gz);
     const std::string ext = gz ? ".gz" : "";
     auto ds = read_idx((d / ("train-images-idx3-ubyte" + ext)).string(), (d / ("train-labels-idx1-ubyte" + ext)).string(),
@@ -80,7 +75,8 @@ TEST(Data, IdxRawAndGzip) {
 }
 
 TEST(Data, IdxTruncatedAndMislabelled) {
-  fs::path d = temp_dir("idxbad");
+  test::TempDir tmp("idxbad");
+  const fs::path d = tmp.path();
   write_idx(d, 5, false, -1, /*truncate=*/7);
   const std::string e = user_error([&] {
     read_idx((d / "train-images-idx3-ubyte").string(), (d / "train-labels-idx1-ubyte").string(), 10, "t");
@@ -96,7 +92,8 @@ TEST(Data, IdxTruncatedAndMislabelled) {
 }
 
 TEST(Data, Cifar10And100) {
-  fs::path d = temp_dir("cifar");
+  test::TempDir tmp("cifar");
+  const fs::path d = tmp.path();
   auto record = [](std::vector<uint8_t>& v, std::initializer_list<int> labels, int fill) {
     for (int l : labels) v.push_back(static_cast<uint8_t>(l));
     for (int i = 0; i < 3072; ++i) v.push_back(static_cast<uint8_t>(fill));
@@ -132,7 +129,8 @@ TEST(Data, Cifar10And100) {
 }
 
 TEST(Data, SafetensorsRoundTripAndCorruption) {
-  fs::path d = temp_dir("st");
+  test::TempDir tmp("st");
+  const fs::path d = tmp.path();
   const std::string p = (d / "a.safetensors").string();
   NamedTensors t{{"x", at::arange(6, at::kFloat).reshape({2, 3})},
                  {"y", at::tensor({1, 2, 3}, at::kLong)},
@@ -161,8 +159,8 @@ TEST(Data, SplitsClassSubsetAndLabelMap) {
   auto ds = counting(200, 10);
   PhaseConfig task;
   task.classes = {7, 2, 5};
-  Split tr = make_split(ds, task, "t", "train", 0.1);
-  Split va = make_split(ds, task, "t", "val", 0.1);
+  Split tr = make_split(ds, task, "t", SplitPart::Train, 0.1);
+  Split va = make_split(ds, task, "t", SplitPart::Val, 0.1);
   EXPECT_EQ(tr.size() + va.size(), 60);
   EXPECT_EQ(va.size(), 6);
   for (int64_t i = 0; i < tr.size(); ++i) {
@@ -170,12 +168,12 @@ TEST(Data, SplitsClassSubsetAndLabelMap) {
     EXPECT_EQ(tr.label[i], c == 7 ? 0 : c == 2 ? 1 : 2);
   }
   task.label_map = {0, 1, 0};  // regroup: 7 and 5 -> 0
-  Split rg = make_split(ds, task, "t", "test", 0.1);
+  Split rg = make_split(ds, task, "t", SplitPart::Test, 0.1);
   EXPECT_EQ(rg.num_labels, 2);
   EXPECT_EQ(rg.size(), 60);
   task.classes = {3, 11};
   task.label_map.clear();
-  EXPECT_NE(user_error([&] { make_split(ds, task, "t", "train", 0.1); }).find("class 11"), std::string::npos);
+  EXPECT_NE(user_error([&] { make_split(ds, task, "t", SplitPart::Train, 0.1); }).find("class 11"), std::string::npos);
 }
 
 std::vector<int64_t> ids_of(const Batch& b) {
@@ -201,7 +199,7 @@ LoaderOptions opts(int rank, int world, bool train, int prefetch) {
 
 TEST(Loader, ShardsDisjointAndCompleteFor1To3Ranks) {
   auto ds = counting(120, 4);
-  Split s = make_split(ds, PhaseConfig{}, "t", "test", 0.0);
+  Split s = make_split(ds, PhaseConfig{}, "t", SplitPart::Test, 0.0);
   for (int world : {1, 2, 3}) {
     std::set<int64_t> seen;
     std::vector<int64_t> global_step0;
@@ -225,7 +223,7 @@ TEST(Loader, ShardsDisjointAndCompleteFor1To3Ranks) {
 
 TEST(Loader, RestartAtEpochAndStepAndPrefetch) {
   auto ds = counting(120, 4);
-  Split s = make_split(ds, PhaseConfig{}, "t", "test", 0.0);
+  Split s = make_split(ds, PhaseConfig{}, "t", SplitPart::Test, 0.0);
   LoaderOptions o = opts(1, 2, true, 0);
   o.augment.flip = true;
   o.augment.crop_padding = 1;
@@ -242,7 +240,7 @@ TEST(Loader, RestartAtEpochAndStepAndPrefetch) {
 
 TEST(Loader, EvaluationPadsTheLastBatch) {
   auto ds = counting(30, 4);
-  Split s = make_split(ds, PhaseConfig{}, "t", "test", 0.0);
+  Split s = make_split(ds, PhaseConfig{}, "t", SplitPart::Test, 0.0);
   ShardedLoader l(s, opts(0, 1, false, 2));
   EXPECT_EQ(l.steps_per_epoch(), 3);
   l.next();

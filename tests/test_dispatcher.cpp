@@ -1,6 +1,9 @@
-// Dispatcher in one process: the permutation to expert-contiguous order and its
-// inverse form a bijection over the kept choices, counts add up, and uneven and
-// empty experts are handled.
+// The dispatcher contract in one process, for every backend (torch ops and the
+// kernels' host path): the permutation to expert-contiguous order and its inverse
+// form a bijection over the kept choices, rows are ordered by (expert, group,
+// slot), counts add up, combine weighs by the kept gates, and uneven and empty
+// experts are handled. The multi-rank half of the contract is MoeLayerOracle
+// (test_oracle.cpp), which runs every backend too.
 #include <gtest/gtest.h>
 
 #include <set>
@@ -12,6 +15,7 @@ namespace {
 
 struct Case {
   at::Tensor expert, gate, keep, group, position;
+  RoutedChoices choices() const { return {expert, gate, keep, group, position, 24, 2}; }
 };
 
 // 12 tokens, k=2, 5 experts; expert 4 is never chosen, expert 0 is chosen often.
@@ -24,79 +28,90 @@ Case make_case() {
   keep[7][0] = false;
   keep[10][1] = false;
   at::Tensor group = at::arange(12, at::kLong).floor_divide(6).unsqueeze(1).expand({12, 2}).contiguous();
-  at::Tensor position = at::arange(24, at::kLong).reshape({12, 2});
+  // Slots run against token order inside each group, so that (expert, group, slot)
+  // order differs from (expert, group, token) order.
+  at::Tensor position = (23 - at::arange(24, at::kLong)).reshape({12, 2});
   return {expert, gate, keep, group, position};
 }
 
-TEST(Dispatcher, PermutationIsABijectionOverKeptChoices) {
+class DispatcherContract : public ::testing::TestWithParam<DispatcherKind> {
+ protected:
   SelfCommunicator comm;
   Placement pl = Placement::contiguous(5, 1);
-  Dispatcher d(comm, pl);
+  std::unique_ptr<TokenDispatcher> d = make_dispatcher(GetParam(), c10::Device(c10::kCPU), comm, pl);
+};
+
+TEST_P(DispatcherContract, BackendIsTheOneAskedFor) {
+  EXPECT_EQ(d->name(), name_of(GetParam()));
+}
+
+TEST_P(DispatcherContract, PermutationIsABijectionOverKeptChoices) {
   Case c = make_case();
-  DispatchPlan p = d.plan(c.expert, c.gate, c.keep, c.group, c.position, 24, 2);
+  auto p = d->plan(c.choices());
   const int64_t kept = c.keep.sum().item<int64_t>();
-  ASSERT_EQ(p.token.size(0), kept);
+  ASSERT_EQ(p->token.size(0), kept);
   // Every kept (token, expert) pair appears exactly once.
   std::multiset<std::pair<int64_t, int64_t>> want, got;
   for (int64_t t = 0; t < 12; ++t)
     for (int j = 0; j < 2; ++j)
       if (c.keep[t][j].item<bool>()) want.insert({t, c.expert[t][j].item<int64_t>()});
-  for (int64_t i = 0; i < kept; ++i) got.insert({p.token[i].item<int64_t>(), p.send_expert[i].item<int64_t>()});
+  for (int64_t i = 0; i < kept; ++i) got.insert({p->token[i].item<int64_t>(), p->send_expert[i].item<int64_t>()});
   EXPECT_EQ(want, got);
   // Expert-contiguous, counts add up, the unchosen expert has zero rows.
-  EXPECT_TRUE(at::equal(p.send_expert, std::get<0>(p.send_expert.sort())));
+  EXPECT_TRUE(at::equal(p->send_expert, std::get<0>(p->send_expert.sort())));
   int64_t total = 0;
-  for (int64_t n : p.expert_counts) total += n;
+  for (int64_t n : p->expert_counts) total += n;
   EXPECT_EQ(total, kept);
-  EXPECT_EQ(p.expert_counts[4], 0);
-  EXPECT_EQ(p.expert_counts, p.send_counts);
+  EXPECT_EQ(p->expert_counts[4], 0);
+  EXPECT_EQ(p->expert_counts, p->send_counts);
 }
 
-TEST(Dispatcher, CombineOfDispatchWeighsByKeptGates) {
-  SelfCommunicator comm;
-  Placement pl = Placement::contiguous(5, 1);
-  Dispatcher d(comm, pl);
+TEST_P(DispatcherContract, CombineOfDispatchWeighsByKeptGates) {
   Case c = make_case();
-  DispatchPlan p = d.plan(c.expert, c.gate, c.keep, c.group, c.position, 24, 2);
+  auto p = d->plan(c.choices());
   at::Tensor x = at::randn({12, 3});
-  at::Tensor y = d.combine(d.dispatch(x, p), p);  // identity experts
+  at::Tensor y = d->combine(d->dispatch(x, *p), *p);  // identity experts
   at::Tensor weight = (c.gate * c.keep.to(at::kFloat)).sum(1, true);
   EXPECT_TRUE(at::allclose(y, x * weight, 1e-6, 1e-6));
 }
 
-TEST(Dispatcher, RowsOrderedByExpertThenGroupThenSlot) {
-  SelfCommunicator comm;
-  Placement pl = Placement::contiguous(5, 1);
-  Dispatcher d(comm, pl);
+TEST_P(DispatcherContract, RowsOrderedByExpertThenGroupThenSlot) {
   Case c = make_case();
-  DispatchPlan p = d.plan(c.expert, c.gate, c.keep, c.group, c.position, 24, 2);
-  at::Tensor key = p.send_expert * 1000 + c.group.select(1, 0).index_select(0, p.token) * 100;
+  auto p = d->plan(c.choices());
+  at::Tensor flat_group = c.group.reshape({-1}).index_select(0, p->choice);
+  at::Tensor flat_position = c.position.reshape({-1}).index_select(0, p->choice);
+  EXPECT_TRUE(at::equal(p->token, p->choice.floor_divide(2)));
+  at::Tensor key = (p->send_expert * 100 + flat_group) * 100 + flat_position;
   EXPECT_TRUE(at::equal(key, std::get<0>(key.sort())));
+  // The key really orders by slot within (expert, group): token order would not.
+  at::Tensor by_token = (p->send_expert * 100 + flat_group) * 100 + p->token;
+  EXPECT_FALSE(at::equal(by_token, std::get<0>(by_token.sort())));
 }
 
-TEST(Dispatcher, AllChoicesDropped) {
-  SelfCommunicator comm;
-  Placement pl = Placement::contiguous(5, 1);
-  Dispatcher d(comm, pl);
+TEST_P(DispatcherContract, AllChoicesDropped) {
   Case c = make_case();
   c.keep.zero_();
-  DispatchPlan p = d.plan(c.expert, c.gate, c.keep, c.group, c.position, 24, 2);
-  EXPECT_EQ(p.token.size(0), 0);
+  auto p = d->plan(c.choices());
+  EXPECT_EQ(p->token.size(0), 0);
   at::Tensor x = at::randn({12, 3}, at::requires_grad());
-  at::Tensor y = d.combine(d.dispatch(x, p), p);
+  at::Tensor y = d->combine(d->dispatch(x, *p), *p);
   EXPECT_TRUE(at::equal(y, at::zeros({12, 3})));  // residual only: zero MoE output
 }
+
+INSTANTIATE_TEST_SUITE_P(Backends, DispatcherContract,
+                         ::testing::Values(DispatcherKind::Torch, DispatcherKind::Kernels),
+                         [](const auto& info) { return str(info.param); });
 
 TEST(Placement, ContiguousAndErrors) {
   Placement p = Placement::contiguous(8, 3);
   EXPECT_EQ(p.local_experts(0), (std::vector<int>{0, 1}));
   EXPECT_EQ(p.local_experts(1), (std::vector<int>{2, 3, 4}));
   EXPECT_EQ(p.local_experts(2), (std::vector<int>{5, 6, 7}));
-  EXPECT_THROW(Placement::contiguous(2, 4), std::exception);
+  EXPECT_THROW(Placement::contiguous(2, 4), UserError);
   Placement s({1, 0, 1, 0}, 2);
   EXPECT_EQ(s.send_order(), (std::vector<int>{1, 3, 0, 2}));
   EXPECT_EQ(s.send_slot(0), 2);
-  EXPECT_THROW(Placement({0, 2}, 2), std::exception);
+  EXPECT_THROW(Placement({0, 2}, 2), UserError);
 }
 
 }  // namespace

@@ -16,17 +16,10 @@
 #include "model/expert_bank.h"
 #include "model/router.h"
 #include "model/vit.h"
-#include "train/precision.h"
+#include "core/precision.h"
 
 namespace moeprune {
 namespace {
-
-// Restores the kernel mode a test changed.
-struct ModeGuard {
-  KernelMode saved = kernel_mode();
-  explicit ModeGuard(KernelMode m) { set_kernel_mode(m); }
-  ~ModeGuard() { set_kernel_mode(saved); }
-};
 
 double max_rel(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor x = a.to(at::kDouble), y = b.to(at::kDouble);
@@ -191,24 +184,24 @@ TEST(Kernels, MoeLayerFusedEqualsTorchPath) {
       at::manual_seed(7);
       MoeLayer layer(mc, 1, Placement::contiguous(8, 1), comm, 11);
       at::Tensor x0 = at::randn({16, 9, 24});
-      auto run = [&](KernelMode mode) {
-        ModeGuard g(mode);
+      auto run = [&](DispatcherKind backend) {
+        layer->set_runtime({backend, ExpertGemm::Loop});
         layer->zero_grad();
         at::Tensor x = x0.clone().requires_grad_(true);
         ForwardContext ctx;
-        ctx.train = true;
-        ctx.noise_seed = 5;
-        ctx.total_groups = 4;
+        ctx.in.train = true;
+        ctx.in.noise_seed = 5;
+        ctx.in.total_groups = 4;
         std::map<int, LayerStats> stats;
-        ctx.stats = &stats;
+        ctx.probes.stats = &stats;
         at::Tensor y = layer->forward(x, ctx);
         ((y * y).sum() + ctx.aux_loss).backward();
         std::vector<at::Tensor> grads{x.grad()};
         for (const auto& p : layer->parameters()) grads.push_back(p.grad().defined() ? p.grad().clone() : at::zeros_like(p));
         return std::tuple{y.detach(), grads, stats[1].kept};
       };
-      auto [y1, g1, kept1] = run(KernelMode::On);
-      auto [y0, g0, kept0] = run(KernelMode::Off);
+      auto [y1, g1, kept1] = run(DispatcherKind::Kernels);
+      auto [y0, g0, kept0] = run(DispatcherKind::Torch);
       EXPECT_EQ(kept1, kept0);
       EXPECT_LT(max_rel(y1, y0), 1e-6) << "k=" << k << " bpr=" << bpr;
       for (size_t i = 0; i < g0.size(); ++i) EXPECT_LT(max_rel(g1[i], g0[i]), 1e-5) << "gradient " << i;
@@ -226,16 +219,16 @@ TEST(Kernels, PaddingImagesDoNotAffectRealImages) {
   const int64_t B = 16, T = 5, real = 10;  // groups of 4 images: group 2 mixed, group 3 all padding
   at::Tensor x = at::randn({B, T, 24});
   at::Tensor valid = at::arange(B) < real;
-  for (KernelMode mode : {KernelMode::Off, KernelMode::On}) {
-    ModeGuard g(mode);
+  for (DispatcherKind backend : {DispatcherKind::Torch, DispatcherKind::Kernels}) {
+    layer->set_runtime({backend, ExpertGemm::Loop});
     auto run = [&](double pad_scale, bool masked, int64_t* tokens = nullptr, int64_t* kept = nullptr) {
       at::Tensor xi = x.clone();
       xi.narrow(0, real, B - real).normal_(0, pad_scale);
       ForwardContext ctx;
-      ctx.total_groups = B / mc.moe.group_size;
-      if (masked) ctx.image_valid = valid;
+      ctx.in.total_groups = B / mc.moe.group_size;
+      if (masked) ctx.in.image_valid = valid;
       std::map<int, LayerStats> stats;
-      ctx.stats = &stats;
+      ctx.probes.stats = &stats;
       at::Tensor y = layer->forward(xi, ctx).narrow(0, 0, real);
       if (tokens) *tokens = stats[1].tokens;
       if (kept) {
@@ -246,7 +239,7 @@ TEST(Kernels, PaddingImagesDoNotAffectRealImages) {
     };
     int64_t tokens = 0, kept = 0;
     at::Tensor a = run(50.0, true, &tokens, &kept), b = run(0.01, true);
-    EXPECT_TRUE(at::equal(a, b)) << "mode " << static_cast<int>(mode);
+    EXPECT_TRUE(at::equal(a, b)) << "backend " << name_of(backend);
     EXPECT_EQ(tokens, real * T);
     EXPECT_LE(kept, real * T * 2);
     // Without the mask the padding competes for capacity: the test can tell.
@@ -258,12 +251,11 @@ TEST(Kernels, PaddingImagesDoNotAffectRealImages) {
 // per expert: same outputs and gradients, empty experts included.
 TEST(Kernels, GroupedExpertGemmEqualsLoop) {
   at::manual_seed(14);
-  const ExpertGemm saved = expert_gemm();
   ExpertBank bank(24, 40, std::vector<int>{0, 2, 3, 5, 6}, 1, 9);
   const std::vector<int64_t> counts{7, 0, 13, 1, 4};
   at::Tensor x0 = at::randn({25, 24}), up = at::randn({25, 24});
   auto run = [&](ExpertGemm g) {
-    set_expert_gemm(g);
+    bank->set_gemm(g);
     bank->zero_grad();
     at::Tensor x = x0.clone().requires_grad_(true);
     at::Tensor y = bank->forward(x, counts);
@@ -276,15 +268,14 @@ TEST(Kernels, GroupedExpertGemmEqualsLoop) {
   for (size_t i = 0; i < loop.size(); ++i) EXPECT_LT(max_rel(grouped[i], loop[i]), 1e-5) << "tensor " << i;
   // Under bf16 autocast both compute in bfloat16: close, not equal (different GEMM kernels).
   {
-    AutocastGuard amp(at::Device(at::kCPU), "bf16");
-    set_expert_gemm(ExpertGemm::Grouped);
+    AutocastGuard amp(at::Device(at::kCPU), Precision::Bf16);
+    bank->set_gemm(ExpertGemm::Grouped);
     at::Tensor a = bank->forward(x0.to(at::kBFloat16), counts);
-    set_expert_gemm(ExpertGemm::Loop);
+    bank->set_gemm(ExpertGemm::Loop);
     at::Tensor b = bank->forward(x0.to(at::kBFloat16), counts);
     EXPECT_EQ(a.scalar_type(), at::kBFloat16);
     EXPECT_LT(max_rel(a, b), 3e-2);
   }
-  set_expert_gemm(saved);
 }
 
 // ---- GPU: the CUDA kernels against the host path.
@@ -344,17 +335,15 @@ TEST(Gpu, PermuteAndCombineMatchHost) {
 TEST(Gpu, GroupedExpertGemmBf16MatchesLoop) {
   REQUIRE_GPU();
   at::manual_seed(15);
-  const ExpertGemm saved = expert_gemm();
   ExpertBank bank(64, 128, std::vector<int>{0, 1, 2, 3}, 1, 9);
   bank->to(at::kCUDA);
   const std::vector<int64_t> counts{33, 0, 100, 7};
   at::Tensor x = at::randn({140, 64}).cuda();
-  AutocastGuard amp(x.device(), "bf16");
-  set_expert_gemm(ExpertGemm::Grouped);
+  AutocastGuard amp(x.device(), Precision::Bf16);
+  bank->set_gemm(ExpertGemm::Grouped);
   at::Tensor a = bank->forward(x.to(at::kBFloat16), counts).cpu();
-  set_expert_gemm(ExpertGemm::Loop);
+  bank->set_gemm(ExpertGemm::Loop);
   at::Tensor b = bank->forward(x.to(at::kBFloat16), counts).cpu();
-  set_expert_gemm(saved);
   EXPECT_LT(max_rel(a, b), 3e-2);
 }
 
@@ -366,11 +355,11 @@ TEST(Gpu, MoeLayerOnGpuMatchesCpu) {
   MoeLayer layer(mc, 1, Placement::contiguous(8, 1), comm, 11);
   at::Tensor x0 = at::randn({16, 9, 24});
   ForwardContext ctx;
-  ctx.total_groups = 4;
+  ctx.in.total_groups = 4;
   at::Tensor y_cpu = layer->forward(x0, ctx);
   layer->to(at::kCUDA);
   ForwardContext ctx2;
-  ctx2.total_groups = 4;
+  ctx2.in.total_groups = 4;
   at::Tensor y_gpu = layer->forward(x0.cuda(), ctx2).cpu();
   EXPECT_LT(max_rel(y_gpu, y_cpu.detach()), 1e-4);  // TF32 is off by default in LibTorch; GEMM order differs
 }

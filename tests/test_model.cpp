@@ -27,7 +27,7 @@ TEST(Model, ShapesAndMoeBlocks) {
   EXPECT_EQ(model->moe_layers()[0]->layer(), 1);
   EXPECT_EQ(model->moe_layers()[1]->layer(), 3);
   ForwardContext ctx;
-  ctx.total_groups = 2;
+  ctx.in.total_groups = 2;
   at::Tensor logits = model->forward(at::randn({4, 1, 8, 8}), ctx);
   EXPECT_EQ(logits.sizes(), (std::vector<int64_t>{1, 4, 3}));
   EXPECT_TRUE(ctx.aux_loss.defined());
@@ -44,7 +44,7 @@ TEST(Model, E3EnsemblePrediction) {
   cfg.moe.last = 1;
   VisionTransformer model(cfg, default_placements(cfg, 1), comm, 0);
   ForwardContext ctx;
-  ctx.total_groups = 2;
+  ctx.in.total_groups = 2;
   at::Tensor logits = model->forward(at::randn({4, 1, 8, 8}), ctx);
   EXPECT_EQ(logits.sizes(), (std::vector<int64_t>{2, 4, 3}));
   at::Tensor lp = ensemble_log_probs(logits);

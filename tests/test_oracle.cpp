@@ -7,7 +7,6 @@
 #include <gtest/gtest.h>
 
 #include "core/config.h"
-#include "model/fused_dispatch.h"
 #include "model/vit.h"
 #include "test_world.h"
 
@@ -53,13 +52,15 @@ at::Tensor fixed(std::vector<int64_t> shape, uint64_t seed) {
 struct LayerCase {
   int experts, top_k, members;
   bool bpr, scatter;
-  bool fused = false;  // the distributed layer routes and dispatches with the kernels' host path
 };
 
-class MoeLayerOracle : public ::testing::TestWithParam<LayerCase> {};
+// Every case with every dispatcher backend for the distributed layer (the
+// reference routes with torch ops): the backends' contract across ranks.
+class MoeLayerOracle : public ::testing::TestWithParam<std::tuple<LayerCase, DispatcherKind>> {};
 
 TEST_P(MoeLayerOracle, MatchesSingleProcess) {
-  const LayerCase c = GetParam();
+  const LayerCase c = std::get<0>(GetParam());
+  const DispatcherKind backend = std::get<1>(GetParam());
   World& w = *g_world;
   const int W = w.size(), r = w.rank();
   const ModelConfig cfg = small_config(c.experts, c.top_k, c.members, c.bpr);
@@ -84,22 +85,20 @@ TEST_P(MoeLayerOracle, MatchesSingleProcess) {
   MoeLayer dist(cfg, 1, pl, w.host_comm(), 77);
 
   ForwardContext rc;
-  rc.train = true;
-  rc.noise_seed = 3;
-  rc.total_groups = B / cfg.moe.group_size;
+  rc.in.train = true;
+  rc.in.noise_seed = 3;
+  rc.in.total_groups = B / cfg.moe.group_size;
   at::Tensor xr = x_all.clone().requires_grad_(true);
   at::Tensor yr = ref->forward(xr, rc);
   ((yr * probe).sum() + rc.aux_loss).backward();
 
   ForwardContext dc = rc;
   dc.aux_loss = at::Tensor();
-  dc.first_group = r * local_B / cfg.moe.group_size;
+  dc.in.first_group = r * local_B / cfg.moe.group_size;
   at::Tensor xd = local_rows(x_all).requires_grad_(true);
-  const KernelMode saved = kernel_mode();
-  set_kernel_mode(c.fused ? KernelMode::On : KernelMode::Off);
+  dist->set_runtime({backend, ExpertGemm::Loop});
   at::Tensor yd = dist->forward(xd, dc);
   ((yd * local_rows(probe)).sum() + dc.aux_loss).backward();
-  set_kernel_mode(saved);
 
   EXPECT_LE(rel_err(yd, local_rows(yr)), kTol) << "outputs";
   EXPECT_LE(rel_err(xd.grad(), local_rows(xr.grad())), kTol) << "input gradients";
@@ -124,10 +123,13 @@ TEST_P(MoeLayerOracle, MatchesSingleProcess) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, MoeLayerOracle,
-                         ::testing::Values(LayerCase{8, 2, 1, false, false}, LayerCase{8, 2, 1, true, true},
-                                           LayerCase{4, 1, 1, false, true}, LayerCase{8, 1, 2, true, false},
-                                           LayerCase{8, 2, 2, false, true}, LayerCase{8, 2, 1, true, true, true},
-                                           LayerCase{8, 1, 2, false, false, true}));
+                         ::testing::Combine(::testing::Values(LayerCase{8, 2, 1, false, false},
+                                                              LayerCase{8, 2, 1, true, true},
+                                                              LayerCase{4, 1, 1, false, true},
+                                                              LayerCase{8, 1, 2, true, false},
+                                                              LayerCase{8, 2, 2, false, true},
+                                                              LayerCase{8, 1, 2, false, false}),
+                                            ::testing::Values(DispatcherKind::Torch, DispatcherKind::Kernels)));
 
 class ModelOracle : public ::testing::TestWithParam<int> {};
 
@@ -143,10 +145,10 @@ TEST_P(ModelOracle, MatchesSingleProcess) {
 
   auto run = [&](VisionTransformer& model, const at::Tensor& im, const at::Tensor& lb, int64_t first_group) {
     ForwardContext ctx;
-    ctx.train = true;
-    ctx.noise_seed = 9;
-    ctx.first_group = first_group;
-    ctx.total_groups = groups;
+    ctx.in.train = true;
+    ctx.in.noise_seed = 9;
+    ctx.in.first_group = first_group;
+    ctx.in.total_groups = groups;
     at::Tensor logits = model->forward(im, ctx);
     at::Tensor loss = cross_entropy_sum(logits, lb) / static_cast<double>(B) +
                       ctx.aux_loss / static_cast<double>(members * groups);

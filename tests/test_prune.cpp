@@ -23,13 +23,13 @@ TEST(Criteria, RouterNormChangeAndDelta) {
   // e2 (1,0)->(0,1): 0, sqrt 2; e3 unchanged.
   at::Tensor ref = at::tensor({3.0, 0.0, 1.0, 2.0, 0.0, 1.0, 0.0, 0.0}).reshape({2, 4});
   at::Tensor now = at::tensor({3.0, 0.0, 0.0, 2.0, 4.0, 0.5, 1.0, 0.0}).reshape({2, 4});
-  auto s = expert_scores("router_norm_change", {{1, ref}}, {{1, now}}, {}, ids4({1}), 0);
+  auto s = expert_scores(Criterion::RouterNormChange, {{1, ref}}, {{1, now}}, {}, ids4({1}), 0);
   ASSERT_EQ(s.size(), 1u);
   EXPECT_NEAR(s[0].scores[0], 2.0, 1e-12);
   EXPECT_NEAR(s[0].scores[1], -0.5, 1e-12);
   EXPECT_NEAR(s[0].scores[2], 0.0, 1e-12);
   EXPECT_NEAR(s[0].scores[3], 0.0, 1e-12);
-  s = expert_scores("router_delta", {{1, ref}}, {{1, now}}, {}, ids4({1}), 0);
+  s = expert_scores(Criterion::RouterDelta, {{1, ref}}, {{1, now}}, {}, ids4({1}), 0);
   EXPECT_NEAR(s[0].scores[0], 4.0, 1e-12);
   EXPECT_NEAR(s[0].scores[1], 0.5, 1e-12);
   EXPECT_NEAR(s[0].scores[2], std::sqrt(2.0), 1e-12);
@@ -40,17 +40,17 @@ TEST(Criteria, CountsRandomAndUnknown) {
   st.assigned = {5, 1, 9, 0};
   st.kept = {5, 1, 8, 0};
   st.soft = {0.5, 2.5, 1.0, 0.25};
-  auto hh = expert_scores("heavy_hitter", {}, {}, {{3, st}}, ids4({3}), 0);
+  auto hh = expert_scores(Criterion::HeavyHitter, {}, {}, {{3, st}}, ids4({3}), 0);
   EXPECT_EQ(hh[0].scores, (std::vector<double>{5, 1, 9, 0}));
-  auto sc = expert_scores("soft_count", {}, {}, {{3, st}}, ids4({3}), 0);
+  auto sc = expert_scores(Criterion::SoftCount, {}, {}, {{3, st}}, ids4({3}), 0);
   EXPECT_EQ(sc[0].scores, (std::vector<double>{0.5, 2.5, 1.0, 0.25}));
-  auto r1 = expert_scores("random", {}, {}, {}, ids4({3}), 7);
-  auto r2 = expert_scores("random", {}, {}, {}, ids4({3}), 7);
-  auto r3 = expert_scores("random", {}, {}, {}, ids4({3}), 8);
+  auto r1 = expert_scores(Criterion::Random, {}, {}, {}, ids4({3}), 7);
+  auto r2 = expert_scores(Criterion::Random, {}, {}, {}, ids4({3}), 7);
+  auto r3 = expert_scores(Criterion::Random, {}, {}, {}, ids4({3}), 8);
   EXPECT_EQ(r1[0].scores, r2[0].scores);
   EXPECT_NE(r1[0].scores, r3[0].scores);
-  EXPECT_THROW(expert_scores("loudest", {}, {}, {}, ids4({3}), 0), UserError);
-  EXPECT_THROW(expert_scores("router_delta", {}, {}, {}, ids4({3}), 0), UserError);  // no reference
+  EXPECT_THROW(parse_choice<Criterion>("loudest", "prune.criterion"), UserError);
+  EXPECT_THROW(expert_scores(Criterion::RouterDelta, {}, {}, {}, ids4({3}), 0), UserError);  // no reference
 }
 
 std::vector<LayerScores> two_layers() {
@@ -61,7 +61,7 @@ std::vector<LayerScores> two_layers() {
 
 TEST(Selection, PerLayerPrunesTheSameNumberInEachLayer) {
   PruneConfig c;
-  c.scope = "per_layer";
+  c.scope = PruneScope::PerLayer;
   c.ratio = 0.5;
   PrunePlan p = make_plan(two_layers(), c, 1);
   EXPECT_EQ(p.layers[0].pruned, (std::vector<int>{0, 1}));
@@ -71,7 +71,7 @@ TEST(Selection, PerLayerPrunesTheSameNumberInEachLayer) {
 
 TEST(Selection, GlobalRanksPerLayerZScores) {
   PruneConfig c;
-  c.scope = "global";
+  c.scope = PruneScope::Global;
   c.count = 3;
   std::vector<LayerScores> s = two_layers();
   s[1].scores = {1.0, 1.29, 1.3, 1.31};  // e0 is far below its layer: z = -1.73
@@ -85,7 +85,7 @@ TEST(Selection, GlobalRanksPerLayerZScores) {
 
 TEST(Selection, MinExpertsAndEligibleLayers) {
   PruneConfig c;
-  c.scope = "global";
+  c.scope = PruneScope::Global;
   c.count = 5;
   c.min_experts = 2;  // each layer keeps >= 2: at most 2 + 2 prunable
   EXPECT_THROW(make_plan(two_layers(), c, 1), UserError);
@@ -95,7 +95,7 @@ TEST(Selection, MinExpertsAndEligibleLayers) {
   EXPECT_EQ(p.layers[1].kept.size(), 2u);
   // top_k is a floor too.
   PruneConfig r;
-  r.scope = "per_layer";
+  r.scope = PruneScope::PerLayer;
   r.ratio = 0.75;
   try {
     make_plan(two_layers(), r, 2);
@@ -104,7 +104,7 @@ TEST(Selection, MinExpertsAndEligibleLayers) {
     EXPECT_NE(std::string(e.what()).find("would leave fewer than max(top_k=2"), std::string::npos) << e.what();
   }
   PruneConfig only;
-  only.scope = "per_layer";
+  only.scope = PruneScope::PerLayer;
   only.ratio = 0.5;
   only.layers = {3};
   PrunePlan q = make_plan(two_layers(), only, 1);
@@ -114,7 +114,7 @@ TEST(Selection, MinExpertsAndEligibleLayers) {
 
 TEST(Selection, HashDependsOnKeptExperts) {
   PruneConfig c;
-  c.scope = "per_layer";
+  c.scope = PruneScope::PerLayer;
   c.ratio = 0.5;
   PrunePlan a = make_plan(two_layers(), c, 1), b = a;
   EXPECT_EQ(a.hash(), b.hash());
@@ -127,7 +127,7 @@ struct HandLayer {
   SelfCommunicator comm;
   ModelConfig cfg;
   MoeLayer layer{nullptr};
-  HandLayer(const std::map<int, std::vector<int>>& kept, const std::string& routing, int k) {
+  HandLayer(const std::map<int, std::vector<int>>& kept, PrunedRouting routing, int k) {
     cfg.hidden = 2;
     cfg.mlp_dim = 2;
     cfg.num_heads = 1;
@@ -186,12 +186,12 @@ at::Tensor by_hand(const at::Tensor& x, const std::vector<int>& softmax_over, co
 TEST(PrunedRouting, DropAndZeroAgainstHandComputedOutputs) {
   at::Tensor x = at::tensor({0.3, -0.2, 1.0, 0.5, -0.7, 0.1, 0.2, 0.9, 2.0, -1.0}).to(at::kFloat).reshape({5, 2});
   for (int k : {1, 2}) {
-    HandLayer full({}, "drop", k);
+    HandLayer full({}, PrunedRouting::Drop, k);
     EXPECT_TRUE(at::allclose(full.run(x), by_hand(x, {0, 1, 2, 3}, {0, 1, 2, 3}, k), 1e-5, 1e-6)) << "k=" << k;
-    HandLayer drop({{1, {0, 2}}}, "drop", k);  // experts 1 and 3 pruned
+    HandLayer drop({{1, {0, 2}}}, PrunedRouting::Drop, k);  // experts 1 and 3 pruned
     EXPECT_EQ(drop.layer->routers[0]->as<RouterImpl>()->weight.size(1), 2);
     EXPECT_TRUE(at::allclose(drop.run(x), by_hand(x, {0, 2}, {0, 2}, k), 1e-5, 1e-6)) << "drop k=" << k;
-    HandLayer zero({{1, {0, 2}}}, "zero", k);
+    HandLayer zero({{1, {0, 2}}}, PrunedRouting::Zero, k);
     EXPECT_EQ(zero.layer->routers[0]->as<RouterImpl>()->weight.size(1), 4);
     EXPECT_TRUE(at::allclose(zero.run(x), by_hand(x, {0, 1, 2, 3}, {0, 2}, k), 1e-5, 1e-6)) << "zero k=" << k;
     // The two differ: some token's top choice is a pruned expert.

@@ -17,7 +17,7 @@ namespace {
 TEST(PruneMpi, DifferentPlansAreRefusedOnEveryRank) {
   World& w = *g_world;
   PrunePlan p;
-  p.routing = "drop";
+  p.routing = PrunedRouting::Drop;
   p.layers.push_back(LayerPlan{1, {0, 1, 2}, {3}, {}, {}});
   EXPECT_NO_THROW(plan_agreement(p, w.host_comm()));
   if (w.size() == 1) GTEST_SKIP() << "needs two ranks to disagree";
@@ -45,7 +45,7 @@ TEST(PruneMpi, PlacementInvarianceAndSingleProcessOracle) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(5);
   at::Tensor images = at::randn({B, 1, 8, 8}, gen, at::kFloat);
   at::Tensor mine = images.narrow(0, r * local, local);
-  for (const char* routing : {"drop", "zero"}) {
+  for (PrunedRouting routing : {PrunedRouting::Drop, PrunedRouting::Zero}) {
     PrunePlan plan;
     plan.routing = routing;
     plan.layers.push_back(LayerPlan{1, {0, 2, 3, 5, 6}, {1, 4, 7}, {}, {}});  // uneven survivors per layer
@@ -68,7 +68,7 @@ TEST(PruneMpi, PlacementInvarianceAndSingleProcessOracle) {
     const at::Tensor out1 = run(pruned.model, mine);
     Migration moved = replace_experts(pruned.model, pruned.slots, scattered, w.comms(), 3);
     const at::Tensor out2 = run(moved.model, mine);
-    EXPECT_TRUE(at::equal(out1, out2)) << routing << ": rebalancing changed the outputs";
+    EXPECT_TRUE(at::equal(out1, out2)) << name_of(routing) << ": rebalancing changed the outputs";
 
     // The same pruned model in one process.
     SelfCommunicator self;
@@ -78,7 +78,7 @@ TEST(PruneMpi, PlacementInvarianceAndSingleProcessOracle) {
     for (const auto& lp : plan.layers) one.push_back(Placement::contiguous(static_cast<int>(lp.kept.size()), 1));
     Migration ref = apply_plan(whole, {}, plan, one, Comms{&self, &self}, 3);
     const at::Tensor want = run(ref.model, images).narrow(1, r * local, local);
-    EXPECT_LE(rel_err(out2, want), 1e-5) << routing;
+    EXPECT_LE(rel_err(out2, want), 1e-5) << name_of(routing);
     EXPECT_EQ(ref.bytes_moved, 0);
   }
 }

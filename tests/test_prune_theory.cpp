@@ -43,14 +43,14 @@ Outcome one_seed(uint64_t seed) {
   m.moe.every = 1;
   m.moe.group_size = 4;
   m.moe.capacity_factor = 2.0;
-  job.data.dataset = "planted";
+  job.data.dataset = DatasetKind::Planted;
   job.data.planted_train = 2048;
   job.data.planted_test = 512;
   job.data.planted_patches = 1;
   job.data.planted_noise = 0.4;
   job.data.prefetch = 0;
   PhaseConfig p;
-  p.optimizer = "adamw";
+  p.optimizer = OptimizerKind::AdamW;
   p.lr = 5e-3;
   p.end_lr = 1e-4;
   p.warmup_steps = 10;
@@ -58,10 +58,10 @@ Outcome one_seed(uint64_t seed) {
   p.batch_size = 32;
   p.log_every = 1000;
   job.finetune = p;
-  auto train_data = load_dataset(job, "train");
-  Split train = make_split(train_data, p, "finetune", "train", 0.1);
-  Split val = make_split(train_data, p, "finetune", "val", 0.1);
-  Split test = make_split(load_dataset(job, "test"), p, "finetune", "test", 0.1);
+  auto train_data = load_dataset(job, SplitPart::Train);
+  Split train = make_split(train_data, p, "finetune", SplitPart::Train, 0.1);
+  Split val = make_split(train_data, p, "finetune", SplitPart::Val, 0.1);
+  Split test = make_split(load_dataset(job, SplitPart::Test), p, "finetune", SplitPart::Test, 0.1);
   LoaderOptions lo;
   lo.image_size = 8;
   lo.seed = seed;
@@ -84,7 +84,7 @@ Outcome one_seed(uint64_t seed) {
   RouterHistory history;
   history.snapshot(model);  // the reference: routers before fine-tuning
   MetricsSink sink;
-  Trainer trainer(Comms{&comm, &comm}, job, p, "finetune", model, sink);
+  Trainer trainer(Comms{&comm, &comm}, job, p, Phase::Finetune, model, sink);
   Outcome o;
   o.full = trainer.run(tl, vl, &sl).test.accuracy;
 
@@ -95,18 +95,18 @@ Outcome one_seed(uint64_t seed) {
     ids[l->layer()] = l->expert_ids();
   }
   PruneConfig pc;
-  pc.scope = "per_layer";
+  pc.scope = PruneScope::PerLayer;
   pc.ratio = 0.75;        // keep 2 of 8 experts
-  pc.routing = "zero";    // as the paper's code: choices of pruned experts contribute zero
-  auto prune_acc = [&](const std::string& criterion) {
+  pc.routing = PrunedRouting::Zero;    // as the paper's code: choices of pruned experts contribute zero
+  auto prune_acc = [&](Criterion criterion) {
     pc.criterion = criterion;
     const PrunePlan plan = make_plan(expert_scores(criterion, history.reference(), now, {}, ids, seed), pc, 1);
     std::vector<Placement> one{Placement::contiguous(static_cast<int>(plan.layers[0].kept.size()), 1)};
     Migration mg = apply_plan(model, {}, plan, one, Comms{&comm, &comm}, seed);
     return evaluate(mg.model, sl, Comms{&comm, &comm}).accuracy;
   };
-  o.norm_change = prune_acc("router_norm_change");
-  o.random = prune_acc("random");
+  o.norm_change = prune_acc(Criterion::RouterNormChange);
+  o.random = prune_acc(Criterion::Random);
   return o;
 }
 

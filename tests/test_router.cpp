@@ -86,7 +86,7 @@ TEST(Router, ForwardShapesAndGatesAreProbabilities) {
   at::manual_seed(0);
   Router r(8, RouterOptions{4, 2, 1.0, 1.0, false});
   at::Tensor x = at::randn({3, 10, 8});
-  Routing out = r->forward(x, /*train=*/false, {});
+  Routing out = r->forward(x, /*train=*/false, {}, TorchSelector());
   EXPECT_EQ(out.expert.sizes(), (std::vector<int64_t>{30, 2}));
   EXPECT_EQ(out.capacity, 8);  // ceil(10*2*1/4)=5 -> 8
   // Gates are the softmax probabilities of the chosen experts, not renormalised.
@@ -95,8 +95,8 @@ TEST(Router, ForwardShapesAndGatesAreProbabilities) {
   EXPECT_TRUE((out.gate.sum(1) < 1.0 + 1e-6).all().item<bool>());
   EXPECT_EQ(out.load_loss.item<double>(), 0.0);  // no noise outside training
   // Training noise is a function of the group seed alone.
-  Routing a = r->forward(x, true, {1, 2, 3});
-  Routing b = r->forward(x.narrow(0, 1, 1), true, {2});
+  Routing a = r->forward(x, true, {1, 2, 3}, TorchSelector());
+  Routing b = r->forward(x.narrow(0, 1, 1), true, {2}, TorchSelector());
   EXPECT_TRUE(at::equal(a.expert.narrow(0, 10, 10), b.expert));
 }
 

@@ -10,9 +10,10 @@
 #include "ckpt/model_file.h"
 #include "core/error.h"
 #include "prune/router_history.h"
-#include "train/precision.h"
+#include "core/precision.h"
 #include "train/trainer.h"
 #include "test_models.h"
+#include "test_tmp.h"
 
 namespace moeprune {
 namespace {
@@ -32,19 +33,19 @@ TEST(Schedule, WarmupThenCosine) {
 
 TEST(Optimizer, SgdMomentumAndAdamWByHand) {
   SelfCommunicator comm;
-  for (const char* kind : {"sgd", "adamw"}) {
+  for (OptimizerKind kind : {OptimizerKind::Sgd, OptimizerKind::AdamW}) {
     PhaseConfig p;
     p.optimizer = kind;
     p.momentum = 0.9;
     p.clip_norm = 0;
     p.weight_decay = 0;
     at::Tensor w = at::tensor({1.0, -2.0}, at::kFloat).requires_grad_(true);
-    Optimizer opt(p, {ParamSlot{"w", w, false, {}, {}}});
+    Optimizer opt(p, {ParamSlot{"w", w, false, {}, {}, -1, {}}});
     for (int s = 0; s < 2; ++s) {
       w.mutable_grad() = at::tensor({0.5, 1.0}, at::kFloat);
       opt.step(comm, 0.1);
     }
-    if (std::string(kind) == "sgd") {
+    if (kind == OptimizerKind::Sgd) {
       // buf1 = g, buf2 = 0.9 g + g -> w = w0 - 0.1 (g + 1.9 g)
       EXPECT_NEAR(w[0].item<double>(), 1.0 - 0.1 * 2.9 * 0.5, 1e-6);
     } else {
@@ -58,11 +59,11 @@ TEST(Optimizer, SgdMomentumAndAdamWByHand) {
 TEST(Optimizer, ClipsTheGlobalNorm) {
   SelfCommunicator comm;
   PhaseConfig p;
-  p.optimizer = "sgd";
+  p.optimizer = OptimizerKind::Sgd;
   p.momentum = 0;
   p.clip_norm = 1.0;
   at::Tensor a = at::zeros({1}).requires_grad_(true), b = at::zeros({1}).requires_grad_(true);
-  Optimizer opt(p, {ParamSlot{"a", a, false, {}, {}}, ParamSlot{"b", b, true, {}, {}}});
+  Optimizer opt(p, {ParamSlot{"a", a, false, {}, {}, -1, {}}, ParamSlot{"b", b, true, {}, {}, -1, {}}});
   a.mutable_grad() = at::tensor({3.0f});
   b.mutable_grad() = at::tensor({4.0f});
   EXPECT_NEAR(opt.step(comm, 1.0), 5.0, 1e-9);
@@ -121,7 +122,8 @@ TEST(ModelFile, RoundTripAndNewHead) {
   ModelConfig cfg = small_model(3);
   at::manual_seed(1);
   VisionTransformer a(cfg, default_placements(cfg, 1), comm, 1);
-  const std::string path = (std::filesystem::temp_directory_path() / "moeprune_model_rt.safetensors").string();
+  test::TempDir tmp("model-file");
+  const std::string path = tmp / "model.safetensors";
   save_model(path, a, comm, {{"k", "v"}});
   at::manual_seed(2);
   VisionTransformer b(cfg, default_placements(cfg, 1), comm, 2);
@@ -152,14 +154,14 @@ JobConfig planted_job() {
   JobConfig job;
   job.seed = 4;
   job.model = small_model(2);
-  job.data.dataset = "planted";
+  job.data.dataset = DatasetKind::Planted;
   job.data.planted_train = 1024;
   job.data.planted_test = 512;
   job.data.planted_patches = 1;
   job.data.planted_noise = 0.5;
   job.data.prefetch = 1;
   PhaseConfig p;
-  p.optimizer = "adamw";
+  p.optimizer = OptimizerKind::AdamW;
   p.lr = 3e-3;
   p.end_lr = 1e-4;
   p.warmup_steps = 10;
@@ -174,9 +176,9 @@ JobConfig planted_job() {
 std::pair<PhaseResult, VisionTransformer> train_planted(const JobConfig& job) {
   static SelfCommunicator comm;  // outlives the returned model, which points to it
   const PhaseConfig& p = job.finetune;
-  Split train = make_split(load_dataset(job, "train"), p, "finetune", "train", 0.1);
-  Split val = make_split(load_dataset(job, "train"), p, "finetune", "val", 0.1);
-  Split test = make_split(load_dataset(job, "test"), p, "finetune", "test", 0.1);
+  Split train = make_split(load_dataset(job, SplitPart::Train), p, "finetune", SplitPart::Train, 0.1);
+  Split val = make_split(load_dataset(job, SplitPart::Train), p, "finetune", SplitPart::Val, 0.1);
+  Split test = make_split(load_dataset(job, SplitPart::Test), p, "finetune", SplitPart::Test, 0.1);
   LoaderOptions lo;
   lo.image_size = 8;
   lo.seed = job.seed;
@@ -188,7 +190,7 @@ std::pair<PhaseResult, VisionTransformer> train_planted(const JobConfig& job) {
   at::manual_seed(4);
   VisionTransformer model(job.model, default_placements(job.model, 1), comm, 4);
   MetricsSink sink;
-  Trainer trainer(Comms{&comm, &comm}, job, p, "finetune", model, sink);
+  Trainer trainer(Comms{&comm, &comm}, job, p, Phase::Finetune, model, sink);
   return {trainer.run(tl, vl, &sl), model};
 }
 
@@ -217,7 +219,7 @@ TEST(Training, SameSeedGivesBitIdenticalRuns) {
 // the loss, the master weights and the optimiser state stay float32.
 TEST(Training, Bf16AutocastLearnsWithFloat32MasterWeights) {
   JobConfig job = planted_job();
-  job.finetune.precision = "bf16";
+  job.finetune.precision = Precision::Bf16;
   auto [r, model] = train_planted(job);
   EXPECT_GT(r.test.accuracy, 0.85) << "test accuracy " << r.test.accuracy;
   for (const auto& p : model->parameters()) EXPECT_EQ(p.scalar_type(), at::kFloat);
@@ -231,26 +233,26 @@ TEST(Precision, RouterIsFloat32AndExpertsBf16UnderAutocast) {
   MoeLayer layer(mc, 1, Placement::contiguous(mc.moe.num_experts, 1), comm, 3);
   at::Tensor x = at::randn({4 * mc.moe.group_size, 5, mc.hidden});
   auto route = [&](bool amp) {
-    AutocastGuard g(x.device(), amp ? "bf16" : "fp32");
-    return layer->routers[0]->as<RouterImpl>()->forward(x.reshape({4, -1, mc.hidden}), false, {});
+    AutocastGuard g(x.device(), amp ? Precision::Bf16 : Precision::Fp32);
+    return layer->routers[0]->as<RouterImpl>()->forward(x.reshape({4, -1, mc.hidden}), false, {}, TorchSelector());
   };
   Routing a = route(true), b = route(false);
   EXPECT_EQ(a.probs.scalar_type(), at::kFloat);
   EXPECT_TRUE(at::equal(a.probs, b.probs)) << "routing must not see bf16 rounding";
   EXPECT_TRUE(at::equal(a.expert, b.expert));
   ForwardContext c1, c2;
-  c1.total_groups = c2.total_groups = 4;
+  c1.in.total_groups = c2.in.total_groups = 4;
   at::Tensor y32 = layer->forward(x, c1);
   at::Tensor y16;
   {
-    AutocastGuard g(x.device(), "bf16");
+    AutocastGuard g(x.device(), Precision::Bf16);
     y16 = layer->forward(x, c2);
   }
   EXPECT_EQ(y16.scalar_type(), at::kBFloat16);
   const double rel = ((y16.to(at::kFloat) - y32).abs().max() / y32.abs().max()).item<double>();
   EXPECT_LT(rel, 3e-2) << "bf16 has 8 bits of mantissa: a few rounding steps of 2^-8";
   EXPECT_GT(rel, 0.0) << "the experts really ran in bf16";
-  EXPECT_THROW(AutocastGuard(x.device(), "fp16"), UserError);
+  EXPECT_THROW(parse_choice<Precision>("fp16", "precision"), UserError);
 }
 
 }  // namespace

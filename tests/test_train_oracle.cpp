@@ -17,12 +17,12 @@ TEST(TrainOracle, FewStepsMatchSingleProcess) {
   job.seed = 11;
   job.model = small_vit(2, 4, 2);
   const ModelConfig& m = job.model;
-  job.data.dataset = "planted";
+  job.data.dataset = DatasetKind::Planted;
   job.data.planted_train = 256;
   job.data.planted_test = 64;
   job.data.prefetch = 0;
   PhaseConfig p;
-  p.optimizer = "sgd";
+  p.optimizer = OptimizerKind::Sgd;
   p.lr = 0.05;
   p.warmup_steps = 1;
   p.steps = 4;
@@ -31,9 +31,9 @@ TEST(TrainOracle, FewStepsMatchSingleProcess) {
   p.log_every = 1;
   p.clip_norm = 0.5;   // clipping is active and must agree
   job.finetune = p;
-  auto data = load_dataset(job, "train");
-  Split train = make_split(data, p, "finetune", "train", 0.25);
-  Split val = make_split(data, p, "finetune", "val", 0.25);
+  auto data = load_dataset(job, SplitPart::Train);
+  Split train = make_split(data, p, "finetune", SplitPart::Train, 0.25);
+  Split val = make_split(data, p, "finetune", SplitPart::Val, 0.25);
 
   auto run = [&](Comms comms, const std::vector<Placement>& placements) {
     LoaderOptions lo;
@@ -50,7 +50,7 @@ TEST(TrainOracle, FewStepsMatchSingleProcess) {
     at::manual_seed(job.seed);
     VisionTransformer model(m, placements, *comms.device, job.seed);
     MetricsSink sink;
-    Trainer t(comms, job, p, "finetune", model, sink);
+    Trainer t(comms, job, p, Phase::Finetune, model, sink);
     PhaseResult r = t.run(tl, vl, nullptr);
     return std::pair{model, r};
   };

@@ -1,111 +1,24 @@
-#include <ATen/CPUGeneratorImpl.h>
-
+// moeprune forward: the smoke test's figures on rank 0 (pipeline/forward_check.h).
 #include <cstdio>
 
 #include "cli/commands.h"
-#include "core/error.h"
-#include "core/log.h"
-#include "model/vit.h"
+#include "pipeline/forward_check.h"
 
 namespace moeprune {
-namespace {
-
-// Sums x over ranks (host doubles), so every rank prints the global figure.
-std::vector<double> global_sums(World& world, std::vector<double> local) {
-  at::Tensor t = at::tensor(local, at::kDouble);
-  world.host_comm().all_reduce(t, ReduceOp::Sum);
-  return std::vector<double>(t.data_ptr<double>(), t.data_ptr<double>() + t.numel());
-}
-
-}  // namespace
 
 int cmd_forward(World& world, const JobConfig& cfg) {
-  const ModelConfig& mc = cfg.model;
-  const int W = world.size(), r = world.rank();
-  const int64_t B = cfg.finetune.batch_size, local_B = B / W;
-  const int64_t total_groups = B / mc.moe.group_size;
-
-  at::manual_seed(cfg.seed);
-  VisionTransformer model(mc, default_placements(mc, W), world.comm(), cfg.seed);
-  model->to(world.device());
-  model->train();
-  log::info(concat("forward: model ", mc.name, " with ", mc.moe_blocks().size(), " MoE layers of ", mc.moe.num_experts,
-                " experts (top-", mc.moe.top_k, ", E3 members ", mc.moe.ensemble_size, "), ", W, " ranks, device ",
-                world.device().str(), ", global batch ", B));
-
-  // The fixed global batch, generated identically on every rank; each takes its slice.
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(cfg.seed + 1);
-  at::Tensor images = at::randn({B, mc.channels, mc.image_size, mc.image_size}, gen, at::kFloat);
-  at::Tensor labels = at::randint(mc.num_classes, {B}, gen, at::TensorOptions().dtype(at::kLong));
-  images = images.narrow(0, r * local_B, local_B).to(world.device());
-  labels = labels.narrow(0, r * local_B, local_B).to(world.device());
-
-  std::vector<std::vector<int64_t>> expert_rows;
-  ForwardContext ctx;
-  ctx.train = true;
-  ctx.noise_seed = cfg.seed;
-  ctx.first_group = r * local_B / mc.moe.group_size;
-  ctx.total_groups = total_groups;
-  ctx.expert_rows = &expert_rows;
-  at::Tensor logits = model->forward(images, ctx);
-  at::Tensor loss = cross_entropy_sum(logits, labels) / static_cast<double>(B) +
-                    ctx.aux_loss / static_cast<double>(mc.moe.ensemble_size * total_groups);
-  loss.backward();
-  for (at::Tensor& p : model->dense_parameters()) {
-    at::Tensor g = p.grad();
-    world.comm().all_reduce(g, ReduceOp::Sum);
-  }
-
-  // Checksums are sums of non-negative terms (no cancellation), accumulated in
-  // float64, so that the float32 rounding differences between world sizes
-  // (reduction order, ~1e-7 relative) stay below the printed 5 digits.
-  auto abs_sum = [](const at::Tensor& t) { return t.to(at::kDouble).abs().sum().item<double>(); };
-  auto sq_sum = [](const at::Tensor& t) { return t.to(at::kDouble).pow(2).sum().item<double>(); };
-  double dense_abs = 0, dense_sq = 0, exp_abs = 0, exp_sq = 0;
-  for (const auto& p : model->dense_parameters()) {
-    dense_abs += abs_sum(p.grad());
-    dense_sq += sq_sum(p.grad());
-  }
-  for (const auto& p : model->expert_parameters()) {
-    if (!p.grad().defined()) continue;  // no local expert received a token
-    exp_abs += abs_sum(p.grad());
-    exp_sq += sq_sum(p.grad());
-  }
-  const auto g = global_sums(world, {loss.item<double>(), abs_sum(logits.detach()), sq_sum(logits.detach()),
-                                     exp_abs, exp_sq});
-
-  // Rows computed by each expert, gathered to rank 0 in expert order.
-  const auto layers = model->moe_layers();
-  std::vector<std::string> rows_text;
-  for (size_t l = 0; l < layers.size(); ++l) {
-    const Placement& pl = layers[l]->placement();
-    std::vector<int64_t> all(pl.num_experts(), 0);
-    const auto& mine = pl.local_experts(r);
-    for (size_t i = 0; i < mine.size(); ++i) all[mine[i]] = expert_rows[l][i];
-    at::Tensor t = at::tensor(all, at::kLong);
-    world.host_comm().all_reduce(t, ReduceOp::Sum);
-    std::string line = concat("layer ", layers[l]->layer(), ":");
-    for (int rr = 0; rr < W; ++rr) {
-      line += concat(" rank", rr, "{");
-      const auto& held = pl.local_experts(rr);
-      for (size_t i = 0; i < held.size(); ++i) line += concat(i ? " " : "", "e", held[i], "=", t[held[i]].item<int64_t>());
-      line += "}";
-    }
-    rows_text.push_back(line);
-  }
-
-  if (r == 0) {
-    std::printf("moeprune forward: %s, %d rank(s), device %s\n", mc.name.c_str(), W, world.device().str().c_str());
-    for (const auto& line : rows_text) std::printf("expert rows %s\n", line.c_str());
-    std::printf("loss              %.4e\n", g[0]);
-    std::printf("output sum|x|     %.4e\n", g[1]);
-    std::printf("output sum x^2    %.4e\n", g[2]);
-    std::printf("dense grad sum|g| %.4e\n", dense_abs);
-    std::printf("dense grad sum g^2 %.4e\n", dense_sq);
-    std::printf("expert grad sum|g| %.4e\n", g[3]);
-    std::printf("expert grad sum g^2 %.4e\n", g[4]);
-    std::fflush(stdout);
-  }
+  const ForwardFigures f = forward_check(world, cfg);
+  if (world.rank() != 0) return kExitOk;
+  std::printf("moeprune forward: %s, %d rank(s), device %s\n", f.model_name.c_str(), f.ranks, f.device.c_str());
+  for (const auto& line : f.expert_rows) std::printf("expert rows %s\n", line.c_str());
+  std::printf("loss              %.4e\n", f.loss);
+  std::printf("output sum|x|     %.4e\n", f.out_abs);
+  std::printf("output sum x^2    %.4e\n", f.out_sq);
+  std::printf("dense grad sum|g| %.4e\n", f.dense_grad_abs);
+  std::printf("dense grad sum g^2 %.4e\n", f.dense_grad_sq);
+  std::printf("expert grad sum|g| %.4e\n", f.expert_grad_abs);
+  std::printf("expert grad sum g^2 %.4e\n", f.expert_grad_sq);
+  std::fflush(stdout);
   return kExitOk;
 }
 

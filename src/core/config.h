@@ -1,12 +1,16 @@
 // Typed job configuration filled from YAML (configs/*.yaml or the embedded
-// default), with "--set a.b=c" overrides. Unknown keys and invalid values are
-// UserErrors naming the key and what was expected. Validation lives here, in one
-// place: parse_config() returns only configs that passed validate().
+// default), with "--set a.b=c" overrides and `base:` inheritance between files.
+// Unknown keys and invalid values are UserErrors naming the key and what was
+// expected. Choices are enums from the moment the config is read (core/choices.h).
+// Reading lives in config_read.cpp, validation in config_validate.cpp:
+// parse_config() returns only configs that passed validate().
 #pragma once
 #include <cstdint>
 #include <map>
 #include <string>
 #include <vector>
+
+#include "core/choices.h"
 
 namespace moeprune {
 
@@ -37,11 +41,11 @@ struct ModelConfig {
   MoeConfig moe;
   // After pruning (set from a checkpoint, not from YAML): the surviving original
   // expert ids of each MoE block (a block absent here keeps all experts), and how
-  // routers treat pruned experts: "drop" (their router columns are removed, softmax
-  // over the survivors) or "zero" (softmax over all original experts; choices of a
+  // routers treat pruned experts: drop (their router columns are removed, softmax
+  // over the survivors) or zero (softmax over all original experts; choices of a
   // pruned expert contribute zero and cost nothing).
   std::map<int, std::vector<int>> kept_experts;
-  std::string pruned_routing = "drop";
+  PrunedRouting pruned_routing = PrunedRouting::Drop;
 
   int tokens_per_image() const;   // patches + class token
   std::vector<int> layer_experts(int block) const;  // surviving ids of a block (all when unpruned)
@@ -56,10 +60,9 @@ struct AugmentConfig {
 };
 
 struct DataConfig {
-  // fashion_mnist | mnist | cifar10 | cifar100 | shards | planted
-  std::string dataset = "fashion_mnist";
+  DatasetKind dataset = DatasetKind::FashionMnist;
   std::string root = "/usr/share/datasets/fashion-mnist";
-  std::string cifar100_labels = "fine";  // fine | coarse
+  Cifar100Labels cifar100_labels = Cifar100Labels::Fine;
   double val_fraction = 0.02;     // V-MoE split: train[:98%] / train[98%:]
   int eval_batch_size = 256;      // global; padded at the end of a split
   int prefetch = 2;               // batches prepared ahead by a background thread (0 = none)
@@ -71,16 +74,16 @@ struct DataConfig {
   double planted_noise = 0.5;     // std of the noise in every patch
 };
 
-// One training phase (pretrain or finetune): its task and its optimisation.
+// One training phase (pretrain, finetune or refinetune): its task and its optimisation.
 struct PhaseConfig {
   bool enabled = true;
   std::vector<int> classes;       // dataset classes used (empty = all), in label order
   std::vector<int> label_map;     // optional: label_map[i] = label of classes[i] (regrouping)
   std::string init;               // finetune: model file to start from ("" = the pretrain output)
-  std::string optimizer = "sgd";  // sgd (momentum) | adamw
-  // fp32 | bf16: bf16 runs the forward pass under autocast (GEMMs and the expert
-  // payload in bfloat16); router, losses, master weights and optimiser stay float32.
-  std::string precision = "fp32";
+  OptimizerKind optimizer = OptimizerKind::Sgd;  // sgd (momentum) | adamw
+  // bf16 runs the forward pass under autocast (GEMMs and the expert payload in
+  // bfloat16); router, losses, master weights and optimiser stay float32.
+  Precision precision = Precision::Fp32;
   double lr = 0.01;
   double end_lr = 1e-5;
   int warmup_steps = 0;
@@ -100,19 +103,18 @@ struct PhaseConfig {
 };
 
 struct CalibrationConfig {
-  std::string split = "val";      // val | train | test
+  SplitPart split = SplitPart::Val;
   int batches = 8;                // evaluation batches (0 = the whole split)
 };
 
 struct PruneConfig {
-  // router_norm_change | router_delta | heavy_hitter | soft_count | random
-  std::string criterion = "router_norm_change";
-  std::string scope = "global";   // global | per_layer
+  Criterion criterion = Criterion::RouterNormChange;
+  PruneScope scope = PruneScope::Global;
   double ratio = 0.5;             // fraction of the eligible experts to prune
   int count = 0;                  // or: this many (global) / per layer (per_layer); 0 = use ratio
   int min_experts = 0;            // every MoE layer keeps at least max(top_k, min_experts)
   std::vector<int> layers;        // eligible MoE blocks (empty = all)
-  std::string routing = "drop";   // drop | zero
+  PrunedRouting routing = PrunedRouting::Drop;
   bool rebalance = true;          // re-place survivors for even expected load
   int eval_top_k = 0;             // SEER-MoE: evaluate the re-fine-tuned model with this top-k (0 = model's)
   CalibrationConfig calibration;
@@ -129,6 +131,20 @@ struct CheckpointConfig {
   bool async = false;             // write in a background thread while training continues
 };
 
+// How the MoE layers compute (never what: every choice gives the same results up
+// to float rounding). Section `runtime:`; see core/env.h for the environment
+// variables that override it.
+struct MoeRuntime {
+  DispatcherKind dispatcher = DispatcherKind::Auto;
+  ExpertGemm expert_gemm = ExpertGemm::Loop;
+};
+
+struct RuntimeConfig {
+  MoeRuntime moe;                 // runtime.dispatcher, runtime.expert_gemm
+  bool malloc_tune = true;        // keep freed host blocks up to 32 MiB in the heap (dist/world.cpp)
+  int threads = 0;                // torch intra-op threads per rank (0 = OMP_NUM_THREADS, else cores / ranks per node)
+};
+
 struct JobConfig {
   uint64_t seed = 0;
   ModelConfig model;
@@ -139,10 +155,12 @@ struct JobConfig {
   PhaseConfig refinetune;         // optional re-fine-tuning of the pruned model (enabled: false by default)
   OutputConfig output;
   CheckpointConfig checkpoint;
+  RuntimeConfig runtime;
   std::string source;             // file path, or "<embedded vmoe-tiny>"
   std::string resolved_yaml;      // the config after overrides, as YAML
-  // Hash of what determines the pretrained model (seed, model, data, pretrain):
-  // a cached pretrained model is reused only when it matches.
+  // Hash of what determines the pretrained model (seed, model, data, pretrain): a
+  // cached pretrained model is reused only when it matches. FNV-1a of a canonical
+  // form (sorted keys), so the same settings give the same hash on any toolchain.
   std::string pretrain_fingerprint;
 };
 
@@ -150,7 +168,11 @@ struct JobConfig {
 extern const char* const kEmbeddedDefaultConfig;
 
 // path empty -> embedded default. overrides are "a.b.c=value" (value parsed as YAML).
+// A file may name `base: other.yaml` (or a list of files), relative to itself: the
+// bases are read first (later ones override earlier ones), then the file's own keys
+// override theirs, maps merged key by key. Environment overrides (core/env.h) apply last.
 JobConfig parse_config(const std::string& path, const std::vector<std::string>& overrides = {});
+// yaml_text has no file of its own: a `base:` in it is relative to the working directory.
 JobConfig parse_config_text(const std::string& yaml_text, const std::string& source_name,
                             const std::vector<std::string>& overrides = {});
 void validate(const JobConfig& cfg);

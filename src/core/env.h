@@ -1,25 +1,30 @@
-// Settings read from the environment (MOEPRUNE_KERNELS, MOEPRUNE_EXPERT_GEMM, ...).
+// The environment: the one place moeprune reads it. The variables are documented
+// overrides of the config's `runtime:` section (docs/usage.md), applied when the
+// config is read, so a bad value is a UserError on every rank before any work:
+//   MOEPRUNE_KERNELS=auto|on|off      runtime.dispatcher = auto | kernels | torch
+//   MOEPRUNE_EXPERT_GEMM=loop|grouped runtime.expert_gemm
+//   MOEPRUNE_MALLOC_TUNE=0|1          runtime.malloc_tune
+//   OMP_NUM_THREADS=n                 threads per rank when runtime.threads is 0
 #pragma once
-#include <cstdlib>
 #include <string>
 #include <vector>
 
-#include "core/error.h"
+#include "core/config.h"
 
 namespace moeprune {
 
-// The index in `choices` of environment variable `name` (unset or empty: 0).
+// The value of environment variable `name`, or "" when unset.
+std::string env_value(const char* name);
+
+// The index in `choices` of environment variable `name` (unset or empty: -1).
 // Anything else is a UserError: "NAME='v': expected a, b or c".
-inline int env_choice(const char* name, const std::vector<std::string>& choices) {
-  const char* env = std::getenv(name);
-  const std::string v = env ? env : "";
-  if (v.empty()) return 0;
-  for (size_t i = 0; i < choices.size(); ++i)
-    if (v == choices[i]) return static_cast<int>(i);
-  std::string expected;
-  for (size_t i = 0; i < choices.size(); ++i)
-    expected += (i == 0 ? "" : i + 1 == choices.size() ? " or " : ", ") + choices[i];
-  throw UserError(concat(name, "='", v, "': expected ", expected));
-}
+int env_choice(const char* name, const std::vector<std::string>& choices);
+
+// Applies the MOEPRUNE_* variables above to rt.
+void apply_env_overrides(RuntimeConfig& rt);
+
+// Torch intra-op threads of one rank: runtime.threads, else OMP_NUM_THREADS, else
+// cores / ranks on this node (at least 1).
+int resolve_threads(const RuntimeConfig& rt, int ranks_per_node);
 
 }  // namespace moeprune

@@ -236,27 +236,32 @@ class ShardDataset final : public Dataset {
 
 }  // namespace
 
-std::shared_ptr<Dataset> load_dataset(const JobConfig& cfg, const std::string& split) {
+std::shared_ptr<Dataset> load_dataset(const JobConfig& cfg, SplitPart part) {
   const DataConfig& d = cfg.data;
-  const bool train = split == "train";
-  if (d.dataset == "fashion_mnist" || d.dataset == "mnist") {
-    const std::string p = train ? "train" : "t10k";
-    const std::string img = find_file(d.root, {p + "-images-idx3-ubyte.gz", p + "-images-idx3-ubyte"});
-    const std::string lab = find_file(d.root, {p + "-labels-idx1-ubyte.gz", p + "-labels-idx1-ubyte"});
-    return read_idx(img, lab, 10, d.dataset + "/" + split);
+  const bool train = part != SplitPart::Test;  // train and val share the training file
+  const std::string split = train ? "train" : "test";
+  switch (d.dataset) {
+    case DatasetKind::FashionMnist:
+    case DatasetKind::Mnist: {
+      const std::string p = train ? "train" : "t10k";
+      const std::string img = find_file(d.root, {p + "-images-idx3-ubyte.gz", p + "-images-idx3-ubyte"});
+      const std::string lab = find_file(d.root, {p + "-labels-idx1-ubyte.gz", p + "-labels-idx1-ubyte"});
+      return read_idx(img, lab, 10, concat(name_of(d.dataset), "/", split));
+    }
+    case DatasetKind::Cifar10: return read_cifar10(d.root, split);
+    case DatasetKind::Cifar100: return read_cifar100(d.root, split, d.cifar100_labels == Cifar100Labels::Coarse);
+    case DatasetKind::Shards: return std::make_shared<ShardDataset>(d.root, split);
+    case DatasetKind::Planted: break;
   }
-  if (d.dataset == "cifar10") return read_cifar10(d.root, split);
-  if (d.dataset == "cifar100") return read_cifar100(d.root, split, d.cifar100_labels == "coarse");
-  if (d.dataset == "shards") return std::make_shared<ShardDataset>(d.root, split);
   // planted: test uses another seed than train.
   return make_planted(train ? d.planted_train : d.planted_test, cfg.model.image_size, cfg.model.patch_size,
                       d.planted_patches, d.planted_noise, cfg.seed * 2 + (train ? 1 : 2));
 }
 
 Split make_split(std::shared_ptr<const Dataset> data, const PhaseConfig& task, const std::string& phase,
-                 const std::string& part, double val_fraction) {
+                 SplitPart part, double val_fraction) {
   Split s;
-  s.name = phase + "/" + part;
+  s.name = concat(phase, "/", name_of(part));
   std::vector<int64_t> to_label(data->num_classes(), -1);
   if (task.classes.empty()) {
     for (int c = 0; c < data->num_classes(); ++c) to_label[c] = task.label_map.empty() ? c : -1;
@@ -274,9 +279,9 @@ Split make_split(std::shared_ptr<const Dataset> data, const PhaseConfig& task, c
   std::vector<int64_t> idx;
   for (int64_t i = 0; i < data->size(); ++i)
     if (to_label[data->labels()[i]] >= 0) idx.push_back(i);
-  if (part != "test") {
+  if (part != SplitPart::Test) {
     const auto n_train = static_cast<int64_t>(std::llround(static_cast<double>(idx.size()) * (1.0 - val_fraction)));
-    if (part == "train") idx.resize(n_train);
+    if (part == SplitPart::Train) idx.resize(n_train);
     else idx.erase(idx.begin(), idx.begin() + n_train);
   }
   require(!idx.empty(), concat("data: the ", s.name, " split of ", data->name, " is empty (classes and val_fraction)"));

@@ -56,8 +56,8 @@ std::shared_ptr<TensorDataset> read_cifar100(const std::string& root, const std:
 // half of the time, and Gaussian noise. Deterministic in seed.
 std::shared_ptr<TensorDataset> make_planted(int64_t n, int image_size, int patch_size, int patches, double noise,
                                             uint64_t seed);
-// The dataset named by cfg.data for split "train" or "test".
-std::shared_ptr<Dataset> load_dataset(const JobConfig& cfg, const std::string& split);
+// The dataset named by cfg.data holding `part`: the training file for train and val, the test file for test.
+std::shared_ptr<Dataset> load_dataset(const JobConfig& cfg, SplitPart part);
 
 // The examples of one task and part: index[i] is the dataset example, label[i] its task label.
 struct Split {
@@ -69,9 +69,10 @@ struct Split {
   int64_t size() const { return static_cast<int64_t>(index.size()); }
 };
 
-// part: "train" (first 1 - val_fraction of the task's training examples),
-// "val" (the rest, as V-MoE's train[98%:]) or "test" (the test set).
+// part: train (first 1 - val_fraction of the task's training examples), val (the
+// rest, as V-MoE's train[98%:]) or test (the test set). phase: the config section
+// of the task, for names and messages.
 Split make_split(std::shared_ptr<const Dataset> data, const PhaseConfig& task, const std::string& phase,
-                 const std::string& part, double val_fraction);
+                 SplitPart part, double val_fraction);
 
 }  // namespace moeprune

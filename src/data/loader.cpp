@@ -2,6 +2,8 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <nlohmann/json.hpp>
+
 #include "core/error.h"
 
 namespace moeprune {
@@ -137,6 +139,26 @@ void ShardedLoader::seek(int64_t epoch, int64_t step) {
   epoch_ = epoch;
   step_ = step;
   start_prefetch();
+}
+
+void ShardedLoader::save_state(StateWriter& out) const {
+  out.meta()["epoch"] = epoch_;
+  out.meta()["step"] = step_;
+}
+
+void ShardedLoader::load_state(const StateReader& in) {
+  int64_t epoch = 0, step = 0;
+  try {
+    epoch = in.meta().at("epoch").get<int64_t>();
+    step = in.meta().at("step").get<int64_t>();
+  } catch (const nlohmann::json::exception& e) {
+    throw UserError(concat("checkpoint ", in.where(), ": the loader position lacks a field or has a wrong type: ",
+                           e.what()));
+  }
+  require(epoch >= 0 && step >= 0 && step < steps_per_epoch(),
+          concat("checkpoint ", in.where(), ": loader position (epoch ", epoch, ", step ", step, ") is outside ",
+                 split_.name, " (", steps_per_epoch(), " steps per epoch)"));
+  seek(epoch, step);
 }
 
 Batch ShardedLoader::next() {

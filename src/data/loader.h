@@ -15,6 +15,7 @@
 
 #include "core/config.h"
 #include "core/seed.h"
+#include "core/state.h"
 #include "data/dataset.h"
 
 namespace moeprune {
@@ -38,7 +39,8 @@ struct LoaderOptions {
   c10::Device device{c10::kCPU};
 };
 
-class ShardedLoader {
+// A checkpoint state owner (section "loader"): the position of the next batch.
+class ShardedLoader final : public StateOwner {
  public:
   ShardedLoader(Split split, LoaderOptions opts);
   ~ShardedLoader();
@@ -51,8 +53,14 @@ class ShardedLoader {
   void seek(int64_t epoch, int64_t step);
   // Returns the batch at the current position and advances (into the next epoch after the last step).
   Batch next();
+  // (epoch, step) of the batch the next call to next() returns.
+  std::pair<int64_t, int64_t> position() const { return {epoch_, step_}; }
   // Pure: the batch this rank gets at (epoch, step).
   Batch make_batch(int64_t epoch, int64_t step) const;
+
+  std::string state_key() const override { return "loader"; }
+  void save_state(StateWriter& out) const override;
+  void load_state(const StateReader& in) override;
   const Split& split() const { return split_; }
   const LoaderOptions& options() const { return opts_; }
 

@@ -5,10 +5,9 @@
 
 #include <malloc.h>
 
-#include <cstdlib>
 #include <string>
-#include <thread>
 
+#include "core/env.h"
 #include "core/error.h"
 #include "core/log.h"
 #ifdef MOEPRUNE_WITH_CUDA
@@ -22,17 +21,14 @@ namespace {
 // activations). glibc returns blocks above its mmap threshold to the kernel and
 // trims the heap top eagerly, so each step page-faults its buffers in again
 // (measured: dispatch + combine 1.6-2x slower). Keep freed blocks up to 32 MiB
-// (glibc's largest mmap threshold) in the heap. MOEPRUNE_MALLOC_TUNE=0 disables.
+// (glibc's largest mmap threshold) in the heap (runtime.malloc_tune).
 void tune_host_allocator() {
-  const char* env = std::getenv("MOEPRUNE_MALLOC_TUNE");
-  if (env && std::string(env) == "0") return;
   mallopt(M_MMAP_THRESHOLD, 32 << 20);
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
 }
 }  // namespace
 
-World::World(int* argc, char*** argv, const std::string& device_pref) {
-  tune_host_allocator();
+World::World(int* argc, char*** argv, bool use_gpus) {
   int initialized = 0;
   MPI_Initialized(&initialized);
   if (!initialized) {
@@ -49,17 +45,14 @@ World::World(int* argc, char*** argv, const std::string& device_pref) {
   log::init(rank_, size_);
   mpi_ = std::make_unique<MpiCommunicator>(MPI_COMM_WORLD);
 
-  if (device_pref != "auto" && device_pref != "cpu" && device_pref != "cuda")
-    throw UserError(concat("--device '", device_pref, "': expected auto, cpu or cuda"));
-  const bool have_gpu = torch::cuda::is_available();
-  if (device_pref == "cuda" && !have_gpu) throw UserError("--device cuda: no CUDA device is visible on this node");
-  if (have_gpu && device_pref != "cpu") {
+  if (use_gpus && torch::cuda::is_available()) {
     const int n = static_cast<int>(torch::cuda::device_count());
     device_ = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(local_rank_ % n));
 #ifdef MOEPRUNE_WITH_CUDA
     device_comm_ = make_nccl_communicator(*mpi_, local_rank_ % n);
 #else
-    throw UserError("this moeprune was built without the CUDA path (MOEPRUNE_CUDA=OFF); use --device cpu");
+    throw UserError("GPUs are visible but this moeprune was built without the CUDA path (MOEPRUNE_CUDA=OFF): "
+                    "rebuild with -DMOEPRUNE_CUDA=ON, or hide the GPUs with CUDA_VISIBLE_DEVICES=");
 #endif
   }
 }
@@ -97,14 +90,9 @@ void World::abort(int code, const std::string& msg) {
   std::_Exit(code);  // MPI_Abort does not return; this is for the type system
 }
 
-void World::set_threads() {
-  int threads = 0;
-  if (const char* env = std::getenv("OMP_NUM_THREADS")) threads = std::atoi(env);
-  if (threads <= 0) {
-    const int cores = static_cast<int>(std::thread::hardware_concurrency());
-    threads = std::max(1, cores / std::max(1, local_size_));
-  }
-  at::set_num_threads(threads);
+void World::apply_runtime(const RuntimeConfig& rt) {
+  if (rt.malloc_tune) tune_host_allocator();
+  at::set_num_threads(resolve_threads(rt, local_size_));
   at::set_num_interop_threads(1);
 }
 

@@ -8,6 +8,7 @@
 #include <memory>
 #include <string>
 
+#include "core/config.h"
 #include "core/error.h"
 #include "dist/communicator.h"
 
@@ -33,9 +34,9 @@ class AgreedUserError : public UserError {
 class World {
  public:
   // Initialises MPI (thread level FUNNELED: only the main thread calls MPI) and
-  // picks the device: cuda:local_rank when GPUs exist (and device != "cpu"), else CPU.
-  // device_pref: "auto", "cpu" or "cuda".
-  World(int* argc, char*** argv, const std::string& device_pref = "auto");
+  // picks the device: cuda:local_rank when GPUs are visible and use_gpus, else the
+  // CPU (the multi-rank test suite runs on CPUs on any machine).
+  World(int* argc, char*** argv, bool use_gpus = true);
   ~World();  // MPI_Finalize
   World(const World&) = delete;
   World& operator=(const World&) = delete;
@@ -65,8 +66,9 @@ class World {
   // Ends every rank with `code` after logging msg on this rank. Never returns.
   [[noreturn]] void abort(int code, const std::string& msg);
 
-  // Sets torch's intra-op threads: OMP_NUM_THREADS when set, else cores / ranks per node.
-  void set_threads();
+  // The process-level runtime settings: torch's intra-op threads (resolve_threads)
+  // and the host allocator tuning (runtime.malloc_tune).
+  void apply_runtime(const RuntimeConfig& rt);
 
  private:
   int rank_ = 0, size_ = 1, local_rank_ = 0, local_size_ = 1;

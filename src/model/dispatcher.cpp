@@ -5,35 +5,33 @@
 
 namespace moeprune {
 
-DispatchPlan Dispatcher::plan(const at::Tensor& expert, const at::Tensor& gate, const at::Tensor& keep,
-                              const at::Tensor& group, const at::Tensor& position, int64_t capacity,
-                              int64_t num_groups) const {
+void TokenDispatcher::fill_plan(const RoutedChoices& c, DispatchPlan& p) const {
   const Placement& pl = *placement_;
   const int W = comm_->size();
   const int me = comm_->rank();
   const int E = pl.num_experts();
+  const at::Tensor& expert = c.expert;
   const int64_t K = expert.size(1);
-  DispatchPlan p;
   p.num_tokens = expert.size(0);
 
-  at::Tensor kept = keep.reshape({-1}).nonzero().squeeze(1);  // flat choice indices
+  at::Tensor kept = c.keep.reshape({-1}).nonzero().squeeze(1);  // flat choice indices
   at::Tensor e = expert.reshape({-1}).index_select(0, kept);
   std::vector<int64_t> slot_table(pl.send_order().size());
   for (int ex = 0; ex < E; ++ex) slot_table[ex] = pl.send_slot(ex);
   at::Tensor slot_of = at::tensor(slot_table, at::kLong).to(expert.device());
   at::Tensor slot = slot_of.index_select(0, e);
-  at::Tensor key = (slot * num_groups + group.reshape({-1}).index_select(0, kept)) * capacity +
-                   position.reshape({-1}).index_select(0, kept);
+  at::Tensor key = (slot * c.num_groups + c.group.reshape({-1}).index_select(0, kept)) * c.capacity +
+                   c.position.reshape({-1}).index_select(0, kept);
   at::Tensor order = std::get<1>(key.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
-  at::Tensor choice = kept.index_select(0, order);
-  p.token = at::floor_divide(choice, K);
-  p.gate = gate.reshape({-1}).index_select(0, choice);
+  p.choice = kept.index_select(0, order);
+  p.token = at::floor_divide(p.choice, K);
+  p.gate = c.gate.reshape({-1}).index_select(0, p.choice);
   p.send_expert = e.index_select(0, order);
 
   // Counts per expert (by expert id) on the host: they size the exchange.
   at::Tensor counts_t = at::bincount(p.send_expert.to(at::kCPU), {}, E);
-  const int64_t* c = counts_t.data_ptr<int64_t>();
-  p.send_counts.assign(c, c + E);
+  const int64_t* cnt = counts_t.data_ptr<int64_t>();
+  p.send_counts.assign(cnt, cnt + E);
 
   // Tell every rank how many rows each of its experts gets from here. Send order
   // is (rank, its local experts in order), so each (rank, expert) is one block.
@@ -77,24 +75,50 @@ DispatchPlan Dispatcher::plan(const at::Tensor& expert, const at::Tensor& gate, 
       next[i] += n;
     }
   p.recv_rows = L ? next[L - 1] : 0;
-  p.fused = use_kernels(expert);
-  if (p.fused) p.send_row_of = inverse_rows(choice, p.num_tokens, K);
-  return p;
 }
 
-at::Tensor Dispatcher::dispatch(const at::Tensor& x, const DispatchPlan& p) const {
-  // Permute into send order, then one exchange that writes expert-major directly.
-  at::Tensor payload = p.fused ? permute_rows_autograd(x, p.token, p.send_row_of) : x.index_select(0, p.token);
+at::Tensor TokenDispatcher::send(const at::Tensor& payload, const DispatchPlan& p) const {
   return all_to_all_blocks_autograd(payload, p.send_blocks, p.recv_rows, p.recv_blocks, *comm_);
 }
 
-at::Tensor Dispatcher::combine(const at::Tensor& y, const DispatchPlan& p) const {
-  // The reverse exchange returns the rows in send order; then the gate-weighted sum per token.
-  const int64_t sent = p.token.size(0);
-  at::Tensor returned = all_to_all_blocks_autograd(y, p.recv_blocks, sent, p.send_blocks, *comm_);
-  if (p.fused) return combine_autograd(returned, p.gate, p.token, p.send_row_of);
+at::Tensor TokenDispatcher::send_back(const at::Tensor& y, const DispatchPlan& p) const {
+  // The reverse exchange returns the rows in send order.
+  return all_to_all_blocks_autograd(y, p.recv_blocks, p.token.size(0), p.send_blocks, *comm_);
+}
+
+// ---------------------------------------------------------------------------
+Selection TorchDispatcher::select(const at::Tensor& probs, int k, int64_t capacity, bool bpr,
+                                  const at::Tensor& token_valid) const {
+  return TorchSelector().select(probs, k, capacity, bpr, token_valid);
+}
+
+std::unique_ptr<DispatchPlan> TorchDispatcher::plan(const RoutedChoices& c) const {
+  auto p = std::make_unique<DispatchPlan>();
+  fill_plan(c, *p);
+  return p;
+}
+
+at::Tensor TorchDispatcher::dispatch(const at::Tensor& x, const DispatchPlan& p) const {
+  return send(x.index_select(0, p.token), p);  // permute into send order, then one exchange
+}
+
+at::Tensor TorchDispatcher::combine(const at::Tensor& y, const DispatchPlan& p) const {
+  at::Tensor returned = send_back(y, p);
   at::Tensor weighted = returned * p.gate.unsqueeze(1).to(returned.dtype());
   return at::zeros({p.num_tokens, y.size(1)}, y.options()).index_add(0, p.token, weighted);
+}
+
+// ---------------------------------------------------------------------------
+std::unique_ptr<TokenDispatcher> make_dispatcher(DispatcherKind kind, c10::Device device, Communicator& comm,
+                                                 const Placement& placement) {
+  bool kernels = false;
+  switch (kind) {
+    case DispatcherKind::Torch: break;
+    case DispatcherKind::Kernels: kernels = device.is_cpu() || cuda_kernels_runnable(device.index()); break;
+    case DispatcherKind::Auto: kernels = device.is_cuda() && cuda_kernels_runnable(device.index()); break;
+  }
+  if (kernels) return std::make_unique<KernelDispatcher>(comm, placement);
+  return std::make_unique<TorchDispatcher>(comm, placement);
 }
 
 }  // namespace moeprune

@@ -1,58 +1,114 @@
-// Moves routed tokens to the ranks that hold their experts and brings the expert
-// outputs back (the Megatron-Core "token dispatcher" role: permutation and
-// all-to-all, nothing else). Knows the Placement, not the experts' internals.
+// Token dispatching for expert parallelism (the Megatron-Core MoETokenDispatcher
+// role): the router's selection of top-k experts and capacity slots, then moving
+// the kept choices to the ranks that hold their experts and bringing the expert
+// outputs back. Knows the Placement, not the experts' internals.
 //
-// dispatch(): kept choices are sorted into send order (by the rank holding the
-// expert, then expert, then group, then capacity slot), counts are exchanged, and
-// the payload moves with one block all-to-all (one block per (rank, expert)) that
-// writes each local expert's rows contiguously on arrival: no regrouping pass.
-// combine() sends the expert outputs back the same way and sums them weighted by
-// their gates in the original token order.
+// TokenDispatcher is the interface; two backends implement it:
+//   TorchDispatcher   PyTorch ops (index_select, index_add, sort): the reference.
+//   KernelDispatcher  the kernels of kernels/ (top-k, capacity, permute,
+//                     unpermute + combine): CUDA grids on GPUs, their host path on CPUs.
+// Both share the plan (send order, count exchange, blocks) and the block
+// all-to-all, so they differ only in the local steps. make_dispatcher() picks one
+// from runtime.dispatcher (auto | torch | kernels) and the device.
+//
+// plan(): kept choices are sorted into send order (by the rank holding the expert,
+// then expert, then group, then capacity slot), counts are exchanged, and
+// dispatch() moves the payload with one block all-to-all (one block per (rank,
+// expert)) that writes each local expert's rows contiguously on arrival: no
+// regrouping pass. combine() sends the expert outputs back the same way and sums
+// them weighted by their gates in the original token order.
 #pragma once
 #include <ATen/ATen.h>
 
+#include <memory>
+#include <string_view>
 #include <vector>
 
+#include "core/choices.h"
 #include "dist/communicator.h"
 #include "model/placement.h"
+#include "model/router.h"
 
 namespace moeprune {
 
+// The routing decisions of one MoE layer call, flattened over N tokens (all E3
+// members' copies) with k choices each.
+struct RoutedChoices {
+  at::Tensor expert;    // [N, k] int64: layer slot (placement index) of each choice
+  at::Tensor gate;      // [N, k] float: its combine weight (differentiable)
+  at::Tensor keep;      // [N, k] bool: false where dropped (capacity, pruned expert, padding)
+  at::Tensor group;     // [N, k] int64: routing group of the token, in dispatch order
+  at::Tensor position;  // [N, k] int64: capacity slot of the choice in its (group, expert) buffer
+  int64_t capacity = 0;
+  int64_t num_groups = 0;
+};
+
+// What plan() computed for one call; backends may extend it.
 struct DispatchPlan {
-  // Send side (this rank's tokens).
-  at::Tensor token;        // [A] int64: source token of each kept choice, in send order
+  virtual ~DispatchPlan() = default;
+  // Send side (this rank's tokens), in send order.
+  at::Tensor choice;       // [A] int64: flat index n*k + j of each kept choice
+  at::Tensor token;        // [A] int64: its source token n
   at::Tensor gate;         // [A] float: its gate (differentiable)
-  at::Tensor send_expert;  // [A] int64: its expert, in send order
+  at::Tensor send_expert;  // [A] int64: its expert (layer slot)
   std::vector<int64_t> send_splits, recv_splits;  // rows per rank
-  std::vector<int64_t> send_counts;  // [E] kept choices per expert of the layer (all ranks' experts)
+  std::vector<int64_t> send_counts;   // [E] kept choices per expert of the layer (all ranks' experts)
   std::vector<RowBlock> send_blocks;  // one per (destination rank, its local expert), in send order
   // Receive side (rows for this rank's experts), expert-major: (local expert, source rank).
   std::vector<RowBlock> recv_blocks;  // one per (source rank, local expert), in each source's send order
   std::vector<int64_t> expert_counts;  // rows per local expert, local order
   int64_t recv_rows = 0;
   int64_t num_tokens = 0;
-  // Fused path (model/fused_dispatch.h), set when use_kernels() holds for the
-  // routing tensors: the send row of each token's choices [N, k], -1 if dropped.
-  at::Tensor send_row_of;
-  bool fused = false;
 };
 
-class Dispatcher {
+class TokenDispatcher : public SlotSelector {
  public:
-  Dispatcher(Communicator& comm, const Placement& placement) : comm_(&comm), placement_(&placement) {}
-
-  // Builds the plan and exchanges counts. expert/keep/gate: [N, k]; group/position: [N, k].
-  // Sort key inside an expert: (group, position), the order of V-MoE's dispatch buffer.
-  DispatchPlan plan(const at::Tensor& expert, const at::Tensor& gate, const at::Tensor& keep,
-                    const at::Tensor& group, const at::Tensor& position, int64_t capacity, int64_t num_groups) const;
+  TokenDispatcher(Communicator& comm, const Placement& placement) : comm_(&comm), placement_(&placement) {}
+  virtual std::string_view name() const = 0;
+  // Builds the plan and exchanges counts with the other ranks (collective).
+  virtual std::unique_ptr<DispatchPlan> plan(const RoutedChoices& c) const = 0;
   // x: [N, H] -> [sum(expert_counts), H] rows grouped by local expert.
-  at::Tensor dispatch(const at::Tensor& x, const DispatchPlan& plan) const;
+  virtual at::Tensor dispatch(const at::Tensor& x, const DispatchPlan& plan) const = 0;
   // y: [sum(expert_counts), H] expert outputs in dispatch() order -> [N, H].
-  at::Tensor combine(const at::Tensor& y, const DispatchPlan& plan) const;
+  virtual at::Tensor combine(const at::Tensor& y, const DispatchPlan& plan) const = 0;
 
- private:
+ protected:
+  // The plan every backend shares: send order, count exchange, blocks.
+  void fill_plan(const RoutedChoices& c, DispatchPlan& p) const;
+  // The exchanges of dispatch() and combine(), differentiable.
+  at::Tensor send(const at::Tensor& payload, const DispatchPlan& p) const;
+  at::Tensor send_back(const at::Tensor& y, const DispatchPlan& p) const;
+
   Communicator* comm_;
   const Placement* placement_;
 };
+
+class TorchDispatcher final : public TokenDispatcher {
+ public:
+  using TokenDispatcher::TokenDispatcher;
+  std::string_view name() const override { return "torch"; }
+  Selection select(const at::Tensor& probs, int k, int64_t capacity, bool bpr,
+                   const at::Tensor& token_valid) const override;
+  std::unique_ptr<DispatchPlan> plan(const RoutedChoices& c) const override;
+  at::Tensor dispatch(const at::Tensor& x, const DispatchPlan& plan) const override;
+  at::Tensor combine(const at::Tensor& y, const DispatchPlan& plan) const override;
+};
+
+class KernelDispatcher final : public TokenDispatcher {
+ public:
+  using TokenDispatcher::TokenDispatcher;
+  std::string_view name() const override { return "kernels"; }
+  Selection select(const at::Tensor& probs, int k, int64_t capacity, bool bpr,
+                   const at::Tensor& token_valid) const override;
+  std::unique_ptr<DispatchPlan> plan(const RoutedChoices& c) const override;
+  at::Tensor dispatch(const at::Tensor& x, const DispatchPlan& plan) const override;
+  at::Tensor combine(const at::Tensor& y, const DispatchPlan& plan) const override;
+};
+
+// The backend for `kind` on `device`: auto = kernels on a CUDA device they were
+// built for, torch ops elsewhere; kernels = the kernels (host path on CPUs), or
+// torch ops with one warning on a GPU they were not built for; torch = torch ops.
+std::unique_ptr<TokenDispatcher> make_dispatcher(DispatcherKind kind, c10::Device device, Communicator& comm,
+                                                 const Placement& placement);
 
 }  // namespace moeprune

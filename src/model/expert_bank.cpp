@@ -3,35 +3,19 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/autocast_mode.h>
 
-#include <atomic>
 #include <cmath>
 
-#include "core/env.h"
 #include "core/seed.h"
 
 namespace moeprune {
-
-namespace {
-std::atomic<int> g_gemm{-1};
-}  // namespace
-
-ExpertGemm expert_gemm() {
-  int g = g_gemm.load();
-  if (g < 0) {
-    g = env_choice("MOEPRUNE_EXPERT_GEMM", {"loop", "grouped"});  // in ExpertGemm's order
-    g_gemm.store(g);
-  }
-  return static_cast<ExpertGemm>(g);
-}
-
-void set_expert_gemm(ExpertGemm g) { g_gemm.store(static_cast<int>(g)); }
 
 uint64_t expert_seed(uint64_t seed, int layer, int expert_id) {
   return mix_seed(seed, static_cast<uint64_t>(layer + 1), static_cast<uint64_t>(expert_id + 1));
 }
 
-ExpertBankImpl::ExpertBankImpl(int hidden, int mlp_dim, std::vector<int> expert_ids, int layer, uint64_t seed)
-    : expert_ids_(std::move(expert_ids)) {
+ExpertBankImpl::ExpertBankImpl(int hidden, int mlp_dim, std::vector<int> expert_ids, int layer, uint64_t seed,
+                               ExpertGemm gemm)
+    : expert_ids_(std::move(expert_ids)), gemm_(gemm) {
   const int64_t n = num_local();
   at::Tensor W1 = at::empty({n, hidden, mlp_dim}), W2 = at::empty({n, mlp_dim, hidden});
   const double bound = std::sqrt(6.0 / (hidden + mlp_dim));  // Xavier uniform, as the ViT MLP
@@ -49,19 +33,25 @@ ExpertBankImpl::ExpertBankImpl(int hidden, int mlp_dim, std::vector<int> expert_
 at::Tensor ExpertBankImpl::forward(const at::Tensor& x, const std::vector<int64_t>& counts) {
   TORCH_CHECK(static_cast<int>(counts.size()) == num_local(), "expert bank: ", counts.size(), " counts for ",
               num_local(), " experts");
-  if (expert_gemm() == ExpertGemm::Grouped && x.size(0) > 0) {
-    // One grouped GEMM per side; offsets are the end row of each local expert.
-    at::Tensor n = at::tensor(counts, at::kLong).to(x.device());
-    at::Tensor offs = n.cumsum(0).to(at::kInt);
-    at::Tensor W1 = w1, B1 = b1, W2 = w2, B2 = b2, xin = x;
-    const auto dev = x.device().type();
-    if (at::autocast::is_autocast_enabled(dev)) {  // _grouped_mm has no autocast rule: cast here
-      const auto dt = at::autocast::get_autocast_dtype(dev);
-      W1 = w1.to(dt), B1 = b1.to(dt), W2 = w2.to(dt), B2 = b2.to(dt), xin = x.to(dt);
-    }
-    at::Tensor h = at::gelu(at::_grouped_mm(xin, W1, offs) + B1.repeat_interleave(n, 0, x.size(0)), "tanh");
-    return at::_grouped_mm(h, W2, offs) + B2.repeat_interleave(n, 0, x.size(0));
+  if (gemm_ == ExpertGemm::Grouped && x.size(0) > 0) return forward_grouped(x, counts);
+  return forward_loop(x, counts);
+}
+
+at::Tensor ExpertBankImpl::forward_grouped(const at::Tensor& x, const std::vector<int64_t>& counts) {
+  // One grouped GEMM per side; offsets are the end row of each local expert.
+  at::Tensor n = at::tensor(counts, at::kLong).to(x.device());
+  at::Tensor offs = n.cumsum(0).to(at::kInt);
+  at::Tensor W1 = w1, B1 = b1, W2 = w2, B2 = b2, xin = x;
+  const auto dev = x.device().type();
+  if (at::autocast::is_autocast_enabled(dev)) {  // _grouped_mm has no autocast rule: cast here
+    const auto dt = at::autocast::get_autocast_dtype(dev);
+    W1 = w1.to(dt), B1 = b1.to(dt), W2 = w2.to(dt), B2 = b2.to(dt), xin = x.to(dt);
   }
+  at::Tensor h = at::gelu(at::_grouped_mm(xin, W1, offs) + B1.repeat_interleave(n, 0, x.size(0)), "tanh");
+  return at::_grouped_mm(h, W2, offs) + B2.repeat_interleave(n, 0, x.size(0));
+}
+
+at::Tensor ExpertBankImpl::forward_loop(const at::Tensor& x, const std::vector<int64_t>& counts) {
   std::vector<at::Tensor> outs;
   outs.reserve(counts.size());
   // unbind once: its backward stacks the experts' gradients into one tensor, where

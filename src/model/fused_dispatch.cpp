@@ -3,11 +3,9 @@
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
 
-#include <atomic>
 #include <map>
 #include <mutex>
 
-#include "core/env.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "kernels/dispatch_ops.h"
@@ -23,8 +21,6 @@ namespace moeprune {
 namespace k = kernels;
 
 namespace {
-std::atomic<int> g_mode{-1};
-
 void* stream_of(const at::Tensor& t) {
 #ifdef MOEPRUNE_WITH_CUDA
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
@@ -66,17 +62,6 @@ void check_rows(const at::Tensor& t, const char* what) {
 }
 }  // namespace
 
-KernelMode kernel_mode() {
-  int m = g_mode.load();
-  if (m < 0) {
-    m = env_choice("MOEPRUNE_KERNELS", {"auto", "on", "off"});  // in KernelMode's order
-    g_mode.store(m);
-  }
-  return static_cast<KernelMode>(m);
-}
-
-void set_kernel_mode(KernelMode m) { g_mode.store(static_cast<int>(m)); }
-
 bool cuda_kernels_built() {
 #ifdef MOEPRUNE_WITH_CUDA
   return true;
@@ -113,15 +98,6 @@ bool runnable_on(const at::Tensor& t) {
 
 bool cuda_kernels_runnable(int device) {
   return cuda_kernels_built() && runnable_on(at::empty({0}, at::TensorOptions().device(at::kCUDA, device)));
-}
-
-bool use_kernels(const at::Tensor& t) {
-  switch (kernel_mode()) {
-    case KernelMode::Off: return false;
-    case KernelMode::On: return t.is_cpu() || (t.is_cuda() && cuda_kernels_built() && runnable_on(t));
-    case KernelMode::Auto: return t.is_cuda() && cuda_kernels_built() && runnable_on(t);
-  }
-  return false;
 }
 
 std::pair<at::Tensor, at::Tensor> fused_topk(const at::Tensor& probs_in, int K) {
@@ -287,10 +263,13 @@ struct CombineFn : public torch::autograd::Function<CombineFn> {
                             const at::Tensor& token, const at::Tensor& row_of) {
     at::Tensor yc = y.contiguous();
     at::Tensor g = gate.detach().contiguous().to(at::kFloat);
-    // Each token's weights in its row_of order (0 where a choice was dropped).
-    at::Tensor valid = row_of >= 0;
-    at::Tensor weight = at::where(valid, g.index_select(0, row_of.clamp_min(0).reshape({-1})).view_as(row_of),
-                                  at::zeros({}, g.options()));
+    // Each token's weights in its row_of order (0 where a choice was dropped; all
+    // of them when nothing was kept on this rank, e.g. an all-padding batch).
+    at::Tensor weight = at::zeros(row_of.sizes(), g.options());
+    if (g.numel() > 0) {
+      at::Tensor valid = row_of >= 0;
+      weight = at::where(valid, g.index_select(0, row_of.clamp_min(0).reshape({-1})).view_as(row_of), weight);
+    }
     ctx->save_for_backward({yc, g, token});
     return combine_rows(yc, row_of, weight);
   }

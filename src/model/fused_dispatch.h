@@ -3,11 +3,8 @@
 //
 // On CUDA tensors they launch the kernels of kernels/dispatch_kernels.cu; on CPU
 // tensors they run the kernels' own element functions (kernels/dispatch_ops.h) in
-// host loops. The model uses them on CUDA by default (mode "auto"); mode "on"
-// also routes CPU tensors through them, which is how the CPU test suite checks the
-// kernels' logic against the PyTorch-op path (the oracle) in router.cpp and
-// dispatcher.cpp. Mode comes from the environment variable MOEPRUNE_KERNELS
-// (auto|on|off) at start-up, or set_kernel_mode().
+// host loops. KernelDispatcher (model/dispatcher.h) is their user; on CPUs it is
+// how the test suite checks the kernels' logic against the PyTorch-op backend.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -15,15 +12,10 @@
 
 namespace moeprune {
 
-enum class KernelMode { Auto, On, Off };
-KernelMode kernel_mode();
-void set_kernel_mode(KernelMode m);
-// Whether the model's routing and dispatch of tensor t use the fused operations.
-bool use_kernels(const at::Tensor& t);
 // Whether this binary contains the CUDA kernels (built with the CUDA path).
 bool cuda_kernels_built();
-// Whether they have code for CUDA device `device` (else use_kernels() is false for
-// its tensors, with one warning).
+// Whether they have code for CUDA device `device` (when not, one warning: the
+// dispatcher falls back to torch ops there).
 bool cuda_kernels_runnable(int device);
 
 // probs [..., E] float32 -> {expert [..., k] int64, gate [..., k] float32}; ties go

@@ -11,9 +11,9 @@
 namespace moeprune {
 
 MoeLayerImpl::MoeLayerImpl(const ModelConfig& cfg, int layer, Placement placement, Communicator& comm,
-                           uint64_t seed)
-    : cfg_(cfg), layer_(layer), ids_(cfg.layer_experts(layer)), placement_(std::move(placement)),
-      dispatcher_(comm, placement_) {
+                           uint64_t seed, MoeRuntime runtime)
+    : cfg_(cfg), layer_(layer), ids_(cfg.layer_experts(layer)), placement_(std::move(placement)), comm_(&comm),
+      runtime_(runtime) {
   const MoeConfig& m = cfg.moe;
   const int E_l = static_cast<int>(ids_.size());
   require(placement_.num_experts() == E_l,
@@ -22,9 +22,7 @@ MoeLayerImpl::MoeLayerImpl(const ModelConfig& cfg, int layer, Placement placemen
           concat("MoE layer ", layer, ": placement is for ", placement_.world_size(), " ranks, the job has ",
                  comm.size()));
   const bool pruned = E_l < m.num_experts;
-  const bool drop = !pruned || cfg.pruned_routing == "drop";
-  require(cfg.pruned_routing == "drop" || cfg.pruned_routing == "zero",
-          concat("MoE layer ", layer, ": pruned routing '", cfg.pruned_routing, "', expected drop or zero"));
+  const bool drop = !pruned || cfg.pruned_routing == PrunedRouting::Drop;
   const int per_member = m.num_experts / m.ensemble_size;
   routers = register_module("routers", torch::nn::ModuleList());
   for (int mem = 0; mem < m.ensemble_size; ++mem) {
@@ -50,116 +48,168 @@ MoeLayerImpl::MoeLayerImpl(const ModelConfig& cfg, int layer, Placement placemen
   }
   std::vector<int> local;
   for (int s2 : placement_.local_experts(comm.rank())) local.push_back(ids_[static_cast<size_t>(s2)]);
-  experts = register_module("experts", ExpertBank(cfg.hidden, cfg.mlp_dim, local, layer, seed));
+  experts = register_module("experts",
+                            ExpertBank(cfg.hidden, cfg.mlp_dim, local, layer, seed, runtime_.expert_gemm));
 }
 
 int MoeLayerImpl::routed_experts(int member) const {
   return static_cast<int>((column_slot_.at(member) >= 0).sum().item<int64_t>());
 }
 
-void LayerStats::add(const LayerStats& o) {
-  if (assigned.empty()) {
-    *this = o;
-    return;
+void MoeLayerImpl::set_runtime(const MoeRuntime& rt) {
+  runtime_ = rt;
+  experts->set_gemm(rt.expert_gemm);
+  dispatcher_.reset();
+}
+
+TokenDispatcher& MoeLayerImpl::dispatcher(c10::Device device) {
+  if (!dispatcher_ || dispatcher_device_ != device) {
+    dispatcher_ = make_dispatcher(runtime_.dispatcher, device, *comm_, placement_);
+    dispatcher_device_ = device;
   }
-  for (size_t e = 0; e < assigned.size(); ++e) {
-    assigned[e] += o.assigned[e];
-    kept[e] += o.kept[e];
-    soft[e] += o.soft[e];
-  }
-  tokens += o.tokens;
+  return *dispatcher_;
 }
 
 namespace {
 using Clock = std::chrono::steady_clock;
-double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// Adds the wall time since the previous lap to one field of the timers, when there are timers.
+class Laps {
+ public:
+  explicit Laps(MoeTimers* timers) : timers_(timers), last_(Clock::now()) {}
+  void lap(double MoeTimers::*field) {
+    if (!timers_) return;
+    const auto now = Clock::now();
+    timers_->*field += std::chrono::duration<double>(now - last_).count();
+    last_ = now;
+  }
+
+ private:
+  MoeTimers* timers_;
+  Clock::time_point last_;
+};
+
+at::Tensor cat_rows(const std::vector<at::Tensor>& v) { return v.size() == 1 ? v[0] : at::cat(v, 0); }
 }  // namespace
 
-at::Tensor MoeLayerImpl::forward(const at::Tensor& x, ForwardContext& ctx) {
-  const int M = cfg_.moe.ensemble_size;
-  const int64_t rows = x.size(0), T = x.size(1), H = x.size(2);
-  TORCH_CHECK(rows % M == 0, "MoE layer: batch rows not divisible by ensemble size");
-  const int64_t B = rows / M;
-  const int64_t gs = cfg_.moe.group_size;
-  TORCH_CHECK(B % gs == 0, "MoE layer: ", B, " images per member is not a multiple of group_size ", gs);
-  const int64_t G = B / gs;
+// The sizes of one call: M members, B images per member, T tokens, H hidden, G groups of gs images.
+struct MoeLayerImpl::Shape {
+  int M;
+  int64_t rows, B, T, H, gs, G;
+  at::Tensor token_valid;   // [G, gs*T] bool, or undefined: padding images are not routed
+  at::Tensor choice_valid;  // [G*gs*T, 1] bool, or undefined
+};
 
-  std::vector<at::Tensor> expert, gate, keep, group, position, soft, assigned_mask;
-  int64_t capacity = 0;
-  at::Tensor token_valid, choice_valid;  // [G, gs*T] and [G*gs*T, 1]: padding images are not routed
-  if (ctx.image_valid.defined()) {
-    TORCH_CHECK(ctx.image_valid.numel() == B, "MoE layer: image_valid has ", ctx.image_valid.numel(),
-                " entries for ", B, " images");
-    token_valid = ctx.image_valid.to(x.device()).to(at::kBool).view({G, gs}).repeat_interleave(T, 1);
-    choice_valid = token_valid.reshape({-1, 1});
-  }
-  auto t0 = Clock::now();
-  for (int m = 0; m < M; ++m) {
-    at::Tensor xm = x.narrow(0, m * B, B).reshape({G, gs * T, H});
-    std::vector<uint64_t> seeds(G);
-    for (int64_t g = 0; g < G; ++g)
-      seeds[g] = expert_seed(ctx.noise_seed, layer_, static_cast<int>((m * ctx.total_groups + ctx.first_group + g)));
-    Routing r = routers[m]->as<RouterImpl>()->forward(xm, ctx.train, seeds, ctx.top_k, token_valid);
+// What the routers of all members decided, in layer slots, ready for the dispatcher.
+struct MoeLayerImpl::Routed {
+  RoutedChoices choices;
+  at::Tensor counted;  // [N, k] bool: choices of valid tokens for surviving experts (statistics)
+  at::Tensor soft;     // [E_l] double: router probability mass per slot (statistics)
+};
+
+MoeLayerImpl::Routed MoeLayerImpl::route(const at::Tensor& x, const Shape& s, const SlotSelector& selector,
+                                         ForwardContext& ctx) {
+  const ForwardInputs& in = ctx.in;
+  const bool stats = ctx.probes.stats != nullptr;
+  std::vector<at::Tensor> expert, gate, keep, group, position, soft, counted;
+  Routed out;
+  for (int m = 0; m < s.M; ++m) {
+    at::Tensor xm = x.narrow(0, m * s.B, s.B).reshape({s.G, s.gs * s.T, s.H});
+    std::vector<uint64_t> seeds(s.G);
+    for (int64_t g = 0; g < s.G; ++g)
+      seeds[g] = expert_seed(in.noise_seed, layer_, static_cast<int>((m * in.total_groups + in.first_group + g)));
+    Routing r = routers[m]->as<RouterImpl>()->forward(xm, in.train, seeds, selector, in.top_k, s.token_valid);
     const double wi = cfg_.moe.importance_loss_weight, wl = cfg_.moe.load_loss_weight;
     at::Tensor aux = r.importance_loss * wi + r.load_loss * wl;
-    if (ctx.entropy_weight > 0) aux = aux + r.entropy * ctx.entropy_weight;
+    if (in.entropy_weight > 0) aux = aux + r.entropy * in.entropy_weight;
     ctx.aux_loss = ctx.aux_loss.defined() ? ctx.aux_loss + aux : aux;
-    // Router columns -> layer slots; a choice of a pruned expert ("zero" routing) is
+    // Router columns -> layer slots; a choice of a pruned expert (zero routing) is
     // dropped: it contributes nothing and costs nothing.
     at::Tensor slot = column_slot_[m].index_select(0, r.expert.reshape({-1})).view_as(r.expert);
     at::Tensor alive = slot >= 0;
     expert.push_back(slot.clamp_min(0));
     gate.push_back(r.gate);
     keep.push_back(r.keep.logical_and(alive));
-    if (ctx.stats) assigned_mask.push_back(choice_valid.defined() ? alive.logical_and(choice_valid) : alive);
     // Groups of member m follow those of members < m in the dispatch order.
-    group.push_back((at::arange(G, r.expert.options()) + m * G).repeat_interleave(gs * T).unsqueeze(1).expand_as(r.expert));
+    group.push_back(
+        (at::arange(s.G, r.expert.options()) + m * s.G).repeat_interleave(s.gs * s.T).unsqueeze(1).expand_as(r.expert));
     position.push_back(r.position);
-    if (ctx.stats) {
-      at::Tensor pr = r.probs.detach();
-      if (choice_valid.defined()) pr = pr * choice_valid.to(pr.scalar_type());
-      at::Tensor cols = pr.sum(0).to(at::kDouble);
-      at::Tensor ok = column_slot_[m] >= 0;
-      soft.push_back(at::zeros({static_cast<int64_t>(ids_.size())}, cols.options())
-                         .index_add(0, column_slot_[m].masked_select(ok), cols.masked_select(ok)));
-    }
-    capacity = r.capacity;
+    out.choices.capacity = r.capacity;
+    if (!stats) continue;
+    counted.push_back(s.choice_valid.defined() ? alive.logical_and(s.choice_valid) : alive);
+    at::Tensor pr = r.probs.detach();
+    if (s.choice_valid.defined()) pr = pr * s.choice_valid.to(pr.scalar_type());
+    at::Tensor cols = pr.sum(0).to(at::kDouble);
+    at::Tensor ok = column_slot_[m] >= 0;
+    soft.push_back(at::zeros({static_cast<int64_t>(ids_.size())}, cols.options())
+                       .index_add(0, column_slot_[m].masked_select(ok), cols.masked_select(ok)));
   }
-  auto cat = [](std::vector<at::Tensor>& v) { return v.size() == 1 ? v[0] : at::cat(v, 0); };
-  at::Tensor all_expert = cat(expert), all_keep = cat(keep);
-  if (ctx.timers) ctx.timers->router += since(t0);
-  t0 = Clock::now();
-  DispatchPlan plan = dispatcher_.plan(all_expert, cat(gate), all_keep, cat(group), cat(position), capacity, M * G);
-  if (ctx.expert_rows) ctx.expert_rows->push_back(plan.expert_counts);
-  if (ctx.stats) {
-    LayerStats s;
-    const int64_t E = static_cast<int64_t>(ids_.size());
-    at::Tensor chosen = all_expert.reshape({-1}).masked_select(cat(assigned_mask).reshape({-1}));
-    at::Tensor assigned = at::bincount(chosen.to(at::kCPU), {}, E);
-    s.assigned.assign(assigned.data_ptr<int64_t>(), assigned.data_ptr<int64_t>() + E);
-    s.kept = plan.send_counts;
-    at::Tensor sf = soft[0];
-    for (size_t i = 1; i < soft.size(); ++i) sf = sf + soft[i];
-    sf = sf.to(at::kCPU);
-    s.soft.assign(sf.data_ptr<double>(), sf.data_ptr<double>() + E);
-    s.tokens = ctx.image_valid.defined() ? M * T * ctx.image_valid.to(at::kBool).sum().item<int64_t>() : rows * T;
-    (*ctx.stats)[layer_].add(s);
+  out.choices.expert = cat_rows(expert);
+  out.choices.gate = cat_rows(gate);
+  out.choices.keep = cat_rows(keep);
+  out.choices.group = cat_rows(group);
+  out.choices.position = cat_rows(position);
+  out.choices.num_groups = s.M * s.G;
+  if (stats) {
+    out.counted = cat_rows(counted);
+    out.soft = soft[0];
+    for (size_t i = 1; i < soft.size(); ++i) out.soft = out.soft + soft[i];
   }
+  return out;
+}
 
-  at::Tensor flat = x.reshape({rows * T, H});
+void MoeLayerImpl::record(const Routed& r, const DispatchPlan& plan, const Shape& s, ForwardContext& ctx) const {
+  if (ctx.probes.expert_rows) ctx.probes.expert_rows->push_back(plan.expert_counts);
+  if (!ctx.probes.stats) return;
+  LayerStats st;
+  const int64_t E = static_cast<int64_t>(ids_.size());
+  at::Tensor chosen = r.choices.expert.reshape({-1}).masked_select(r.counted.reshape({-1}));
+  at::Tensor assigned = at::bincount(chosen.to(at::kCPU), {}, E);
+  st.assigned.assign(assigned.data_ptr<int64_t>(), assigned.data_ptr<int64_t>() + E);
+  st.kept = plan.send_counts;
+  at::Tensor sf = r.soft.to(at::kCPU);
+  st.soft.assign(sf.data_ptr<double>(), sf.data_ptr<double>() + E);
+  st.tokens = ctx.in.image_valid.defined() ? s.M * s.T * ctx.in.image_valid.to(at::kBool).sum().item<int64_t>()
+                                           : s.rows * s.T;
+  (*ctx.probes.stats)[layer_].add(st);
+}
+
+at::Tensor MoeLayerImpl::forward(const at::Tensor& x, ForwardContext& ctx) {
+  Shape s;
+  s.M = cfg_.moe.ensemble_size;
+  s.rows = x.size(0), s.T = x.size(1), s.H = x.size(2);
+  TORCH_CHECK(s.rows % s.M == 0, "MoE layer: batch rows not divisible by ensemble size");
+  s.B = s.rows / s.M;
+  s.gs = cfg_.moe.group_size;
+  TORCH_CHECK(s.B % s.gs == 0, "MoE layer: ", s.B, " images per member is not a multiple of group_size ", s.gs);
+  s.G = s.B / s.gs;
+  if (const at::Tensor& valid = ctx.in.image_valid; valid.defined()) {
+    TORCH_CHECK(valid.numel() == s.B, "MoE layer: image_valid has ", valid.numel(), " entries for ", s.B, " images");
+    s.token_valid = valid.to(x.device()).to(at::kBool).view({s.G, s.gs}).repeat_interleave(s.T, 1);
+    s.choice_valid = s.token_valid.reshape({-1, 1});
+  }
+  TokenDispatcher& d = dispatcher(x.device());
+  Laps laps(ctx.probes.timers);
+
+  const Routed routed = route(x, s, d, ctx);
+  laps.lap(&MoeTimers::router);
+
+  const std::unique_ptr<DispatchPlan> plan = d.plan(routed.choices);
+  record(routed, *plan, s, ctx);
+  at::Tensor flat = x.reshape({s.rows * s.T, s.H});
   // Under autocast the experts compute in the autocast dtype anyway: cast before the
   // dispatch so that the permutes and the all-to-all move half the bytes.
   const auto dev = x.device().type();
   if (at::autocast::is_autocast_enabled(dev) && flat.scalar_type() == at::kFloat)
     flat = flat.to(at::autocast::get_autocast_dtype(dev));
-  at::Tensor expert_in = dispatcher_.dispatch(flat, plan);
-  if (ctx.timers) ctx.timers->dispatch += since(t0);
-  t0 = Clock::now();
-  at::Tensor expert_out = experts->forward(expert_in, plan.expert_counts);
-  if (ctx.timers) ctx.timers->experts += since(t0);
-  t0 = Clock::now();
-  at::Tensor out = dispatcher_.combine(expert_out, plan).reshape({rows, T, H});
-  if (ctx.timers) ctx.timers->combine += since(t0);
+  at::Tensor expert_in = d.dispatch(flat, *plan);
+  laps.lap(&MoeTimers::dispatch);
+
+  at::Tensor expert_out = experts->forward(expert_in, plan->expert_counts);
+  laps.lap(&MoeTimers::experts);
+
+  at::Tensor out = d.combine(expert_out, *plan).reshape({s.rows, s.T, s.H});
+  laps.lap(&MoeTimers::combine);
   return out;
 }
 

@@ -2,8 +2,7 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
-#include "model/fused_dispatch.h"
-#include "train/precision.h"
+#include "core/precision.h"
 
 #include <algorithm>
 #include <cmath>
@@ -44,6 +43,15 @@ std::pair<at::Tensor, at::Tensor> assign_slots(const at::Tensor& top_expert, con
   return {position, position.ge(0).logical_and(position < capacity)};
 }
 
+Selection TorchSelector::select(const at::Tensor& probs, int k, int64_t capacity, bool bpr,
+                                const at::Tensor& token_valid) const {
+  Selection s;
+  std::tie(s.gate, s.expert) = probs.topk(k, -1);  // [G, S, k]
+  std::tie(s.position, s.keep) = assign_slots(s.expert, s.gate, static_cast<int>(probs.size(-1)), capacity, bpr,
+                                              token_valid);
+  return s;
+}
+
 at::Tensor importance_loss(const at::Tensor& probs) {
   at::Tensor importance = probs.sum(1);  // [G, E]
   at::Tensor cv = importance.std(1, /*unbiased=*/false) / importance.mean(1);
@@ -65,8 +73,8 @@ RouterImpl::RouterImpl(int hidden, RouterOptions opts) : opts_(opts) {
   weight = register_parameter("weight", at::randn({hidden, opts.num_experts}) * 0.02);
 }
 
-Routing RouterImpl::forward(const at::Tensor& x, bool train, const std::vector<uint64_t>& noise_seeds, int top_k,
-                            const at::Tensor& token_valid) {
+Routing RouterImpl::forward(const at::Tensor& x, bool train, const std::vector<uint64_t>& noise_seeds,
+                            const SlotSelector& selector, int top_k, const at::Tensor& token_valid) {
   const int k = top_k > 0 ? std::min(top_k, opts_.top_k) : opts_.top_k;
   const int64_t G = x.size(0), S = x.size(1);
   const int E = opts_.num_experts;
@@ -93,24 +101,15 @@ Routing RouterImpl::forward(const at::Tensor& x, bool train, const std::vector<u
     noisy = logits + (at::stack(noise).to(logits.options()) * std_noise);
   }
   at::Tensor probs = at::softmax(noisy, -1);
-  at::Tensor top_gate, top_expert, position, keep;
-  if (use_kernels(probs)) {  // kernels/: same decisions; gates gathered to stay differentiable
-    top_expert = fused_topk(probs, k).first;
-    top_gate = probs.gather(-1, top_expert);
-    std::tie(position, keep) =
-        fused_assign_slots(top_expert, priority_order(top_gate, opts_.bpr, token_valid), E, r.capacity, token_valid);
-  } else {
-    std::tie(top_gate, top_expert) = probs.topk(k, -1);  // [G, S, k]
-    std::tie(position, keep) = assign_slots(top_expert, top_gate, E, r.capacity, opts_.bpr, token_valid);
-  }
+  const Selection sel = selector.select(probs, k, r.capacity, opts_.bpr, token_valid);
 
   r.importance_loss = importance_loss(probs);
   r.load_loss = noisy_routing ? load_loss(logits, noisy, std_noise, k) : at::zeros({}, logits.options());
   r.entropy = -(probs * at::log(probs.clamp_min(1e-12))).sum(-1).mean(1).sum();
-  r.expert = top_expert.reshape({G * S, k});
-  r.gate = top_gate.reshape({G * S, k});
-  r.position = position.reshape({G * S, k});
-  r.keep = keep.reshape({G * S, k});
+  r.expert = sel.expert.reshape({G * S, k});
+  r.gate = sel.gate.reshape({G * S, k});
+  r.position = sel.position.reshape({G * S, k});
+  r.keep = sel.keep.reshape({G * S, k});
   r.probs = probs.reshape({G * S, E});
   return r;
 }

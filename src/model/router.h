@@ -36,6 +36,31 @@ struct Routing {
   int64_t num_groups = 0;      // G
 };
 
+// The top-k experts of every token and their capacity slots: [G, S, k] each.
+struct Selection {
+  at::Tensor expert;    // int64, choice 0 is the largest probability (ties to the lower index)
+  at::Tensor gate;      // float, that probability (differentiable: gathered from probs)
+  at::Tensor position;  // int64, slot in the (group, expert) buffer; -1 for invalid tokens
+  at::Tensor keep;      // bool, false beyond capacity and for invalid tokens
+};
+
+// How top-k and capacity slots are computed: the one step of routing a dispatcher
+// backend implements (model/dispatcher.h). Semantics of assign_slots() below.
+class SlotSelector {
+ public:
+  virtual ~SlotSelector() = default;
+  // probs [G, S, E] float32; token_valid [G, S] bool (optional).
+  virtual Selection select(const at::Tensor& probs, int k, int64_t capacity, bool bpr,
+                           const at::Tensor& token_valid) const = 0;
+};
+
+// The reference: at::topk and assign_slots().
+class TorchSelector final : public SlotSelector {
+ public:
+  Selection select(const at::Tensor& probs, int k, int64_t capacity, bool bpr,
+                   const at::Tensor& token_valid) const override;
+};
+
 // ceil(group_tokens * k * capacity_factor / E), rounded up to a multiple of 4.
 int64_t expert_capacity(int64_t group_tokens, int top_k, double capacity_factor, int num_experts);
 
@@ -64,12 +89,13 @@ class RouterImpl : public torch::nn::Module {
  public:
   RouterImpl(int hidden, RouterOptions opts);
   // x: [G, S, hidden]. noise_seeds: G seeds (one per group) used while training, so
-  // the noise of a group is the same whichever rank routes it.
+  // the noise of a group is the same whichever rank routes it. selector: how top-k
+  // and slots are computed (the dispatcher backend's, or TorchSelector).
   // top_k > 0 overrides the configured k (SEER-MoE: evaluate with fewer experts).
   // token_valid [G, S] bool (optional): invalid tokens go after all valid ones in the
   // BPR priority order and are marked not kept.
-  Routing forward(const at::Tensor& x, bool train, const std::vector<uint64_t>& noise_seeds, int top_k = 0,
-                  const at::Tensor& token_valid = {});
+  Routing forward(const at::Tensor& x, bool train, const std::vector<uint64_t>& noise_seeds,
+                  const SlotSelector& selector, int top_k = 0, const at::Tensor& token_valid = {});
 
   const RouterOptions& options() const { return opts_; }
   at::Tensor weight;  // [hidden, E]: column e is expert e's router weight

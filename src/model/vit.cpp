@@ -2,6 +2,8 @@
 
 #include <torch/nn/init.h>
 
+#include "core/error.h"
+
 #include <algorithm>
 #include <cmath>
 
@@ -47,8 +49,8 @@ at::Tensor BlockImpl::forward(const at::Tensor& x, ForwardContext& ctx) {
 }
 
 VisionTransformerImpl::VisionTransformerImpl(const ModelConfig& cfg, const std::vector<Placement>& placements,
-                                             Communicator& comm, uint64_t seed)
-    : cfg_(cfg) {
+                                             Communicator& comm, uint64_t seed, MoeRuntime runtime)
+    : cfg_(cfg), runtime_(runtime) {
   patch_embed = register_module(
       "patch_embed",
       torch::nn::Conv2d(torch::nn::Conv2dOptions(cfg.channels, cfg.hidden, cfg.patch_size).stride(cfg.patch_size)));
@@ -62,7 +64,7 @@ VisionTransformerImpl::VisionTransformerImpl(const ModelConfig& cfg, const std::
   for (int b = 0; b < cfg.num_layers; ++b) {
     MoeLayer moe{nullptr};
     if (next < moe_blocks.size() && moe_blocks[next] == b) {
-      moe = MoeLayer(cfg, b, placements[next], comm, seed);
+      moe = MoeLayer(cfg, b, placements[next], comm, seed, runtime);
       ++next;
     }
     blocks->push_back(Block(cfg, moe));
@@ -89,6 +91,17 @@ at::Tensor VisionTransformerImpl::forward(const at::Tensor& images, ForwardConte
   }
   at::Tensor cls = norm->forward(x.select(1, 0));  // [M*B, H]
   return head->forward(cls).reshape({M, B, cfg_.num_classes});
+}
+
+void VisionTransformerImpl::set_runtime(const MoeRuntime& rt) {
+  runtime_ = rt;
+  for (auto& l : moe_layers()) l->set_runtime(rt);
+}
+
+std::vector<Placement> VisionTransformerImpl::placements() const {
+  std::vector<Placement> out;
+  for (const auto& l : moe_layers()) out.push_back(l->placement());
+  return out;
 }
 
 std::vector<MoeLayer> VisionTransformerImpl::moe_layers() const {
@@ -123,6 +136,32 @@ std::vector<Placement> default_placements(const ModelConfig& cfg, int world_size
   return out;
 }
 
+VisionTransformer build_model(const ModelConfig& cfg, const std::vector<Placement>& placements, Communicator& comm,
+                              c10::Device device, uint64_t seed, MoeRuntime runtime) {
+  at::manual_seed(seed);
+  VisionTransformer model(cfg, placements, comm, seed, runtime);
+  model->to(device);
+  return model;
+}
+
+void copy_parameters(const VisionTransformer& src, VisionTransformer& dst, bool new_head) {
+  at::NoGradGuard ng;
+  const auto from = src->named_parameters();
+  for (const auto& l : dst->moe_layers())
+    TORCH_CHECK(local_expert_ids(src, l->layer()) == l->experts->expert_ids(), "copy_parameters: block ", l->layer(),
+                " holds other experts in the source model");
+  for (auto& item : dst->named_parameters()) {
+    at::Tensor p = item.value();
+    if (item.key().rfind("head.", 0) == 0 && new_head) {
+      p.zero_();
+      continue;
+    }
+    const at::Tensor* s = from.find(item.key());
+    TORCH_CHECK(s && s->sizes() == p.sizes(), "copy_parameters: '", item.key(), "' differs in the source model");
+    p.copy_(*s);
+  }
+}
+
 bool is_expert_param(const std::string& name) { return name.find(".experts.") != std::string::npos; }
 
 int block_of_param(const std::string& name) {
@@ -130,7 +169,13 @@ int block_of_param(const std::string& name) {
   return std::stoi(name.substr(a, b - a));
 }
 
-double expert_flops_per_token(const ModelConfig& cfg, const std::map<int, LayerStats>& load) {
+const std::vector<int>& local_expert_ids(const VisionTransformer& model, int block) {
+  for (const auto& l : model->moe_layers())
+    if (l->layer() == block) return l->experts->expert_ids();
+  throw std::logic_error(concat("model: block ", block, " is not an MoE block"));
+}
+
+double expert_flops_per_token(const ModelConfig& cfg, const RoutingStats& load) {
   double kept = 0, tokens = 0;
   for (const auto& [block, s] : load) {
     for (int64_t k : s.kept) kept += static_cast<double>(k);

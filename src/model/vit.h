@@ -41,15 +41,20 @@ TORCH_MODULE(Block);
 class VisionTransformerImpl : public torch::nn::Module {
  public:
   // placements: one per MoE block (in moe_blocks() order). Dense parameters come
-  // from torch's global generator (seed it identically on every rank first);
-  // experts from their own seeds, so every rank builds the same model.
+  // from torch's global generator (seed it identically on every rank first, or use
+  // build_model); experts from their own seeds, so every rank builds the same model.
   VisionTransformerImpl(const ModelConfig& cfg, const std::vector<Placement>& placements, Communicator& comm,
-                        uint64_t seed);
+                        uint64_t seed, MoeRuntime runtime = {});
   // images: [B, C, H, W] float -> logits [M, B, num_classes] (M = 1 for V-MoE).
   at::Tensor forward(const at::Tensor& images, ForwardContext& ctx);
 
   const ModelConfig& config() const { return cfg_; }
+  const MoeRuntime& runtime() const { return runtime_; }
+  // Another dispatcher backend or expert GEMM strategy in every MoE layer.
+  void set_runtime(const MoeRuntime& rt);
   std::vector<MoeLayer> moe_layers() const;
+  // The placement of every MoE layer, in moe_blocks() order.
+  std::vector<Placement> placements() const;
   // Parameters replicated on every rank (everything but the experts).
   std::vector<at::Tensor> dense_parameters() const;
   // Parameters of the experts this rank holds.
@@ -63,21 +68,36 @@ class VisionTransformerImpl : public torch::nn::Module {
 
  private:
   ModelConfig cfg_;
+  MoeRuntime runtime_;
 };
 TORCH_MODULE(VisionTransformer);
 
 // Default placements: contiguous blocks of experts per rank in every MoE layer.
 std::vector<Placement> default_placements(const ModelConfig& cfg, int world_size);
 
+// The one way a job builds its model: torch's generator seeded with `seed` on every
+// rank for the dense weights (experts have their own seeds), the given placements,
+// moved to `device`.
+VisionTransformer build_model(const ModelConfig& cfg, const std::vector<Placement>& placements, Communicator& comm,
+                              c10::Device device, uint64_t seed, MoeRuntime runtime = {});
+
+// Copies every parameter of src into dst, built from the same config and
+// placements; new_head: dst's classifier head (which may have another size) is
+// zeroed instead (fine-tuning on a new task, as load_model with new_head).
+void copy_parameters(const VisionTransformer& src, VisionTransformer& dst, bool new_head);
+
 // Parameter names: "blocks.<b>.moe.experts.<w>" are expert parameters (held by one
 // rank); everything else is replicated.
 bool is_expert_param(const std::string& name);
 // "blocks.3.moe.experts.w1" -> 3.
 int block_of_param(const std::string& name);
+// The original ids of the experts this rank holds in MoE block `block` (the order of
+// the rows of its expert parameters).
+const std::vector<int>& local_expert_ids(const VisionTransformer& model, int block);
 
 // Measured expert FLOPs per token per MoE layer: 4*H*F per kept choice, from the
 // routing statistics of an evaluation (LayerStats::kept / tokens).
-double expert_flops_per_token(const ModelConfig& cfg, const std::map<int, LayerStats>& load);
+double expert_flops_per_token(const ModelConfig& cfg, const RoutingStats& load);
 
 // Forward FLOPs of one image (multiply-add = 2), with the MoE layers counted as k
 // expert MLPs per token (their dense-equivalent cost); E3 members multiply the

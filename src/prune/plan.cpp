@@ -7,12 +7,12 @@
 #include <numeric>
 
 #include "core/error.h"
+#include "core/hash.h"
 
 namespace moeprune {
 
-std::vector<LayerScores> expert_scores(const std::string& criterion, const std::map<int, at::Tensor>& reference,
-                                       const std::map<int, at::Tensor>& current,
-                                       const std::map<int, LayerStats>& calibration,
+std::vector<LayerScores> expert_scores(Criterion criterion, const std::map<int, at::Tensor>& reference,
+                                       const std::map<int, at::Tensor>& current, const RoutingStats& calibration,
                                        const std::map<int, std::vector<int>>& ids, uint64_t seed) {
   std::vector<LayerScores> out;
   for (const auto& [block, layer_ids] : ids) {
@@ -20,31 +20,38 @@ std::vector<LayerScores> expert_scores(const std::string& criterion, const std::
     ls.block = block;
     ls.ids = layer_ids;
     const size_t E = layer_ids.size();
-    if (criterion == "router_norm_change" || criterion == "router_delta") {
+    switch (criterion) {
+    case Criterion::RouterNormChange:
+    case Criterion::RouterDelta: {
       require(reference.count(block) && current.count(block),
-              concat("prune: criterion ", criterion, " needs the router weights from before fine-tuning for block ",
+              concat("prune: criterion ", name_of(criterion), " needs the router weights from before fine-tuning for block ",
                      block, " (fine-tune with moeprune first: the checkpoint carries them)"));
       at::Tensor ref = reference.at(block).to(at::kCPU).to(at::kDouble);
       at::Tensor now = current.at(block).to(at::kCPU).to(at::kDouble);
       require(ref.sizes() == now.sizes() && static_cast<size_t>(now.size(1)) == E,
               concat("prune: block ", block, " router is ", now.sizes(), ", its reference ", ref.sizes(),
                      ", for ", E, " experts"));
-      at::Tensor s = criterion == "router_norm_change" ? now.norm(2, {0}) - ref.norm(2, {0}) : (now - ref).norm(2, {0});
+      at::Tensor s = criterion == Criterion::RouterNormChange ? now.norm(2, {0}) - ref.norm(2, {0})
+                                                             : (now - ref).norm(2, {0});
       ls.scores.assign(s.data_ptr<double>(), s.data_ptr<double>() + E);
-    } else if (criterion == "heavy_hitter" || criterion == "soft_count") {
+      break;
+    }
+    case Criterion::HeavyHitter:
+    case Criterion::SoftCount: {
       require(calibration.count(block), concat("prune: no calibration counts for block ", block));
       const LayerStats& st = calibration.at(block);
       require(st.assigned.size() == E, concat("prune: block ", block, " has ", st.assigned.size(),
                                               " calibration counts for ", E, " experts"));
       for (size_t e = 0; e < E; ++e)
-        ls.scores.push_back(criterion == "heavy_hitter" ? static_cast<double>(st.assigned[e]) : st.soft[e]);
-    } else if (criterion == "random") {
+        ls.scores.push_back(criterion == Criterion::HeavyHitter ? static_cast<double>(st.assigned[e]) : st.soft[e]);
+      break;
+    }
+    case Criterion::Random: {
       auto gen = at::make_generator<at::CPUGeneratorImpl>(seed * 1000003ULL + static_cast<uint64_t>(block));
       at::Tensor s = at::rand({static_cast<int64_t>(E)}, gen, at::kDouble);
       ls.scores.assign(s.data_ptr<double>(), s.data_ptr<double>() + E);
-    } else {
-      throw UserError(concat("prune: unknown criterion '", criterion,
-                             "', expected router_norm_change, router_delta, heavy_hitter, soft_count or random"));
+      break;
+    }
     }
     out.push_back(std::move(ls));
   }
@@ -52,19 +59,13 @@ std::vector<LayerScores> expert_scores(const std::string& criterion, const std::
 }
 
 uint64_t PrunePlan::hash() const {
-  uint64_t h = 1469598103934665603ULL;
-  auto mix = [&](uint64_t v) {
-    for (int i = 0; i < 8; ++i) {
-      h ^= (v >> (8 * i)) & 0xff;
-      h *= 1099511628211ULL;
-    }
-  };
-  for (char c : routing) mix(static_cast<uint64_t>(c));
+  Fnv1a h;
+  for (char c : name_of(routing)) h.add(static_cast<uint64_t>(c));
   for (const auto& l : layers) {
-    mix(static_cast<uint64_t>(l.block) + 0x1000);
-    for (int id : l.kept) mix(static_cast<uint64_t>(id));
+    h.add(static_cast<uint64_t>(l.block) + 0x1000);
+    for (int id : l.kept) h.add(static_cast<uint64_t>(id));
   }
-  return h;
+  return h.value();
 }
 
 int PrunePlan::total_pruned() const {
@@ -101,7 +102,7 @@ PrunePlan make_plan(const std::vector<LayerScores>& scores, const PruneConfig& c
       cap[l] = std::max(0, E - floor_n);
       total_cap += cap[l];
       total += E;
-      if (cfg.scope == "global") {
+      if (cfg.scope == PruneScope::Global) {
         const double mean = std::accumulate(ls.scores.begin(), ls.scores.end(), 0.0) / E;
         double var = 0;
         for (double s : ls.scores) var += (s - mean) * (s - mean) / E;
@@ -109,7 +110,7 @@ PrunePlan make_plan(const std::vector<LayerScores>& scores, const PruneConfig& c
         for (size_t e = 0; e < ls.scores.size(); ++e) lp.normalized[e] = sd > 0 ? (ls.scores[e] - mean) / sd : 0.0;
       }
       for (size_t e = 0; e < ls.scores.size(); ++e) cands.push_back({lp.normalized[e], l, e});
-      if (cfg.scope == "per_layer") {
+      if (cfg.scope == PruneScope::PerLayer) {
         const int want = cfg.count > 0 ? cfg.count : static_cast<int>(std::lround(cfg.ratio * E));
         require(want <= cap[l],
                 concat("prune: pruning ", want, " of the ", E, " experts of MoE block ", ls.block, " (",
@@ -129,7 +130,7 @@ PrunePlan make_plan(const std::vector<LayerScores>& scores, const PruneConfig& c
   });
   std::vector<std::vector<bool>> pruned(scores.size());
   for (size_t l = 0; l < scores.size(); ++l) pruned[l].assign(scores[l].ids.size(), false);
-  if (cfg.scope == "global") {
+  if (cfg.scope == PruneScope::Global) {
     const int want = cfg.count > 0 ? cfg.count : static_cast<int>(std::lround(cfg.ratio * total));
     require(want <= total_cap,
             concat("prune: pruning ", want, " of the ", total, " eligible experts (",

@@ -18,7 +18,7 @@
 
 #include "core/config.h"
 #include "dist/communicator.h"
-#include "model/moe_layer.h"
+#include "model/layer_stats.h"
 
 namespace moeprune {
 
@@ -29,10 +29,9 @@ struct LayerScores {
 };
 
 // reference / current: [hidden, E] router matrices per block (columns in id order);
-// calibration: counts per block (slot order). Throws UserError for an unknown criterion.
-std::vector<LayerScores> expert_scores(const std::string& criterion, const std::map<int, at::Tensor>& reference,
-                                       const std::map<int, at::Tensor>& current,
-                                       const std::map<int, LayerStats>& calibration,
+// calibration: counts per block (slot order). UserError when the criterion's input is missing.
+std::vector<LayerScores> expert_scores(Criterion criterion, const std::map<int, at::Tensor>& reference,
+                                       const std::map<int, at::Tensor>& current, const RoutingStats& calibration,
                                        const std::map<int, std::vector<int>>& ids, uint64_t seed);
 
 struct LayerPlan {
@@ -43,7 +42,9 @@ struct LayerPlan {
 };
 
 struct PrunePlan {
-  std::string criterion, scope, routing;
+  Criterion criterion = Criterion::RouterNormChange;
+  PruneScope scope = PruneScope::Global;
+  PrunedRouting routing = PrunedRouting::Drop;
   std::vector<LayerPlan> layers;
   // FNV-1a over (block, kept ids, routing): equal plans have equal hashes.
   uint64_t hash() const;

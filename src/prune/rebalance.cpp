@@ -153,8 +153,8 @@ Migration apply_plan(const VisionTransformer& old_model, const std::vector<Param
               concat("prune: the plan keeps expert ", id, " of block ", l.block, ", which the model does not have"));
   }
   require(oc.kept_experts.empty() || oc.pruned_routing == plan.routing,
-          concat("prune: the model was pruned with '", oc.pruned_routing, "' routing, the plan uses '", plan.routing,
-                 "'"));
+          concat("prune: the model was pruned with '", name_of(oc.pruned_routing), "' routing, the plan uses '",
+                 name_of(plan.routing), "'"));
   return rebuild(old_model, old_slots, pruned_config(oc, plan), placements, comms, seed);
 }
 
@@ -168,8 +168,8 @@ static Migration rebuild(const VisionTransformer& old_model, const std::vector<P
                          uint64_t seed) {
   at::NoGradGuard ng;
   Migration mig;
-  mig.model = VisionTransformer(nc, placements, *comms.device, seed);
-  mig.model->to(old_model->parameters().front().device());
+  mig.model = build_model(nc, placements, *comms.device, old_model->parameters().front().device(), seed,
+                          old_model->runtime());
   const bool with_state = !old_slots.empty() && old_slots.front().m1.defined();
   std::map<std::string, const ParamSlot*> old_state;
   for (const auto& s : old_slots) old_state[s.name] = &s;
@@ -201,7 +201,7 @@ static Migration rebuild(const VisionTransformer& old_model, const std::vector<P
       }
     }
     item.value().copy_(src);
-    ParamSlot s{name, item.value(), false, m1.defined() ? m1.clone() : m1, m2.defined() ? m2.clone() : m2};
+    ParamSlot s{name, item.value(), false, m1.defined() ? m1.clone() : m1, m2.defined() ? m2.clone() : m2, -1, {}};
     mig.slots.push_back(s);
   }
   // Experts: one all-to-all per MoE layer of rows [id | w1 | b1 | w2 | b2 | state...].
@@ -290,7 +290,7 @@ static Migration rebuild(const VisionTransformer& old_model, const std::vector<P
     for (const char* p : parts) {
       const std::string name = prefix + p;
       mig.slots.push_back(ParamSlot{name, new_params[name], true, m1.count(name) ? m1[name] : at::Tensor(),
-                                    m2.count(name) ? m2[name] : at::Tensor()});
+                                    m2.count(name) ? m2[name] : at::Tensor(), -1, {}});
     }
   }
   at::Tensor b = at::tensor({mig.bytes_moved}, at::kLong);
@@ -300,7 +300,13 @@ static Migration rebuild(const VisionTransformer& old_model, const std::vector<P
   std::map<std::string, ParamSlot> by_name;
   for (auto& s : mig.slots) by_name[s.name] = s;
   mig.slots.clear();
-  for (const auto& item : mig.model->named_parameters()) mig.slots.push_back(by_name.at(item.key()));
+  for (const auto& item : mig.model->named_parameters()) {
+    ParamSlot& s = mig.slots.emplace_back(by_name.at(item.key()));
+    if (s.expert) {
+      s.block = block_of_param(s.name);
+      s.expert_ids = local_expert_ids(mig.model, s.block);
+    }
+  }
   return mig;
 }
 

@@ -4,7 +4,6 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
-#include "train/evaluator.h"
 
 namespace moeprune {
 
@@ -21,12 +20,12 @@ void RouterHistory::snapshot(const VisionTransformer& model) {
   for (const auto& l : model->moe_layers()) reference_[l->layer()] = layer_router_weights(*l).to(at::kCPU).clone();
 }
 
-void RouterHistory::accumulate(const std::map<int, LayerStats>& stats) {
+void RouterHistory::accumulate(const RoutingStats& stats) {
   for (const auto& [layer, s] : stats) counts_[layer].add(s);
 }
 
 const HistoryRecord& RouterHistory::record(Communicator& host, const VisionTransformer& model, int64_t step) {
-  std::map<int, LayerStats> total = counts_;
+  RoutingStats total = counts_;
   for (const auto& l : model->moe_layers()) {
     LayerStats& s = total[l->layer()];
     if (s.assigned.empty()) {  // no step yet: zeros of the right size
@@ -65,6 +64,40 @@ const HistoryRecord& RouterHistory::record(Communicator& host, const VisionTrans
 }
 
 namespace {
+nlohmann::json stats_json(const RoutingStats& m) {
+  nlohmann::json out = nlohmann::json::object();
+  for (const auto& [layer, s] : m)
+    out[std::to_string(layer)] = {{"assigned", s.assigned}, {"kept", s.kept}, {"soft", s.soft}, {"tokens", s.tokens}};
+  return out;
+}
+
+RoutingStats stats_from(const nlohmann::json& j) {
+  RoutingStats out;
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    LayerStats s;
+    s.assigned = it.value().at("assigned").get<std::vector<int64_t>>();
+    s.kept = it.value().at("kept").get<std::vector<int64_t>>();
+    s.soft = it.value().at("soft").get<std::vector<double>>();
+    s.tokens = it.value().at("tokens").get<int64_t>();
+    out[std::stoi(it.key())] = s;
+  }
+  return out;
+}
+
+HistoryRecord record_from(const nlohmann::json& r) {
+  HistoryRecord rec;
+  rec.step = r.at("step").get<int64_t>();
+  for (auto it = r.at("layers").begin(); it != r.at("layers").end(); ++it) {
+    std::vector<ExpertRecord> experts;
+    for (const auto& x : it.value())
+      experts.push_back(ExpertRecord{x.at("norm_change").get<double>(), x.at("delta_norm").get<double>(),
+                                     x.at("assigned").get<int64_t>(), x.at("kept").get<int64_t>(),
+                                     x.at("dropped").get<int64_t>(), x.at("soft").get<double>()});
+    rec.layers[std::stoi(it.key())] = std::move(experts);
+  }
+  return rec;
+}
+
 nlohmann::json record_json(const HistoryRecord& r) {
   nlohmann::json layers = nlohmann::json::object();
   for (const auto& [id, experts] : r.layers) {
@@ -80,27 +113,34 @@ nlohmann::json record_json(const HistoryRecord& r) {
 }
 }  // namespace
 
-void RouterHistory::restore(std::map<int, at::Tensor> reference, std::map<int, LayerStats> counts,
-                            const std::string& records_json) {
-  reference_ = std::move(reference);
-  counts_ = std::move(counts);
-  records_.clear();
-  for (const auto& r : nlohmann::json::parse(records_json)) {
-    HistoryRecord rec;
-    rec.step = r.at("step").get<int64_t>();
-    for (auto it = r.at("layers").begin(); it != r.at("layers").end(); ++it) {
-      std::vector<ExpertRecord> experts;
-      for (const auto& x : it.value())
-        experts.push_back(ExpertRecord{x.at("norm_change").get<double>(), x.at("delta_norm").get<double>(),
-                                       x.at("assigned").get<int64_t>(), x.at("kept").get<int64_t>(),
-                                       x.at("dropped").get<int64_t>(), x.at("soft").get<double>()});
-      rec.layers[std::stoi(it.key())] = std::move(experts);
-    }
-    records_.push_back(std::move(rec));
+std::string RouterHistory::to_json(const HistoryRecord& r) { return record_json(r).dump(); }
+
+void RouterHistory::save_state(StateWriter& out) const {
+  std::vector<int> blocks;
+  for (const auto& [block, ref] : reference_) {
+    out.replicated(concat("history.reference.", block), ref);
+    blocks.push_back(block);
   }
+  nlohmann::json records = nlohmann::json::array();
+  for (const auto& r : records_) records.push_back(record_json(r));
+  out.meta() = {{"reference_blocks", blocks}, {"counts", stats_json(counts_)}, {"records", records}};
 }
 
-std::string RouterHistory::to_json(const HistoryRecord& r) { return record_json(r).dump(); }
+void RouterHistory::load_state(const StateReader& in) {
+  reference_.clear();
+  records_.clear();
+  try {
+    for (int block : in.meta().at("reference_blocks").get<std::vector<int>>())
+      reference_[block] = in.replicated(concat("history.reference.", block)).clone();
+    counts_ = stats_from(in.meta().at("counts"));
+    for (const auto& r : in.meta().at("records")) records_.push_back(record_from(r));
+  } catch (const nlohmann::json::exception& e) {
+    throw UserError(concat("checkpoint ", in.where(), ": the router history lacks a field or has a wrong type: ",
+                           e.what()));
+  } catch (const std::invalid_argument& e) {
+    throw UserError(concat("checkpoint ", in.where(), ": the router history names a block that is not a number"));
+  }
+}
 
 void RouterHistory::save(const std::string& path) const {
   nlohmann::json all = nlohmann::json::array();

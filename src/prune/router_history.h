@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "core/state.h"
 #include "dist/communicator.h"
 #include "model/vit.h"
 
@@ -34,28 +35,32 @@ struct HistoryRecord {
 // All router columns of an MoE layer as one [hidden, E] matrix (E3 members' columns in member order).
 at::Tensor layer_router_weights(const MoeLayerImpl& layer);
 
-class RouterHistory {
+// A checkpoint state owner (section "router_history"): the reference routers as
+// "history.reference.<block>" tensors, counts and records in the manifest.
+class RouterHistory final : public StateOwner {
  public:
   // Takes the current router weights of every MoE layer as the reference.
   void snapshot(const VisionTransformer& model);
   // Adds one step's routing statistics of this rank.
-  void accumulate(const std::map<int, LayerStats>& stats);
+  void accumulate(const RoutingStats& stats);
   // Collective: builds a record at `step` from the current routers and the counts so far.
   const HistoryRecord& record(Communicator& host, const VisionTransformer& model, int64_t step);
 
   const std::map<int, at::Tensor>& reference() const { return reference_; }
-  const std::map<int, LayerStats>& counts() const { return counts_; }
-  // Restores the state of a checkpoint (records as the JSON array of to_json objects).
-  void restore(std::map<int, at::Tensor> reference, std::map<int, LayerStats> counts, const std::string& records_json);
+  const RoutingStats& counts() const { return counts_; }
   const std::vector<HistoryRecord>& records() const { return records_; }
   // The record as JSON text: {"step":..,"layers":{"1":[{"expert":0,"norm_change":..},..]}}.
   static std::string to_json(const HistoryRecord& r);
   // Writes every record (JSON array) to path.
   void save(const std::string& path) const;
 
+  std::string state_key() const override { return "router_history"; }
+  void save_state(StateWriter& out) const override;
+  void load_state(const StateReader& in) override;
+
  private:
   std::map<int, at::Tensor> reference_;
-  std::map<int, LayerStats> counts_;
+  RoutingStats counts_;
   std::vector<HistoryRecord> records_;
 };
 

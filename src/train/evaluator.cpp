@@ -2,26 +2,6 @@
 
 namespace moeprune {
 
-void all_reduce_stats(std::map<int, LayerStats>& stats, Communicator& host) {
-  for (auto& [layer, s] : stats) {
-    const int64_t E = static_cast<int64_t>(s.assigned.size());
-    at::Tensor t = at::empty({3 * E + 1}, at::kDouble);
-    for (int64_t e = 0; e < E; ++e) {
-      t[e] = static_cast<double>(s.assigned[e]);
-      t[E + e] = static_cast<double>(s.kept[e]);
-      t[2 * E + e] = s.soft[e];
-    }
-    t[3 * E] = static_cast<double>(s.tokens);
-    host.all_reduce(t, ReduceOp::Sum);
-    for (int64_t e = 0; e < E; ++e) {
-      s.assigned[e] = static_cast<int64_t>(t[e].item<double>());
-      s.kept[e] = static_cast<int64_t>(t[E + e].item<double>());
-      s.soft[e] = t[2 * E + e].item<double>();
-    }
-    s.tokens = static_cast<int64_t>(t[3 * E].item<double>());
-  }
-}
-
 EvalResult evaluate(VisionTransformer& model, ShardedLoader& loader, Comms comms, int64_t max_batches, int top_k) {
   TORCH_CHECK(!loader.options().train, "evaluate needs an evaluation loader");
   const bool was_training = model->is_training();
@@ -34,10 +14,10 @@ EvalResult evaluate(VisionTransformer& model, ShardedLoader& loader, Comms comms
   for (int64_t s = 0; s < n; ++s) {
     Batch b = loader.next();
     ForwardContext ctx;
-    ctx.train = false;
-    ctx.stats = &r.load;
-    ctx.top_k = top_k;
-    ctx.image_valid = b.valid;  // padding of the last batch: not routed, not counted
+    ctx.in.train = false;
+    ctx.in.top_k = top_k;
+    ctx.in.image_valid = b.valid;  // padding of the last batch: not routed, not counted
+    ctx.probes.stats = &r.load;
     at::Tensor lp = ensemble_log_probs(model->forward(b.images, ctx));  // [b, C]
     at::Tensor valid = b.valid;
     at::Tensor nll = -lp.gather(1, b.labels.unsqueeze(1)).squeeze(1);

@@ -13,15 +13,12 @@ struct EvalResult {
   double loss = 0;      // mean negative log-likelihood of the (ensemble) prediction
   double accuracy = 0;  // top-1, in [0, 1]
   int64_t count = 0;    // examples evaluated (padding excluded)
-  std::map<int, LayerStats> load;  // summed over ranks
+  RoutingStats load;  // summed over ranks
 };
 
 // loader must be an evaluation loader (train = false). Restores the model's mode.
 // max_batches > 0 stops early (calibration); top_k > 0 routes with that many experts.
 EvalResult evaluate(VisionTransformer& model, ShardedLoader& loader, Comms comms, int64_t max_batches = 0,
                     int top_k = 0);
-
-// Sums LayerStats over ranks (host collective).
-void all_reduce_stats(std::map<int, LayerStats>& stats, Communicator& host);
 
 }  // namespace moeprune

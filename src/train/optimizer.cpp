@@ -1,6 +1,9 @@
 #include "train/optimizer.h"
 
 #include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
 
 namespace moeprune {
 
@@ -54,7 +57,7 @@ double Optimizer::step(Communicator& comm, double lr) {
     if (!s.param.grad().defined()) s.param.mutable_grad() = at::zeros_like(s.param);
     at::Tensor g = s.param.grad();
     if (scale != 1.0) g = g * scale;
-    if (cfg_.optimizer == "sgd") {
+    if (cfg_.optimizer == OptimizerKind::Sgd) {
       if (cfg_.weight_decay > 0) g = g + s.param * cfg_.weight_decay;
       if (cfg_.momentum > 0) {
         if (!s.m1.defined()) s.m1 = at::zeros_like(s.param);
@@ -76,6 +79,50 @@ double Optimizer::step(Communicator& comm, double lr) {
     }
   }
   return norm;
+}
+
+void Optimizer::save_state(StateWriter& out) const {
+  for (const auto& s : slots_) {
+    for (const auto& [key, m] : {std::pair{"optim.m1.", &s.m1}, std::pair{"optim.m2.", &s.m2}}) {
+      if (!m->defined()) continue;
+      const std::string name = key + s.name;
+      if (!s.expert) {
+        out.replicated(name, *m);
+        continue;
+      }
+      for (size_t i = 0; i < s.expert_ids.size(); ++i)
+        out.expert(name, s.block, s.expert_ids[i], (*m)[static_cast<int64_t>(i)]);
+    }
+  }
+  out.meta()["kind"] = name_of(cfg_.optimizer);
+  out.meta()["steps"] = steps_;
+}
+
+void Optimizer::load_state(const StateReader& in) {
+  std::string kind, what = concat("checkpoint ", in.where(), ": optimizer");
+  try {
+    kind = in.meta().at("kind").get<std::string>();
+    steps_ = in.meta().at("steps").get<int64_t>();
+  } catch (const nlohmann::json::exception& e) {
+    throw UserError(concat(what, " state lacks a field or has a wrong type: ", e.what()));
+  }
+  require(parse_choice<OptimizerKind>(kind, what) == cfg_.optimizer,
+          concat(what, " state is of ", kind, ", this phase uses ", name_of(cfg_.optimizer)));
+  for (auto& s : slots_) {
+    const at::Tensor& p = s.param;
+    for (const auto& [key, m] : {std::pair{"optim.m1.", &s.m1}, std::pair{"optim.m2.", &s.m2}}) {
+      const std::string name = key + s.name;
+      if (!s.expert) {
+        if (in.has_replicated(name)) *m = in.replicated(name, p.sizes()).clone().to(p.device());
+        continue;
+      }
+      for (size_t i = 0; i < s.expert_ids.size(); ++i) {
+        if (!in.has_expert(name, s.block, s.expert_ids[i])) continue;
+        if (!m->defined()) *m = at::zeros_like(p);
+        (*m)[static_cast<int64_t>(i)].copy_(in.expert(name, s.block, s.expert_ids[i], p.sizes().slice(1)));
+      }
+    }
+  }
 }
 
 void Optimizer::zero_grad() {

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "core/config.h"
+#include "core/state.h"
 #include "dist/communicator.h"
 
 namespace moeprune {
@@ -19,12 +20,17 @@ struct ParamSlot {
   at::Tensor param;
   bool expert = false;        // held by this rank only; not replicated
   at::Tensor m1, m2;          // momentum / Adam moments (undefined until the first step)
+  int block = -1;             // expert parameters: the MoE block
+  std::vector<int> expert_ids;  // expert parameters: the original id of each row
 };
 
 // lr at `step` (0-based): linear warmup from 0 over warmup_steps, then cosine to end_lr at `steps`.
 double learning_rate(const PhaseConfig& p, int64_t step);
 
-class Optimizer {
+// A checkpoint state owner (section "optimizer"): the moments as "optim.m1.<name>"
+// and "optim.m2.<name>" tensors (experts' by block and id), kind and step count in
+// the manifest.
+class Optimizer final : public StateOwner {
  public:
   Optimizer(const PhaseConfig& cfg, std::vector<ParamSlot> params);
   // Sums dense gradients over ranks (one flat all-reduce); expert gradients stay local.
@@ -37,8 +43,14 @@ class Optimizer {
   double step(Communicator& comm, double lr);
   void zero_grad();
   std::vector<ParamSlot>& slots() { return slots_; }
+  const std::vector<ParamSlot>& slots() const { return slots_; }
   int64_t steps_taken() const { return steps_; }
-  void set_steps_taken(int64_t s) { steps_ = s; }
+  OptimizerKind kind() const { return cfg_.optimizer; }
+
+  std::string state_key() const override { return "optimizer"; }
+  void save_state(StateWriter& out) const override;
+  // UserError when the checkpoint's optimiser is of another kind.
+  void load_state(const StateReader& in) override;
 
  private:
   PhaseConfig cfg_;

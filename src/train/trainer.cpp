@@ -6,7 +6,7 @@
 
 #include "core/error.h"
 #include "core/log.h"
-#include "train/precision.h"
+#include "core/precision.h"
 
 namespace moeprune {
 namespace {
@@ -14,7 +14,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
-nlohmann::json layer_json(const std::map<int, LayerStats>& stats) {
+nlohmann::json layer_json(const RoutingStats& stats) {
   nlohmann::json out = nlohmann::json::object();
   for (const auto& [layer, s] : stats) {
     double sum = 0, mx = 0;
@@ -42,20 +42,19 @@ std::vector<ParamSlot> param_slots(const VisionTransformer& model) {
     s.name = item.key();
     s.param = item.value();
     s.expert = is_expert_param(item.key());
+    if (s.expert) {
+      s.block = block_of_param(s.name);
+      s.expert_ids = local_expert_ids(model, s.block);
+    }
     out.push_back(std::move(s));
   }
   return out;
 }
 
-Trainer::Trainer(Comms comms, const JobConfig& job, const PhaseConfig& phase, std::string phase_name,
+Trainer::Trainer(Comms comms, const JobConfig& job, const PhaseConfig& settings, Phase phase,
                  VisionTransformer& model, MetricsSink& metrics)
-    : comms_(comms), job_(job), phase_(phase), name_(std::move(phase_name)), model_(model), metrics_(metrics),
-      opt_(phase, param_slots(model)) {}
-
-std::pair<int64_t, int64_t> Trainer::loader_position(const ShardedLoader& train, int64_t step) const {
-  const int64_t micro = step * phase_.accumulation, per_epoch = train.steps_per_epoch();
-  return {micro / per_epoch, micro % per_epoch};
-}
+    : comms_(comms), job_(job), phase_(settings), phase_id_(phase), name_(str(phase)), model_(model),
+      metrics_(metrics), opt_(settings, param_slots(model)) {}
 
 PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader* test, const TrainHooks& hooks,
                          int64_t start_step) {
@@ -72,40 +71,39 @@ PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader
   model_->train();
   PhaseResult result;
   if (start_step > 0) {
-    const auto [e, s] = loader_position(train, start_step);
-    train.seek(e, s);
+    const auto [e, s] = train.position();
     log::info(concat(name_, ": resuming at step ", start_step, " (loader epoch ", e, " step ", s, ")"));
   }
   Progress progress(name_, phase_.steps, r == 0);
   log::info(concat(name_, ": ", phase_.steps, " steps of ", phase_.batch_size, " images (", accum,
-                   " micro-batches) on ", W, " ranks, ", phase_.optimizer, " ", phase_.precision, " lr ", phase_.lr, ", train split ",
+                   " micro-batches) on ", W, " ranks, ", name_of(phase_.optimizer), " ", name_of(phase_.precision), " lr ", phase_.lr, ", train split ",
                    train.split().size(), " examples, ", train.steps_per_epoch(), " steps per epoch"));
   const auto phase_start = Clock::now();
   // Window accumulators between log lines.
   double w_loss = 0, w_correct = 0, w_count = 0, w_time = 0, w_norm = 0;
   MoeTimers w_timers;
-  std::map<int, LayerStats> w_stats;
+  RoutingStats w_stats;
   int64_t w_steps = 0, epoch = 0;
-  const uint64_t phase_salt = name_ == "pretrain" ? 1 : name_ == "finetune" ? 2 : 3;
+  const uint64_t phase_salt = phase_info(phase_id_).seed_salt;
 
   int64_t steps_done = start_step;
   for (int64_t step = start_step; step < phase_.steps; ++step) {
     const auto t0 = Clock::now();
     const double lr = learning_rate(phase_, step);
     opt_.zero_grad();
-    std::map<int, LayerStats> stats;
+    RoutingStats stats;
     MoeTimers timers;
     for (int a = 0; a < accum; ++a) {
       Batch b = train.next();
       epoch = b.epoch;
       ForwardContext ctx;
-      ctx.train = true;
-      ctx.noise_seed = mix_seed(phase_seed(job_, phase_), phase_salt, static_cast<uint64_t>(step * accum + a));
-      ctx.first_group = r * local / mc.moe.group_size;
-      ctx.total_groups = groups;
-      ctx.stats = &stats;
-      ctx.timers = &timers;
-      ctx.entropy_weight = phase_.router_entropy_weight;
+      ctx.in.train = true;
+      ctx.in.noise_seed = mix_seed(phase_seed(job_, phase_), phase_salt, static_cast<uint64_t>(step * accum + a));
+      ctx.in.first_group = r * local / mc.moe.group_size;
+      ctx.in.total_groups = groups;
+      ctx.in.entropy_weight = phase_.router_entropy_weight;
+      ctx.probes.stats = &stats;
+      ctx.probes.timers = &timers;
       at::Tensor logits;
       {
         AutocastGuard amp(b.images.device(), phase_.precision);

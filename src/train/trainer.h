@@ -1,14 +1,16 @@
-// The optimisation loop of one phase (pretrain or finetune), read top to bottom:
-// per step, micro-batches forward + backward (all-to-alls inside the MoE layers),
-// dense gradients summed over ranks, expert gradients local, clipping, update,
-// metrics; periodic validation; validation and test at the end. Router history and
-// other observers attach through TrainHooks (src/prune is above this module).
+// The optimisation loop of one training phase (pretrain, finetune, refinetune),
+// read top to bottom: per step, micro-batches forward + backward (all-to-alls
+// inside the MoE layers), dense gradients summed over ranks, expert gradients
+// local, clipping, update, metrics; periodic validation; validation and test at
+// the end. Router history, checkpoints and preemption attach through TrainHooks
+// (src/prune and src/pipeline are above this module).
 #pragma once
 #include <functional>
 #include <map>
 #include <string>
 
 #include "core/config.h"
+#include "core/phase.h"
 #include "data/loader.h"
 #include "dist/world.h"
 #include "model/vit.h"
@@ -20,7 +22,7 @@ namespace moeprune {
 
 struct TrainHooks {
   // After every optimiser step with that step's routing statistics of this rank.
-  std::function<void(int64_t step, const std::map<int, LayerStats>&)> on_step;
+  std::function<void(int64_t step, const RoutingStats&)> on_step;
   // Every history_every steps and after the last step (collective).
   std::function<void(int64_t step)> on_history;
   // After every step, on every rank (collective: checkpointing, preemption).
@@ -39,21 +41,21 @@ struct PhaseResult {
 
 class Trainer {
  public:
-  Trainer(Comms comms, const JobConfig& job, const PhaseConfig& phase, std::string phase_name,
-          VisionTransformer& model, MetricsSink& metrics);
-  // Runs the phase from start_step (a resumed phase: the optimiser state must be
-  // loaded already; the loader is positioned here). test may be null. A stopped
-  // phase skips the final evaluation.
+  // settings: the phase's section (phase_config(job, phase), or a test's own).
+  Trainer(Comms comms, const JobConfig& job, const PhaseConfig& settings, Phase phase, VisionTransformer& model,
+          MetricsSink& metrics);
+  // Runs the phase from start_step. A resumed phase (start_step > 0) has its
+  // optimiser state and the train loader's position loaded already (checkpoint
+  // state owners). test may be null. A stopped phase skips the final evaluation.
   PhaseResult run(ShardedLoader& train, ShardedLoader& val, ShardedLoader* test, const TrainHooks& hooks = {},
                   int64_t start_step = 0);
-  // Loader position (epoch, step) of the micro-batch that follows `step` optimiser steps.
-  std::pair<int64_t, int64_t> loader_position(const ShardedLoader& train, int64_t step) const;
   Optimizer& optimizer() { return opt_; }
 
  private:
   Comms comms_;
   const JobConfig& job_;
   PhaseConfig phase_;
+  Phase phase_id_;
   std::string name_;
   VisionTransformer& model_;
   MetricsSink& metrics_;

@@ -29,7 +29,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "model/fused_dispatch.h"
-#include "train/precision.h"
+#include "core/precision.h"
 #include "train/trainer.h"
 
 #include <torch/cuda.h>

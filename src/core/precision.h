@@ -5,14 +5,14 @@
 #pragma once
 #include <c10/core/Device.h>
 
-#include <string>
+#include "core/choices.h"
 
 namespace moeprune {
 
 class AutocastGuard {
  public:
-  // precision: "fp32" (no-op) or "bf16".
-  AutocastGuard(c10::Device device, const std::string& precision);
+  // Fp32: a no-op.
+  AutocastGuard(c10::Device device, Precision precision);
   ~AutocastGuard();
   AutocastGuard(const AutocastGuard&) = delete;
   AutocastGuard& operator=(const AutocastGuard&) = delete;

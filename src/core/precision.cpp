@@ -1,16 +1,12 @@
-#include "train/precision.h"
+#include "core/precision.h"
 
 #include <ATen/autocast_mode.h>
 
-#include "core/error.h"
-
 namespace moeprune {
 
-AutocastGuard::AutocastGuard(c10::Device device, const std::string& precision)
+AutocastGuard::AutocastGuard(c10::Device device, Precision precision)
     : type_(device.type()), prev_dtype_(at::kFloat) {
-  require(precision == "fp32" || precision == "bf16",
-          concat("precision '", precision, "': expected fp32 or bf16"));
-  if (precision != "bf16") return;
+  if (precision != Precision::Bf16) return;
   active_ = true;
   prev_enabled_ = at::autocast::is_autocast_enabled(type_);
   prev_dtype_ = at::autocast::get_autocast_dtype(type_);

@@ -1,0 +1,96 @@
+#include "ckpt/manifest.h"
+
+#include <filesystem>
+#include <fstream>
+
+#include "ckpt/store.h"
+#include "core/error.h"
+
+namespace moeprune {
+using json = nlohmann::json;
+
+const json& Manifest::section(const std::string& key) const {
+  require(has_section(key), concat("checkpoint ", dir, " (", phase, ", step ", step, ") holds no '", key,
+                                   "' state"));
+  return state.at(key);
+}
+
+void to_json(json& j, const Manifest& m) {
+  json shards = json::array();
+  for (const auto& s : m.shards) {
+    json experts = json::object();
+    for (const auto& [block, ids] : s.experts) experts[std::to_string(block)] = ids;
+    shards.push_back({{"file", s.file}, {"rank", s.rank}, {"experts", experts}});
+  }
+  json files = json::array();
+  for (const auto& f : m.files) files.push_back({{"name", f.name}, {"bytes", f.bytes}, {"crc32", f.crc32}});
+  j = {{"format", kCheckpointFormat}, {"version", m.version}, {"phase", m.phase},   {"step", m.step},
+       {"world_size", m.world_size},  {"config", m.config_yaml}, {"state", m.state}, {"shards", shards},
+       {"files", files}};
+}
+
+Manifest manifest_from_json(const json& j, const std::string& path) {
+  require(j.is_object(), concat("checkpoint: '", path, "' is not a JSON object"));
+  const json format = j.value("format", json());
+  require(format.is_string() && format.get<std::string>() == kCheckpointFormat,
+          concat("checkpoint: '", path, "' has format ", format.dump(), ", expected '", kCheckpointFormat, "'"));
+  const json version = j.value("version", json());
+  require(version.is_number_integer() && version.get<int>() == kCheckpointVersion,
+          concat("checkpoint: '", path, "' has version ", version.dump(), ", this moeprune reads version ",
+                 kCheckpointVersion,
+                 version.is_number_integer() && version.get<int>() < kCheckpointVersion
+                     ? " (written by an older moeprune: rerun that phase, or read it with the moeprune that wrote it)"
+                     : ""));
+  Manifest m;
+  try {
+    m.version = version.get<int>();
+    m.phase = j.at("phase").get<std::string>();
+    m.step = j.at("step").get<int64_t>();
+    m.world_size = j.at("world_size").get<int>();
+    m.config_yaml = j.at("config").get<std::string>();
+    m.state = j.at("state");
+    require(m.state.is_object(), concat("checkpoint: '", path, "': 'state' must be an object"));
+    for (const auto& s : j.at("shards")) {
+      ExpertShard shard{s.at("file").get<std::string>(), s.at("rank").get<int>(), {}};
+      for (auto it = s.at("experts").begin(); it != s.at("experts").end(); ++it)
+        shard.experts[std::stoi(it.key())] = it.value().get<std::vector<int>>();
+      m.shards.push_back(std::move(shard));
+    }
+    for (const auto& f : j.at("files"))
+      m.files.push_back(CheckpointFile{f.at("name").get<std::string>(), f.at("bytes").get<int64_t>(),
+                                       f.at("crc32").get<uint32_t>()});
+  } catch (const json::exception& e) {
+    throw UserError(concat("checkpoint: '", path, "' lacks a field or has a wrong type: ", e.what()));
+  } catch (const std::logic_error&) {  // std::stoi of a block key
+    throw UserError(concat("checkpoint: '", path, "' names an MoE block that is not a number"));
+  }
+  return m;
+}
+
+Manifest read_manifest(const std::string& dir) {
+  const std::string path = dir + "/manifest.json";
+  require(std::filesystem::exists(path),
+          concat("checkpoint: '", path, "' does not exist (expected a checkpoint directory)"));
+  std::ifstream in(path);
+  json j;
+  try {
+    in >> j;
+  } catch (const std::exception& e) {
+    throw UserError(concat("checkpoint: '", path, "' is not valid JSON (", e.what(), ")"));
+  }
+  Manifest m = manifest_from_json(j, path);
+  m.dir = dir;
+  return m;
+}
+
+void write_manifest(const std::string& path, const Manifest& m) {
+  {
+    std::ofstream out(path);
+    out << json(m).dump(1) << "\n";
+    out.flush();
+    require(out.good(), concat("checkpoint: cannot write '", path, "'"));
+  }
+  fsync_path(path);
+}
+
+}  // namespace moeprune

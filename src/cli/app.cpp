@@ -1,0 +1,82 @@
+// The subcommands and options of moeprune, with their help texts.
+#include "cli/commands.h"
+
+namespace moeprune {
+namespace {
+
+// What `moeprune <phase> --help` says beyond the phase table's input and output.
+std::string phase_help(Phase p) {
+  switch (p) {
+    case Phase::Pretrain:
+      return "Train the source task (config section `pretrain`) from scratch.\n"
+             "Example: launch/mpirun.sh -np 2 build/moeprune pretrain --config configs/vmoe-tiny.yaml";
+    case Phase::Finetune:
+      return "Fine-tune on the downstream task (section `finetune`), recording each expert's router-weight\n"
+             "change and load. Checkpoints every checkpoint.every steps and on SIGTERM/SIGUSR1 (then exit code 75).\n"
+             "Example: launch/mpirun.sh -np 2 build/moeprune finetune --set finetune.steps=200 --resume auto";
+    case Phase::Prune:
+      return "Load a fine-tuned sharded checkpoint (any number of ranks), calibrate, score every expert by\n"
+             "prune.criterion, prune globally or per layer, re-place the survivors for even load, evaluate,\n"
+             "then re-fine-tune when refinetune.enabled.\n"
+             "Example: launch/mpirun.sh -np 2 build/moeprune prune --set prune.ratio=0.5 --from runs/vmoe-tiny/checkpoints";
+    case Phase::Refinetune:
+      return "Re-fine-tune the pruned model of the latest prune checkpoint (section refinetune: SEER-MoE\n"
+             "stage 2 with router_entropy_weight; evaluation with prune.eval_top_k).";
+  }
+  return "";
+}
+
+}  // namespace
+
+Commands define_commands(CLI::App& app, Args& a) {
+  app.require_subcommand(1);
+  app.fallthrough();  // global options may follow the subcommand
+  app.add_option("-c,--config", a.config_path, "YAML job config (default: embedded vmoe-tiny)");
+  app.add_option("--set", a.overrides, "Override a config key, e.g. --set model.moe.top_k=1 (repeatable)");
+  app.add_flag("-v,--verbose", a.verbose, "Debug logging on rank 0");
+  Commands c;
+  c.forward = app.add_subcommand(
+      "forward",
+      "Smoke test of the expert-parallel model: build it with the config's seed, run one forward and\n"
+      "backward pass on a fixed synthetic batch, print per-expert rows, the loss and checksums of outputs\n"
+      "and gradients. The figures are the same for any number of ranks.\n"
+      "Example: mpirun -np 4 build/moeprune forward --config configs/vmoe-tiny.yaml");
+  for (const PhaseInfo& info : phase_table()) {
+    const std::string help = phase_help(info.phase) + "\nStarts from: " + std::string(info.input) +
+                             ".\nLeaves: " + std::string(info.output) + ".";
+    CLI::App* sub = app.add_subcommand(std::string(info.name), help);
+    if (info.phase == Phase::Prune) {
+      sub->add_option("--from", a.prune_from, "fine-tuning checkpoint or checkpoint root (default: checkpoint.dir)");
+    } else {
+      sub->add_option("--resume", a.resume, "auto (latest checkpoint of this phase, if any) | DIR | none");
+    }
+    if (info.phase == Phase::Pretrain)
+      sub->add_flag("--skip-if-done", a.skip_if_done,
+                    "Reuse an existing pretrained model made with the same seed, model, data and pretrain settings");
+    c.phases.emplace_back(info.phase, sub);
+  }
+  c.run = app.add_subcommand(
+      "run",
+      "The whole job in one mpirun: pretrain (when configured and not already done with the same\n"
+      "settings) -> fine-tune recording router history -> calibrate -> prune -> rebalance ->\n"
+      "re-fine-tune (when refinetune.enabled) -> evaluate, with sharded checkpoints throughout.\n"
+      "After preemption (exit code 75) rerun the same command with --resume auto, on any number of ranks.\n"
+      "Example: launch/mpirun.sh -np 2 build/moeprune run --config configs/vmoe-tiny.yaml --resume auto");
+  c.run->add_option("--resume", a.resume, "auto (continue at the phase and step of the latest checkpoint) | none");
+  c.ckpt = app.add_subcommand(
+      "ckpt",
+      "Sharded checkpoints (one process, no mpirun needed):\n"
+      "  inspect DIR       phase, step, world size, state sections, experts per layer and their ranks, files\n"
+      "  verify DIR        sizes and CRC-32 of every file against the manifest\n"
+      "  export DIR OUT    every tensor in one safetensors file (experts stacked per layer)\n"
+      "DIR may be a checkpoint or a checkpoint root (its latest checkpoint).\n"
+      "Example: build/moeprune ckpt inspect runs/vmoe-tiny/checkpoints");
+  c.ckpt->add_option("action", a.ckpt_action, "inspect | verify | export")
+      ->required()
+      ->check(CLI::IsMember({"inspect", "verify", "export"}));
+  c.ckpt->add_option("dir", a.ckpt_dir, "checkpoint directory or root")->required();
+  c.ckpt->add_option("out", a.ckpt_out, "output file (export)");
+  return c;
+}
+
+}  // namespace moeprune

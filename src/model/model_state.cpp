@@ -1,0 +1,112 @@
+#include "model/model_state.h"
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+
+namespace moeprune {
+using json = nlohmann::json;
+
+ModelLayout layout_of(const VisionTransformer& model) {
+  ModelLayout l;
+  l.num_classes = model->config().num_classes;
+  l.pruned_routing = model->config().pruned_routing;
+  for (const auto& layer : model->moe_layers()) {
+    l.world_size = layer->placement().world_size();
+    l.layers.push_back({layer->layer(), layer->expert_ids(), layer->placement().expert_rank()});
+  }
+  return l;
+}
+
+void to_json(json& j, const ModelLayout& l) {
+  json layers = json::array();
+  for (const auto& x : l.layers) layers.push_back({{"block", x.block}, {"experts", x.experts}, {"rank", x.rank}});
+  j = {{"num_classes", l.num_classes}, {"pruned_routing", name_of(l.pruned_routing)}, {"world_size", l.world_size},
+       {"moe_layers", layers}};
+}
+
+ModelLayout layout_from_json(const json& j, const std::string& where) {
+  ModelLayout l;
+  try {
+    l.num_classes = j.at("num_classes").get<int>();
+    l.pruned_routing = parse_choice<PrunedRouting>(j.at("pruned_routing").get<std::string>(),
+                                                   concat(where, ": model.pruned_routing"));
+    l.world_size = j.at("world_size").get<int>();
+    for (const auto& x : j.at("moe_layers"))
+      l.layers.push_back({x.at("block").get<int>(), x.at("experts").get<std::vector<int>>(),
+                          x.at("rank").get<std::vector<int>>()});
+  } catch (const json::exception& e) {
+    throw UserError(concat(where, ": the model layout lacks a field or has a wrong type: ", e.what()));
+  }
+  for (const auto& x : l.layers)
+    require(x.experts.size() == x.rank.size(), concat(where, ": MoE block ", x.block, " lists ", x.experts.size(),
+                                                      " experts but ", x.rank.size(), " ranks"));
+  return l;
+}
+
+ModelConfig model_config_of(const ModelConfig& cfg, const ModelLayout& l) {
+  ModelConfig out = cfg;
+  out.num_classes = l.num_classes;
+  out.pruned_routing = l.pruned_routing;
+  out.kept_experts.clear();
+  for (const auto& x : l.layers)
+    if (static_cast<int>(x.experts.size()) != cfg.moe.num_experts) out.kept_experts[x.block] = x.experts;
+  return out;
+}
+
+std::vector<Placement> placements_of(const ModelLayout& l, int world_size) {
+  std::vector<Placement> out;
+  for (const auto& x : l.layers) {
+    const int n = static_cast<int>(x.experts.size());
+    out.push_back(l.world_size == world_size ? Placement(x.rank, world_size)
+                                             : Placement::contiguous(n, world_size, /*allow_empty=*/true));
+  }
+  return out;
+}
+
+void ModelState::save_state(StateWriter& out) const {
+  at::NoGradGuard ng;
+  for (const auto& item : model_->named_parameters()) {
+    const std::string& name = item.key();
+    if (!is_expert_param(name)) {
+      out.replicated(name, item.value());
+      continue;
+    }
+    const int block = block_of_param(name);
+    const auto& ids = local_expert_ids(model_, block);
+    for (size_t i = 0; i < ids.size(); ++i) out.expert(name, block, ids[i], item.value()[static_cast<int64_t>(i)]);
+  }
+  to_json(out.meta(), layout_of(model_));
+}
+
+void ModelState::load_state(const StateReader& in) {
+  at::NoGradGuard ng;
+  const ModelLayout saved = layout_from_json(in.meta(), in.where());
+  const ModelLayout now = layout_of(model_);
+  require(now.layers.size() == saved.layers.size(), concat("checkpoint ", in.where(), " has ", saved.layers.size(),
+                                                           " MoE layers, the model has ", now.layers.size()));
+  require(saved.num_classes == now.num_classes, concat("checkpoint ", in.where(), " has a head of ",
+                                                       saved.num_classes, " classes, the model has ", now.num_classes));
+  for (size_t i = 0; i < now.layers.size(); ++i) {
+    const auto &s = saved.layers[i], &n = now.layers[i];
+    require(s.block == n.block, concat("checkpoint ", in.where(), ": MoE layer ", i, " is block ", s.block,
+                                       ", the model has block ", n.block));
+    require(s.experts == n.experts,
+            concat("checkpoint ", in.where(), ": block ", s.block, " has ", s.experts.size(), " experts, the model has ",
+                   n.experts.size(), " (or other ids); build the model with model_config_of()"));
+  }
+  for (auto& item : model_->named_parameters()) {
+    const std::string& name = item.key();
+    at::Tensor p = item.value();
+    if (!is_expert_param(name)) {
+      p.copy_(in.replicated(name, p.sizes()));
+      continue;
+    }
+    const int block = block_of_param(name);
+    const auto& ids = local_expert_ids(model_, block);
+    for (size_t i = 0; i < ids.size(); ++i)
+      p[static_cast<int64_t>(i)].copy_(in.expert(name, block, ids[i], p.sizes().slice(1)));
+  }
+}
+
+}  // namespace moeprune

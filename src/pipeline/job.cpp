@@ -1,0 +1,131 @@
+#include "pipeline/job.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <algorithm>
+#include <csignal>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "core/log.h"
+
+namespace moeprune {
+
+std::string pretrained_path(const JobConfig& cfg) { return cfg.output.dir + "/pretrained.safetensors"; }
+std::string finetuned_path(const JobConfig& cfg) { return cfg.output.dir + "/finetuned.safetensors"; }
+std::string history_path(const JobConfig& cfg) { return cfg.output.dir + "/router_history.json"; }
+std::string report_path(const JobConfig& cfg) { return cfg.output.dir + "/prune_report.json"; }
+std::string metrics_path(const JobConfig& cfg) { return cfg.output.dir + "/metrics.jsonl"; }
+
+PhaseData phase_data(const JobConfig& cfg, const PhaseConfig& task, const std::string& task_name) {
+  std::shared_ptr<const Dataset> train = load_dataset(cfg, SplitPart::Train);
+  std::shared_ptr<const Dataset> test = load_dataset(cfg, SplitPart::Test);
+  const double vf = cfg.data.val_fraction;
+  PhaseData d{make_split(train, task, task_name, SplitPart::Train, vf),
+              make_split(train, task, task_name, SplitPart::Val, vf),
+              make_split(test, task, task_name, SplitPart::Test, vf)};
+  log::info(concat(task_name, " data: ", train->name, " classes ", d.train.num_labels, " labels; train ",
+                   d.train.size(), ", val ", d.val.size(), ", test ", d.test.size(), " examples"));
+  return d;
+}
+
+LoaderOptions loader_options(const JobConfig& cfg, const World& world, int64_t batch, bool train, uint64_t seed) {
+  LoaderOptions o;
+  o.global_batch = batch;
+  o.rank = world.rank();
+  o.world = world.size();
+  o.seed = seed;
+  o.train = train;
+  o.augment = cfg.data.augment;
+  o.image_size = cfg.model.image_size;
+  o.channels = cfg.model.channels;
+  o.prefetch = cfg.data.prefetch;
+  o.device = world.device();
+  return o;
+}
+
+VisionTransformer build_job_model(const JobConfig& cfg, const ModelConfig& mc, const std::vector<Placement>& placements,
+                                  World& world) {
+  return build_model(mc, placements, world.comm(), world.device(), cfg.seed, cfg.runtime.moe);
+}
+
+// ---------------------------------------------------------------------------
+bool JobProgress::is_finished(Phase p) const { return std::find(finished.begin(), finished.end(), p) != finished.end(); }
+
+void JobProgress::finish(Phase p) {
+  if (!is_finished(p)) finished.push_back(p);
+}
+
+namespace {
+std::string to_hex(const at::Tensor& bytes) {
+  static const char* d = "0123456789abcdef";
+  std::string s;
+  const auto* p = bytes.data_ptr<uint8_t>();
+  for (int64_t i = 0; i < bytes.numel(); ++i) {
+    s += d[p[i] >> 4];
+    s += d[p[i] & 15];
+  }
+  return s;
+}
+
+at::Tensor from_hex(const std::string& s, const std::string& where) {
+  require(s.size() % 2 == 0 && s.find_first_not_of("0123456789abcdef") == std::string::npos,
+          concat("checkpoint ", where, ": the stored generator state is not hexadecimal"));
+  at::Tensor t = at::empty({static_cast<int64_t>(s.size() / 2)}, at::kByte);
+  auto* p = t.data_ptr<uint8_t>();
+  for (size_t i = 0; i + 1 < s.size(); i += 2) p[i / 2] = static_cast<uint8_t>(std::stoi(s.substr(i, 2), nullptr, 16));
+  return t;
+}
+}  // namespace
+
+void JobProgress::save_state(StateWriter& out) const {
+  std::vector<std::string> names;
+  for (Phase p : finished) names.push_back(str(p));
+  out.meta()["finished_phases"] = names;
+  out.meta()["rng_scheme"] = "counter-based: loader (seed, epoch, step), router noise (seed, phase, micro-step)";
+  out.meta()["torch_cpu_state"] = to_hex(at::detail::getDefaultCPUGenerator().get_state());
+}
+
+JobProgress JobProgress::from_meta(const nlohmann::json& meta, const std::string& where) {
+  std::vector<std::string> names;
+  try {
+    names = meta.at("finished_phases").get<std::vector<std::string>>();
+  } catch (const nlohmann::json::exception& e) {
+    throw UserError(concat("checkpoint ", where, ": the job progress lacks a field or has a wrong type: ", e.what()));
+  }
+  JobProgress p;
+  for (const auto& n : names) p.finish(parse_phase(n, concat("checkpoint ", where, ": finished phase")));
+  return p;
+}
+
+void JobProgress::load_state(const StateReader& in) {
+  finished = from_meta(in.meta(), in.where()).finished;
+  std::string rng;
+  try {
+    rng = in.meta().at("torch_cpu_state").get<std::string>();
+  } catch (const nlohmann::json::exception& e) {
+    throw UserError(concat("checkpoint ", in.where(), ": the job progress lacks a field or has a wrong type: ",
+                           e.what()));
+  }
+  at::Tensor state = from_hex(rng, in.where());
+  try {
+    at::Generator gen = at::detail::getDefaultCPUGenerator();
+    gen.set_state(state);
+  } catch (const c10::Error&) {
+    throw UserError(concat("checkpoint ", in.where(), ": the stored generator state is not one torch can restore"));
+  }
+}
+
+// ---------------------------------------------------------------------------
+std::atomic<int> g_stop_signal{0};
+
+namespace {
+void on_signal(int sig) { g_stop_signal.store(sig); }
+}  // namespace
+
+void install_stop_signals() {
+  std::signal(SIGTERM, on_signal);
+  std::signal(SIGUSR1, on_signal);
+}
+
+}  // namespace moeprune

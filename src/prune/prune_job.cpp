@@ -1,0 +1,106 @@
+#include "prune/prune_job.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+#include "core/log.h"
+
+namespace moeprune {
+namespace {
+
+ModelFigures figures(const VisionTransformer& model, const RoutingStats& load, Communicator& host) {
+  ModelFigures f;
+  int64_t dense = 0, local_expert = 0;
+  for (const auto& item : model->named_parameters()) {
+    if (!is_expert_param(item.key())) dense += item.value().numel();
+    else local_expert += item.value().numel();
+  }
+  at::Tensor t = at::tensor({local_expert}, at::kLong);
+  host.all_reduce(t, ReduceOp::Sum);
+  f.params = dense + t.item<int64_t>();
+  at::Tensor mx = at::tensor({(dense + local_expert) * 4}, at::kLong);
+  host.all_reduce(mx, ReduceOp::Max);
+  f.max_rank_bytes = mx.item<int64_t>();
+  f.expert_flops_per_token = expert_flops_per_token(model->config(), load);
+  return f;
+}
+
+// Where each of `ids` lives now in `layer` (-1: not in the layer).
+std::vector<int> current_ranks(const MoeLayerImpl& layer, const std::vector<int>& ids) {
+  std::vector<int> out;
+  for (int id : ids) {
+    const auto& all = layer.expert_ids();
+    const auto it = std::find(all.begin(), all.end(), id);
+    out.push_back(it == all.end() ? -1 : layer.placement().rank_of(static_cast<int>(it - all.begin())));
+  }
+  return out;
+}
+
+}  // namespace
+
+PruneOutcome prune_job(PruneInputs in, const JobConfig& cfg, World& world) {
+  const PruneConfig& pc = cfg.prune;
+  const Comms comms = world.comms();
+  const int top_k = in.model->config().moe.top_k;
+  PruneOutcome out;
+
+  // 1. Before pruning: accuracy and calibration counts.
+  out.before = evaluate(in.model, *in.test, comms);
+  const EvalResult cal = evaluate(in.model, *in.calibration, comms, pc.calibration.batches);
+  require(cal.count > 0, concat("prune: the calibration split '", name_of(pc.calibration.split), "' is empty"));
+  out.calibration_examples = cal.count;
+  log::info(concat("prune: test accuracy before pruning ", out.before.accuracy, "; calibrated on ", cal.count,
+                   " examples of ", in.calibration->split().name));
+  out.figures_before = figures(in.model, out.before.load, world.host_comm());
+
+  // 2. Scores, plan, agreement.
+  std::map<int, at::Tensor> current;
+  std::map<int, std::vector<int>> ids;
+  for (const auto& l : in.model->moe_layers()) {
+    current[l->layer()] = layer_router_weights(*l);
+    ids[l->layer()] = l->expert_ids();
+  }
+  static const RouterHistory kNoHistory;
+  const RouterHistory& history = in.history ? *in.history : kNoHistory;
+  world.agree([&] {
+    out.plan = make_plan(expert_scores(pc.criterion, history.reference(), current, cal.load, ids, cfg.seed), pc,
+                         top_k);
+  });
+  plan_agreement(out.plan, world.host_comm());
+  log::info(concat("prune: plan (", name_of(pc.criterion), ", ", name_of(pc.scope), ", ", name_of(pc.routing),
+                   " routing) prunes ", out.plan.total_pruned(), " experts; agreed by all ranks (hash ",
+                   out.plan.hash(), ")"));
+
+  // 3. Apply with survivors staying where they are, then measure their loads.
+  std::vector<Placement> stay;
+  const auto layers = in.model->moe_layers();
+  for (size_t l = 0; l < layers.size(); ++l)
+    stay.push_back(Placement(current_ranks(*layers[l], out.plan.layers[l].kept), world.size()));
+  out.pruned = apply_plan(in.model, in.slots, out.plan, stay, comms, cfg.seed);
+  in.model = VisionTransformer(nullptr);  // frees the pruned experts and their state
+  in.slots.clear();
+  const EvalResult cal_after = evaluate(out.pruned.model, *in.calibration, comms, pc.calibration.batches);
+
+  // 4. Rebalance by the measured loads.
+  for (const auto& l : out.pruned.model->moe_layers()) {
+    const LayerStats& s = cal_after.load.at(l->layer());
+    const std::vector<double> loads(s.kept.begin(), s.kept.end());  // expected tokens per expert slot
+    const auto& cur = l->placement().expert_rank();
+    out.imbalance_before.push_back(load_imbalance(loads, cur, world.size()));
+    const std::vector<int> ranks = pc.rebalance ? balanced_placement(loads, cur, world.size()) : cur;
+    out.imbalance_after.push_back(load_imbalance(loads, ranks, world.size()));
+    out.placements.push_back(Placement(ranks, world.size()));
+  }
+  out.bytes_moved = out.pruned.bytes_moved;
+  if (pc.rebalance) {
+    Migration moved = replace_experts(out.pruned.model, out.pruned.slots, out.placements, comms, cfg.seed);
+    out.bytes_moved += moved.bytes_moved;
+    out.pruned = std::move(moved);
+  }
+  out.after = evaluate(out.pruned.model, *in.test, comms);
+  out.figures_after = figures(out.pruned.model, out.after.load, world.host_comm());
+  log::info(concat("prune: test accuracy after pruning ", out.after.accuracy));
+  return out;
+}
+
+}  // namespace moeprune
