@@ -7,7 +7,7 @@
 #   launch/bench_scaling.sh [--per-rank-batch B] [--repeat N] [--ranks "1 2 4"]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BENCH="${MOEPRUNE_BUILD_DIR:-$ROOT/build}/tests/moeprune-bench"
+BENCH="${MOEPRUNE_BUILD_DIR:-$ROOT/build}/bench/moeprune-bench"
 [ -x "$BENCH" ] || { echo "bench_scaling: $BENCH not found; run launch/build.sh first" >&2; exit 2; }
 ranks="1 2 4"
 extra=()

@@ -65,7 +65,7 @@ case "${1:-}" in
     set +e
     (cd "$BUILD" && ctest -R 'unit|gpu_kernels|mpi_np1' --output-on-failure) 2>&1 | tee "$out/ctest.log"
     "$BUILD/tests/moeprune_tests" --gtest_filter='Gpu.*' 2>&1 | tee "$out/gpu_tests.log"
-    B="$BUILD/tests/moeprune-bench"
+    B="$BUILD/bench/moeprune-bench"
     "$B" kernels --repeat 20 2>&1 | tee "$out/bench_kernels.txt"
     "$B" moe --precision bf16 --repeat 5 2>&1 | tee "$out/bench_moe_bf16.txt"
     MOEPRUNE_EXPERT_GEMM=grouped "$B" moe --precision bf16 --repeat 5 2>&1 | tee "$out/bench_moe_bf16_grouped.txt"

@@ -1,0 +1,52 @@
+// The timing harness every benchmark shares (in the manner of nccl-tests): warm-up
+// runs, then timed repetitions, each one started after a device sync and a barrier
+// and counted as the slowest rank's time; the median is reported with its spread
+// ((max - min) / median). Every result row is printed twice: a table line for
+// people and one JSON line for scripts ({"bench": ..., ...}).
+#pragma once
+#include <chrono>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "dist/world.h"
+
+namespace moeprune::bench {
+
+struct Timing {
+  double median = 0, min = 0, max = 0;  // seconds
+  int reps = 0;
+  double spread() const { return median > 0 ? (max - min) / median : 0; }
+};
+
+// Waits for the device's queued work, so that host timers measure it.
+void sync_device(const World& world);
+
+// The timing of per-rank samples: each sample the slowest rank's (host collective).
+Timing summarize(World& world, std::vector<double> samples);
+
+// Collective: f run `warmup` times untimed, then `reps` times timed.
+template <typename F>
+Timing time_it(World& world, int reps, const F& f, int warmup = 1) {
+  using Clock = std::chrono::steady_clock;
+  for (int i = 0; i < warmup; ++i) f();
+  std::vector<double> t;
+  for (int r = 0; r < reps; ++r) {
+    sync_device(world);
+    world.host_comm().barrier();
+    const auto t0 = Clock::now();
+    f();
+    sync_device(world);
+    t.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  return summarize(world, t);
+}
+
+// Rank 0: one JSON line {"bench": name, ...fields}.
+void json_row(const World& world, const std::string& bench, nlohmann::json fields);
+// The JSON fields of a timing under a prefix: <p>_s (median), <p>_spread.
+nlohmann::json timing_json(const std::string& prefix, const Timing& t);
+// "met" / "MISSED" for a row with a target, "" without one.
+const char* verdict(bool has_target, bool met);
+
+}  // namespace moeprune::bench

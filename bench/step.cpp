@@ -1,0 +1,64 @@
+// moeprune-bench step: one training step (forward, backward, gradient sync,
+// optimiser) of a model at a fixed per-rank batch; run on 1, 2, 4 ranks it is weak
+// scaling (launch/bench_scaling.sh reads its JSON lines).
+#include <cstdio>
+
+#include "benches.h"
+#include "core/error.h"
+#include "core/precision.h"
+#include "harness.h"
+#include "pipeline/job.h"
+#include "train/trainer.h"
+
+namespace moeprune::bench {
+
+int step(World& world, const Options& o) {
+  JobConfig cfg = parse_config(o.config);
+  if (!o.precision.empty()) cfg.finetune.precision = parse_choice<Precision>(o.precision, "--precision");
+  const ModelConfig& mc = cfg.model;
+  const int per_rank = o.per_rank;
+  require(per_rank % mc.moe.group_size == 0,
+          concat("bench step: --per-rank-batch ", per_rank, " must be a multiple of group_size ", mc.moe.group_size));
+  const c10::Device dev = world.device();
+  VisionTransformer model = build_job_model(cfg, mc, default_placements(mc, world.size()), world);
+  model->train();
+  Optimizer opt(cfg.finetune, param_slots(model));
+  at::manual_seed(100 + world.rank());
+  const auto t_opt = at::TensorOptions().device(dev);
+  at::Tensor images = at::randn({per_rank, mc.channels, mc.image_size, mc.image_size}, t_opt);
+  at::Tensor labels = at::randint(mc.num_classes, {per_rank}, t_opt.dtype(at::kLong));
+  const int64_t groups = static_cast<int64_t>(per_rank) * world.size() / mc.moe.group_size;
+  int64_t n = 0;
+  const Timing t = time_it(world, o.reps, [&] {
+    opt.zero_grad();
+    ForwardContext ctx;
+    ctx.in.train = true;
+    ctx.in.noise_seed = static_cast<uint64_t>(++n);
+    ctx.in.total_groups = groups;
+    ctx.in.first_group = world.rank() * per_rank / mc.moe.group_size;
+    at::Tensor logits;
+    {
+      AutocastGuard amp(dev, cfg.finetune.precision);
+      logits = model->forward(images, ctx);
+    }
+    at::Tensor loss = cross_entropy_sum(logits.to(at::kFloat), labels) / static_cast<double>(per_rank) +
+                      ctx.aux_loss / static_cast<double>(groups);
+    loss.backward();
+    opt.sync_gradients(*world.comms().device);
+    opt.step(*world.comms().device, 1e-3);
+  });
+  const double ips = per_rank * world.size() / t.median;
+  if (world.rank() == 0)
+    std::printf("training step, %s, %d rank(s) on %s, %s, %d images per rank, %d threads per rank, median of %d: "
+                "%.1f ms/step (spread %.0f%%), %.1f images/s (%.1f per rank)\n",
+                mc.name.c_str(), world.size(), dev.str().c_str(), str(cfg.finetune.precision).c_str(), per_rank,
+                at::get_num_threads(), o.reps, 1e3 * t.median, 100 * t.spread(), ips, ips / world.size());
+  nlohmann::json row = {{"model", mc.name}, {"precision", str(cfg.finetune.precision)},
+                        {"threads_per_rank", at::get_num_threads()}, {"per_rank_batch", per_rank},
+                        {"images_per_s", ips}};
+  row.update(timing_json("step", t));
+  json_row(world, "step", row);
+  return 0;
+}
+
+}  // namespace moeprune::bench
