@@ -4,8 +4,12 @@
 
 #include <filesystem>
 
+#include <fstream>
+
 #include "core/config.h"
+#include "core/env.h"
 #include "core/error.h"
+#include "test_tmp.h"
 
 namespace moeprune {
 namespace {
@@ -28,9 +32,19 @@ TEST(Config, EmbeddedDefaultParses) {
   EXPECT_EQ(cfg.model.tokens_per_image(), 50);
 }
 
+// The recipes (configs/*.yaml; configs/base/ holds the files they build on).
+std::vector<std::filesystem::path> recipes() {
+  std::vector<std::filesystem::path> out;
+  for (const auto& e : std::filesystem::directory_iterator(std::string(MOEPRUNE_SOURCE_DIR) + "/configs"))
+    if (e.is_regular_file() && e.path().extension() == ".yaml") out.push_back(e.path());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
 TEST(Config, ShippedConfigsParse) {
   int n = 0;
-  for (const auto& e : std::filesystem::directory_iterator(std::string(MOEPRUNE_SOURCE_DIR) + "/configs")) {
+  for (const auto& path : recipes()) {
+    const std::filesystem::directory_entry e(path);
     const JobConfig cfg = parse_config(e.path().string());
     EXPECT_EQ(cfg.model.name, e.path().stem().string()) << e.path();
     EXPECT_NO_THROW(validate_world(cfg, 2)) << e.path();
@@ -40,6 +54,144 @@ TEST(Config, ShippedConfigsParse) {
   const JobConfig e3 = parse_config(std::string(MOEPRUNE_SOURCE_DIR) + "/configs/e3-s32-cifar100.yaml");
   EXPECT_EQ(e3.model.moe_blocks(), (std::vector<int>{5, 7}));
   EXPECT_EQ(e3.model.moe.ensemble_size, 2);
+}
+
+// Every recipe resolves (through its bases) to the values it had when each recipe
+// was one self-contained file.
+TEST(Config, RecipesResolveAsBeforeBases) {
+  struct Want {
+    const char* file;
+    int patch, hidden, layers, image, classes;
+    double capacity;
+    int top_k, members;
+    DatasetKind dataset;
+    int eval_batch;
+    const char* init;
+    int steps;
+    bool refinetune;
+    int ckpt_every;
+    const char* out;
+  };
+  const Want want[] = {
+    {"e3-s32-cifar100.yaml", 32, 512, 8, 224, 100, 1.5, 1, 2, DatasetKind::Cifar100, 512, "data/pretrained/e3-s32.safetensors", 10000, true, 500, "runs/e3-s32-cifar100"},
+    {"e3-s32.yaml", 32, 512, 8, 224, 1000, 1.05, 1, 2, DatasetKind::Shards, 64, "", 10000, false, 0, "runs/e3-s32"},
+    {"vmoe-b16-cifar10.yaml", 16, 768, 12, 224, 10, 1.5, 2, 1, DatasetKind::Cifar10, 512, "data/pretrained/vmoe-b16.safetensors", 10000, true, 500, "runs/vmoe-b16-cifar10"},
+    {"vmoe-b16-cifar100.yaml", 16, 768, 12, 224, 100, 1.5, 2, 1, DatasetKind::Cifar100, 512, "data/pretrained/vmoe-b16.safetensors", 10000, true, 500, "runs/vmoe-b16-cifar100"},
+    {"vmoe-b16-imagenet.yaml", 16, 768, 12, 384, 1000, 1.5, 2, 1, DatasetKind::Shards, 512, "data/pretrained/vmoe-b16.safetensors", 10000, true, 500, "runs/vmoe-b16-imagenet"},
+    {"vmoe-b16.yaml", 16, 768, 12, 224, 1000, 1.05, 2, 1, DatasetKind::Shards, 64, "", 10000, false, 0, "runs/vmoe-b16"},
+    {"vmoe-h14-cifar10.yaml", 14, 1280, 32, 224, 10, 1.5, 2, 1, DatasetKind::Cifar10, 512, "data/pretrained/vmoe-h14.safetensors", 10000, true, 500, "runs/vmoe-h14-cifar10"},
+    {"vmoe-h14-cifar100.yaml", 14, 1280, 32, 224, 100, 1.5, 2, 1, DatasetKind::Cifar100, 512, "data/pretrained/vmoe-h14.safetensors", 10000, true, 500, "runs/vmoe-h14-cifar100"},
+    {"vmoe-h14-imagenet.yaml", 14, 1280, 32, 378, 1000, 1.5, 2, 1, DatasetKind::Shards, 512, "data/pretrained/vmoe-h14.safetensors", 10000, true, 500, "runs/vmoe-h14-imagenet"},
+    {"vmoe-h14.yaml", 14, 1280, 32, 224, 1000, 1.05, 2, 1, DatasetKind::Shards, 64, "", 10000, false, 0, "runs/vmoe-h14"},
+    {"vmoe-l16-cifar10.yaml", 16, 1024, 24, 224, 10, 1.5, 2, 1, DatasetKind::Cifar10, 512, "data/pretrained/vmoe-l16.safetensors", 10000, true, 500, "runs/vmoe-l16-cifar10"},
+    {"vmoe-l16-cifar100.yaml", 16, 1024, 24, 224, 100, 1.5, 2, 1, DatasetKind::Cifar100, 512, "data/pretrained/vmoe-l16.safetensors", 10000, true, 500, "runs/vmoe-l16-cifar100"},
+    {"vmoe-l16-imagenet.yaml", 16, 1024, 24, 384, 1000, 1.5, 2, 1, DatasetKind::Shards, 512, "data/pretrained/vmoe-l16.safetensors", 10000, true, 500, "runs/vmoe-l16-imagenet"},
+    {"vmoe-l16.yaml", 16, 1024, 24, 224, 1000, 1.05, 2, 1, DatasetKind::Shards, 64, "", 10000, false, 0, "runs/vmoe-l16"},
+    {"vmoe-s32-cifar10.yaml", 32, 512, 8, 224, 10, 1.5, 2, 1, DatasetKind::Cifar10, 512, "data/pretrained/vmoe-s32.safetensors", 10000, true, 500, "runs/vmoe-s32-cifar10"},
+    {"vmoe-s32-cifar100.yaml", 32, 512, 8, 224, 100, 1.5, 2, 1, DatasetKind::Cifar100, 512, "data/pretrained/vmoe-s32.safetensors", 10000, true, 500, "runs/vmoe-s32-cifar100"},
+    {"vmoe-s32-imagenet.yaml", 32, 512, 8, 384, 1000, 1.5, 2, 1, DatasetKind::Shards, 512, "data/pretrained/vmoe-s32.safetensors", 10000, true, 500, "runs/vmoe-s32-imagenet"},
+    {"vmoe-s32.yaml", 32, 512, 8, 224, 1000, 1.05, 2, 1, DatasetKind::Shards, 64, "", 10000, false, 0, "runs/vmoe-s32"},
+    {"vmoe-tiny.yaml", 4, 64, 6, 28, 10, 1.05, 2, 1, DatasetKind::FashionMnist, 256, "", 1500, true, 500, "runs/vmoe-tiny"},
+  };
+  ASSERT_EQ(recipes().size(), std::size(want)) << "a recipe was added or removed: extend this table";
+  for (const Want& w : want) {
+    SCOPED_TRACE(w.file);
+    const JobConfig c = parse_config(std::string(MOEPRUNE_SOURCE_DIR) + "/configs/" + w.file);
+    EXPECT_EQ(c.model.patch_size, w.patch);
+    EXPECT_EQ(c.model.hidden, w.hidden);
+    EXPECT_EQ(c.model.num_layers, w.layers);
+    EXPECT_EQ(c.model.image_size, w.image);
+    EXPECT_EQ(c.model.num_classes, w.classes);
+    EXPECT_EQ(c.model.moe.capacity_factor, w.capacity);
+    EXPECT_EQ(c.model.moe.top_k, w.top_k);
+    EXPECT_EQ(c.model.moe.ensemble_size, w.members);
+    EXPECT_EQ(c.data.dataset, w.dataset);
+    EXPECT_EQ(c.data.eval_batch_size, w.eval_batch);
+    EXPECT_EQ(c.finetune.init, w.init);
+    EXPECT_EQ(c.finetune.steps, w.steps);
+    EXPECT_EQ(c.refinetune.enabled, w.refinetune);
+    EXPECT_EQ(c.checkpoint.every, w.ckpt_every);
+    EXPECT_EQ(c.output.dir, w.out);
+  }
+}
+
+// `base:` files: later bases override earlier ones, the file's own keys override all,
+// paths are relative to the naming file, and errors name the file.
+TEST(Config, BasesMergeAndTheirErrorsNameTheFile) {
+  test::TempDir tmp("config-bases");
+  auto write = [&](const std::string& name, const std::string& text) { std::ofstream(tmp / name) << text; };
+  std::filesystem::create_directories(tmp / "b");
+  write("b/model.yaml", "model: {hidden: 32, num_heads: 4, moe: {top_k: 1, num_experts: 4}}\n");
+  write("b/other.yaml", "model: {hidden: 48, moe: {num_experts: 6}}\nfinetune: {lr: 0.5}\n");
+  write("job.yaml", "base: [b/model.yaml, b/other.yaml]\nmodel: {moe: {num_experts: 12}}\n");
+  const JobConfig c = parse_config(tmp / "job.yaml");
+  EXPECT_EQ(c.model.hidden, 48);            // the later base wins
+  EXPECT_EQ(c.model.num_heads, 4);          // kept from the first base (maps merge key by key)
+  EXPECT_EQ(c.model.moe.top_k, 1);
+  EXPECT_EQ(c.model.moe.num_experts, 12);   // the file's own key wins
+  EXPECT_EQ(c.finetune.lr, 0.5);
+  EXPECT_EQ(c.resolved_yaml.find("base"), std::string::npos) << "the resolved config is self-contained";
+
+  auto error_of_file = [&](const std::string& name) {
+    try {
+      parse_config(tmp / name);
+    } catch (const UserError& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  write("typo-base.yaml", "model: {moe: {topk: 2}}\n");
+  write("uses-typo.yaml", "base: typo-base.yaml\n");
+  std::string e = error_of_file("uses-typo.yaml");
+  EXPECT_NE(e.find("unknown key 'model.moe.topk' in " + (tmp / "typo-base.yaml")), std::string::npos) << e;
+  write("a.yaml", "base: c.yaml\n");
+  write("c.yaml", "base: a.yaml\n");
+  e = error_of_file("a.yaml");
+  EXPECT_NE(e.find("base files form a cycle"), std::string::npos) << e;
+  write("self.yaml", "base: self.yaml\n");
+  EXPECT_NE(error_of_file("self.yaml").find("cycle"), std::string::npos);
+  write("missing.yaml", "base: nowhere.yaml\n");
+  e = error_of_file("missing.yaml");
+  EXPECT_NE(e.find("base 'nowhere.yaml' not found"), std::string::npos) << e;
+  write("listy.yaml", "base: {a: 1}\n");
+  EXPECT_NE(error_of_file("listy.yaml").find("base must be a file name or a list"), std::string::npos);
+  EXPECT_NE(error_of_file("b").find("is a directory"), std::string::npos);
+}
+
+// The pretrain fingerprint (which decides whether a cached pretrained model is
+// reused) is a stable hash of a canonical form: the same on every toolchain, blind
+// to key order, changed by any pretrain setting.
+TEST(Config, PretrainFingerprintIsStable) {
+  const std::string yaml = "model: {hidden: 32, num_heads: 4}\npretrain: {lr: 0.002, steps: 50}\n";
+  const JobConfig a = parse_config_text(yaml, "a");
+  // FNV-1a 64 of [~,{hidden:"32",num_heads:"4"},~,{lr:"0.002",steps:"50"}] (seed, model,
+  // data, pretrain; computed independently of moeprune).
+  EXPECT_EQ(a.pretrain_fingerprint, "c62a62f03d7b1f20") << "the canonical form or its hash changed";
+  EXPECT_EQ(parse_config_text("pretrain: {steps: 50, lr: 0.002}\nmodel: {num_heads: 4, hidden: 32}\n", "b")
+                .pretrain_fingerprint,
+            a.pretrain_fingerprint);
+  EXPECT_NE(parse_config_text(yaml, "c", {"pretrain.steps=51"}).pretrain_fingerprint, a.pretrain_fingerprint);
+  EXPECT_EQ(parse_config_text(yaml, "d", {"finetune.steps=7"}).pretrain_fingerprint, a.pretrain_fingerprint);
+}
+
+// The runtime: section, and the environment variables that override it.
+TEST(Config, RuntimeSectionAndEnvironmentOverrides) {
+  const JobConfig c = parse_config("", {"runtime.dispatcher=kernels", "runtime.expert_gemm=grouped", "runtime.threads=3"});
+  EXPECT_EQ(c.runtime.moe.dispatcher, DispatcherKind::Kernels);
+  EXPECT_EQ(c.runtime.moe.expert_gemm, ExpertGemm::Grouped);
+  EXPECT_EQ(resolve_threads(c.runtime, 2), 3);
+  EXPECT_NE(error_of("runtime: {dispatcher: fast}").find("runtime.dispatcher='fast', expected one of auto, torch, kernels"),
+            std::string::npos);
+  RuntimeConfig rt;
+  ::setenv("MOEPRUNE_KERNELS", "off", 1);
+  ::setenv("MOEPRUNE_EXPERT_GEMM", "grouped", 1);
+  apply_env_overrides(rt);
+  EXPECT_EQ(rt.moe.dispatcher, DispatcherKind::Torch);
+  EXPECT_EQ(rt.moe.expert_gemm, ExpertGemm::Grouped);
+  ::setenv("MOEPRUNE_KERNELS", "fast", 1);
+  EXPECT_THROW(apply_env_overrides(rt), UserError);
+  ::unsetenv("MOEPRUNE_KERNELS");
+  ::unsetenv("MOEPRUNE_EXPERT_GEMM");
 }
 
 TEST(Config, OverridesApply) {
