@@ -16,6 +16,7 @@
 #include "core/error.h"
 #include "core/safetensors.h"
 #include "model/model_state.h"
+#include "prune/router_history.h"
 #include "test_models.h"
 #include "test_tmp.h"
 #include "train/trainer.h"
@@ -147,6 +148,40 @@ TEST(Checkpoint, KeepsTheNewestKAndInspectsAndExports) {
   SafetensorsFile x(out);
   EXPECT_TRUE(at::equal(x.get("blocks.1.moe.experts.w1"), f.model->moe_layers()[0]->experts->w1));
   EXPECT_TRUE(at::equal(x.get("head.weight"), f.model->head->weight));
+}
+
+// The optimiser state records the kind of the optimiser that saved it (re-fine-tuning
+// checkpoints were once recorded with the fine-tuning optimiser's), and a checkpoint
+// of another kind is refused with a message instead of loading half a state.
+TEST(Checkpoint, OptimizerStateRecordsItsOwnKind) {
+  Fixture f("optkind");
+  PhaseConfig adam;
+  adam.optimizer = OptimizerKind::AdamW;
+  Optimizer a(adam, param_slots(f.model));
+  ModelState state(f.model);
+  CheckpointWriter w(Comms{&f.comm, &f.comm}, f.root, 3, false);
+  w.save({&state, &a}, "refinetune", 3, f.job.resolved_yaml);
+  const Manifest m = read_manifest(w.last_saved());
+  EXPECT_EQ(m.section("optimizer").at("kind"), "adamw");
+  EXPECT_EQ(m.phase, "refinetune");
+  Optimizer sgd(PhaseConfig{}, param_slots(f.model));
+  try {
+    load_checkpoint(m, {&sgd});
+    FAIL() << "an SGD optimiser must not load AdamW state";
+  } catch (const UserError& e) {
+    EXPECT_NE(std::string(e.what()).find("optimizer state is of adamw, this phase uses sgd"), std::string::npos)
+        << e.what();
+  }
+  Optimizer again(adam, param_slots(f.model));
+  EXPECT_NO_THROW(load_checkpoint(m, {&again}));
+  // A state the checkpoint does not hold is named.
+  RouterHistory history;
+  try {
+    load_checkpoint(m, {&history});
+    FAIL() << "the checkpoint holds no router history";
+  } catch (const UserError& e) {
+    EXPECT_NE(std::string(e.what()).find("holds no 'router_history' state"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace

@@ -25,7 +25,7 @@ class Snapshot final : public StateWriter {
  public:
   explicit Snapshot(int rank) : rank_(rank) {}
   void begin(const std::string& key) {
-    require(!sections_.contains(key), concat("checkpoint: two state owners use the key '", key, "'"));
+    if (sections_.contains(key)) throw std::logic_error(concat("checkpoint: two state owners use the key '", key, "'"));
     sections_[key] = json::object();
     key_ = key;
   }
@@ -49,7 +49,7 @@ class Snapshot final : public StateWriter {
  private:
   static at::Tensor host(const at::Tensor& t) { return t.detach().to(at::kCPU, /*non_blocking=*/false, /*copy=*/true); }
   void unique(const std::string& name) {
-    require(names_.insert(name).second, concat("checkpoint: the tensor '", name, "' is saved twice"));
+    if (!names_.insert(name).second) throw std::logic_error(concat("checkpoint: the tensor '", name, "' is saved twice"));
   }
   int rank_;
   std::string key_;

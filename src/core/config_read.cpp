@@ -220,7 +220,7 @@ JobConfig from_tree(YAML::Node root, const std::string& source_name, const std::
   cfg.refinetune.enabled = false;  // the one phase that is off unless asked for
   for (const PhaseInfo& ph : phase_table())
     if (ph.section) read_phase(top.sub(std::string(ph.name)), cfg.*(ph.section));
-  read_prune(top.sub("prune"), cfg.prune);
+  read_prune(top.sub(str(Phase::Prune)), cfg.prune);  // every phase's settings are the section of its name
   MapReader out = top.sub("output");
   out.get("dir", cfg.output.dir);
   out.finish();
@@ -238,7 +238,8 @@ JobConfig from_tree(YAML::Node root, const std::string& source_name, const std::
   all << root;
   cfg.resolved_yaml = all.c_str();
   YAML::Node fp(YAML::NodeType::Sequence);
-  for (const char* k : {"seed", "model", "data", "pretrain"}) fp.push_back(root[k]);
+  for (const std::string& k : {std::string("seed"), std::string("model"), std::string("data"), str(Phase::Pretrain)})
+    fp.push_back(root[k]);
   cfg.pretrain_fingerprint = hex64(fnv1a64(canonical(fp)));
   return cfg;
 }

@@ -17,7 +17,7 @@ enum class Phase { Pretrain, Finetune, Prune, Refinetune };
 
 struct PhaseInfo {
   Phase phase;
-  std::string_view name;
+  std::string_view name;  // also the config section holding the phase's settings
   // The training settings (section of the same name); nullptr for prune, whose
   // settings are JobConfig::prune.
   PhaseConfig JobConfig::*section;

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/phase.h"
 
 namespace moeprune {
 using json = nlohmann::json;
@@ -57,7 +58,7 @@ json report_json(const PruneReport& r) {
           {"expert_flops_per_token_after", o.figures_after.expert_flops_per_token},
           {"test_accuracy_before", o.before.accuracy},
           {"test_accuracy_after", o.after.accuracy},
-          {"refinetune", r.refinetune ? refinetune_json(*r.refinetune) : json(nullptr)}};
+          {str(Phase::Refinetune), r.refinetune ? refinetune_json(*r.refinetune) : json(nullptr)}};
 }
 
 void write_json(const std::string& path, const json& j) {
@@ -81,7 +82,7 @@ void add_refinetune_to_report(const std::string& path, const RefinetuneResult& r
       report = json::object();  // unreadable: the re-fine-tuning results still get a report
     }
   }
-  report["refinetune"] = refinetune_json(r);
+  report[str(Phase::Refinetune)] = refinetune_json(r);
   write_json(path, report);
 }
 

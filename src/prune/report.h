@@ -28,7 +28,7 @@ struct PruneReport {
 
 // Rank 0: writes path (the report as JSON).
 void write_prune_report(const std::string& path, const PruneReport& r);
-// Rank 0: sets the "refinetune" section of the report at path (creating it when absent).
+// Rank 0: sets the re-fine-tuning section of the report at path (creating it when absent).
 void add_refinetune_to_report(const std::string& path, const RefinetuneResult& r);
 // Rank 0: the report as a table on stdout.
 void print_prune_report(const PruneReport& r, const std::string& path);
