@@ -18,12 +18,11 @@ namespace moeprune {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-namespace {
-
 // A StateWriter that copies everything to host memory now, to be written later.
-class Snapshot final : public StateWriter {
+// (Not in an anonymous namespace: CheckpointWriter::Pending holds one.)
+class CheckpointSnapshot final : public StateWriter {
  public:
-  explicit Snapshot(int rank) : rank_(rank) {}
+  explicit CheckpointSnapshot(int rank) : rank_(rank) {}
   void begin(const std::string& key) {
     if (sections_.contains(key)) throw std::logic_error(concat("checkpoint: two state owners use the key '", key, "'"));
     sections_[key] = json::object();
@@ -56,6 +55,8 @@ class Snapshot final : public StateWriter {
   std::set<std::string> names_;
 };
 
+namespace {
+
 CheckpointFile write_file(const std::string& dir, const std::string& name, const NamedTensors& tensors) {
   const std::string path = dir + "/" + name;
   CheckpointFile f;
@@ -83,7 +84,7 @@ std::vector<std::string> all_gather_strings(Communicator& host, const std::strin
 
 struct CheckpointWriter::Pending {
   std::string name, tmp;
-  std::unique_ptr<Snapshot> snap;
+  std::unique_ptr<CheckpointSnapshot> snap;
   Manifest manifest;  // everything but shards and files
   std::thread worker;
   std::atomic<bool> done{false};
@@ -122,7 +123,7 @@ void CheckpointWriter::save(const std::vector<const StateOwner*>& owners, const 
     fs::create_directories(p->tmp);
   }
   comms_.host->barrier();
-  p->snap = std::make_unique<Snapshot>(rank);
+  p->snap = std::make_unique<CheckpointSnapshot>(rank);
   {
     at::NoGradGuard ng;
     for (const StateOwner* o : owners) {
