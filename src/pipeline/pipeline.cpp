@@ -1,6 +1,8 @@
 #include "pipeline/pipeline.h"
 
+#include <algorithm>
 #include <chrono>
+#include <filesystem>
 
 #include "ckpt/manifest.h"
 #include "ckpt/store.h"
