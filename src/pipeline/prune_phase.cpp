@@ -59,6 +59,7 @@ int run_prune_phase(World& world, const JobConfig& cfg, const RunOptions& opts, 
     in.slots = carry.optimizer;
     checkpoint_in = carry.checkpoint;
     progress = carry.progress;
+    log::info(concat("prune: the fine-tuned model of this job, in memory (its checkpoint: ", checkpoint_in, ")"));
   } else {
     const ModelLayout layout = layout_from_json(m.section("model"), m.dir);
     in.model = build_job_model(cfg, model_config_of(cfg.model, layout), placements_of(layout, world.size()), world);
