@@ -22,9 +22,8 @@ int prune(World& world, const Options& o) {
   const std::string dir = resolve_checkpoint(o.from);
   require(!dir.empty(), concat("bench prune: no checkpoint at '", o.from, "'"));
   const Manifest m = read_manifest(dir);
-  const ModelLayout layout = layout_from_json(m.section("model"), m.dir);
-  const ModelConfig mc = model_config_of(cfg.model, layout);
-  VisionTransformer model = build_job_model(cfg, mc, placements_of(layout, world.size()), world);
+  VisionTransformer model = build_saved_model(cfg, m, world);
+  const ModelConfig& mc = model->config();
   ModelState state(model);
   RouterHistory history;
   load_checkpoint(m, {&state, &history});

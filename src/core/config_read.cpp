@@ -4,12 +4,8 @@
 // expected there (and the base file it came from).
 #include <yaml-cpp/yaml.h>
 
-#include <algorithm>
 #include <filesystem>
-#include <fstream>
-#include <map>
 #include <set>
-#include <sstream>
 
 #include "core/config.h"
 #include "core/env.h"
@@ -244,23 +240,25 @@ JobConfig from_tree(YAML::Node root, const std::string& source_name, const std::
   return cfg;
 }
 
+// text (named `name`) with its bases (relative to dir), overrides and environment.
+// chain: the files being read, for cycle detection.
+JobConfig parse(const std::string& text, const std::string& name, const fs::path& dir,
+                std::vector<std::string> chain, const std::vector<std::string>& overrides) {
+  Origins origins;
+  YAML::Node root = resolve_bases(load_text(text, name), name, dir, chain, origins);
+  return from_tree(root, name, overrides, origins);
+}
+
 }  // namespace
 
 JobConfig parse_config_text(const std::string& yaml_text, const std::string& source_name,
                             const std::vector<std::string>& overrides) {
-  Origins origins;
-  std::vector<std::string> chain;
-  YAML::Node root = resolve_bases(load_text(yaml_text, source_name), source_name, fs::current_path(), chain, origins);
-  return from_tree(root, source_name, overrides, origins);
+  return parse(yaml_text, source_name, fs::current_path(), {}, overrides);
 }
 
 JobConfig parse_config(const std::string& path, const std::vector<std::string>& overrides) {
   if (path.empty()) return parse_config_text(kEmbeddedDefaultConfig, "<embedded vmoe-tiny>", overrides);
-  const std::string text = read_file(path);
-  Origins origins;
-  std::vector<std::string> chain{fs::weakly_canonical(path).string()};
-  YAML::Node root = resolve_bases(load_text(text, path), path, fs::path(path).parent_path(), chain, origins);
-  return from_tree(root, path, overrides, origins);
+  return parse(read_file(path), path, fs::path(path).parent_path(), {fs::weakly_canonical(path).string()}, overrides);
 }
 
 }  // namespace moeprune

@@ -98,12 +98,6 @@ void VisionTransformerImpl::set_runtime(const MoeRuntime& rt) {
   for (auto& l : moe_layers()) l->set_runtime(rt);
 }
 
-std::vector<Placement> VisionTransformerImpl::placements() const {
-  std::vector<Placement> out;
-  for (const auto& l : moe_layers()) out.push_back(l->placement());
-  return out;
-}
-
 std::vector<MoeLayer> VisionTransformerImpl::moe_layers() const {
   std::vector<MoeLayer> out;
   for (const auto& blk : *blocks) {

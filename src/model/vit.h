@@ -53,8 +53,6 @@ class VisionTransformerImpl : public torch::nn::Module {
   // Another dispatcher backend or expert GEMM strategy in every MoE layer.
   void set_runtime(const MoeRuntime& rt);
   std::vector<MoeLayer> moe_layers() const;
-  // The placement of every MoE layer, in moe_blocks() order.
-  std::vector<Placement> placements() const;
   // Parameters replicated on every rank (everything but the experts).
   std::vector<at::Tensor> dense_parameters() const;
   // Parameters of the experts this rank holds.

@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "core/log.h"
+#include "model/model_state.h"
 
 namespace moeprune {
 
@@ -16,6 +17,9 @@ std::string finetuned_path(const JobConfig& cfg) { return cfg.output.dir + "/fin
 std::string history_path(const JobConfig& cfg) { return cfg.output.dir + "/router_history.json"; }
 std::string report_path(const JobConfig& cfg) { return cfg.output.dir + "/prune_report.json"; }
 std::string metrics_path(const JobConfig& cfg) { return cfg.output.dir + "/metrics.jsonl"; }
+std::string finetune_init(const JobConfig& cfg) {
+  return cfg.finetune.init.empty() ? pretrained_path(cfg) : cfg.finetune.init;
+}
 
 PhaseData phase_data(const JobConfig& cfg, const PhaseConfig& task, const std::string& task_name) {
   std::shared_ptr<const Dataset> train = load_dataset(cfg, SplitPart::Train);
@@ -47,6 +51,11 @@ LoaderOptions loader_options(const JobConfig& cfg, const World& world, int64_t b
 VisionTransformer build_job_model(const JobConfig& cfg, const ModelConfig& mc, const std::vector<Placement>& placements,
                                   World& world) {
   return build_model(mc, placements, world.comm(), world.device(), cfg.seed, cfg.runtime.moe);
+}
+
+VisionTransformer build_saved_model(const JobConfig& cfg, const Manifest& m, World& world) {
+  const ModelLayout layout = layout_from_json(m.section("model"), m.dir);
+  return build_job_model(cfg, model_config_of(cfg.model, layout), placements_of(layout, world.size()), world);
 }
 
 // ---------------------------------------------------------------------------

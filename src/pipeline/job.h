@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "ckpt/manifest.h"
 #include "core/config.h"
 #include "core/phase.h"
 #include "core/state.h"
@@ -20,6 +21,7 @@ std::string finetuned_path(const JobConfig& cfg);   // <output.dir>/finetuned.sa
 std::string history_path(const JobConfig& cfg);     // <output.dir>/router_history.json
 std::string report_path(const JobConfig& cfg);      // <output.dir>/prune_report.json
 std::string metrics_path(const JobConfig& cfg);     // <output.dir>/metrics.jsonl
+std::string finetune_init(const JobConfig& cfg);    // finetune.init, or the pretrained model
 
 struct PhaseData {
   Split train, val, test;
@@ -33,6 +35,9 @@ LoaderOptions loader_options(const JobConfig& cfg, const World& world, int64_t b
 // rank's device, computing as runtime: says.
 VisionTransformer build_job_model(const JobConfig& cfg, const ModelConfig& mc, const std::vector<Placement>& placements,
                                   World& world);
+// The model a checkpoint holds (its `model` section: head, surviving experts),
+// built for this job's world size, to load the checkpoint into.
+VisionTransformer build_saved_model(const JobConfig& cfg, const Manifest& m, World& world);
 
 // The job's progress (section "progress"): which phases are finished, and torch's
 // default CPU generator (everything else random is drawn from counters).

@@ -61,8 +61,7 @@ int run_prune_phase(World& world, const JobConfig& cfg, const RunOptions& opts, 
     progress = carry.progress;
     log::info(concat("prune: the fine-tuned model of this job, in memory (its checkpoint: ", checkpoint_in, ")"));
   } else {
-    const ModelLayout layout = layout_from_json(m.section("model"), m.dir);
-    in.model = build_job_model(cfg, model_config_of(cfg.model, layout), placements_of(layout, world.size()), world);
+    in.model = build_saved_model(cfg, m, world);
     Optimizer opt(cfg.finetune, param_slots(in.model));
     history = std::make_shared<RouterHistory>();
     ModelState model_state(in.model);

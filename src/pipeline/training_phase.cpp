@@ -59,7 +59,7 @@ Start find_start(const JobConfig& cfg, Phase phase, const RunOptions& opts, cons
                    "', expected the pruned model ('", phase_name(Phase::Prune), "')"));
     st.from_checkpoint = true;
   }
-  const std::string init = cfg.finetune.init.empty() ? pretrained_path(cfg) : cfg.finetune.init;
+  const std::string init = finetune_init(cfg);
   if (phase == Phase::Finetune && !st.resuming && !carry.model)
     require(std::filesystem::exists(init),
             concat(name, ": initial model '", init, "' does not exist: run `moeprune pretrain` first or set ",
@@ -119,8 +119,7 @@ int run_training_phase(World& world, const JobConfig& cfg, Phase phase, const Ru
   const bool from_carry = !st.from_checkpoint && carry.model;
   VisionTransformer model{nullptr};
   if (st.from_checkpoint) {
-    const ModelLayout layout = layout_from_json(st.manifest.section("model"), st.manifest.dir);
-    model = build_job_model(cfg, model_config_of(cfg.model, layout), placements_of(layout, world.size()), world);
+    model = build_saved_model(cfg, st.manifest, world);
   } else if (refine) {
     model = carry.model;  // the pruned model of the phase before
   } else {
@@ -163,7 +162,7 @@ int run_training_phase(World& world, const JobConfig& cfg, Phase phase, const Ru
         log::info(concat(name, ": starting from the pretrained model of this job with a new zero-initialised head of ",
                          d.train.num_labels, " labels"));
       } else {
-        const std::string init = cfg.finetune.init.empty() ? pretrained_path(cfg) : cfg.finetune.init;
+        const std::string init = finetune_init(cfg);
         load_model(init, model, LoadOptions{/*new_head=*/true});
         log::info(concat(name, ": loaded ", init, " with a new zero-initialised head of ", d.train.num_labels,
                          " labels"));

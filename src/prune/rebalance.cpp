@@ -4,6 +4,7 @@
 #include <numeric>
 
 #include "core/error.h"
+#include "train/trainer.h"
 
 namespace moeprune {
 
@@ -177,6 +178,7 @@ static Migration rebuild(const VisionTransformer& old_model, const std::vector<P
   auto old_params = old_model->named_parameters();
   const auto old_layers = old_model->moe_layers();
   const auto new_layers = mig.model->moe_layers();
+  std::map<std::string, std::pair<at::Tensor, at::Tensor>> moments;  // parameter -> its optimiser state (m1, m2)
   // Dense parameters (and their state): copied, router columns selected.
   for (auto& item : mig.model->named_parameters()) {
     const std::string& name = item.key();
@@ -201,8 +203,7 @@ static Migration rebuild(const VisionTransformer& old_model, const std::vector<P
       }
     }
     item.value().copy_(src);
-    ParamSlot s{name, item.value(), false, m1.defined() ? m1.clone() : m1, m2.defined() ? m2.clone() : m2, -1, {}};
-    mig.slots.push_back(s);
+    moments[name] = {m1.defined() ? m1.clone() : m1, m2.defined() ? m2.clone() : m2};
   }
   // Experts: one all-to-all per MoE layer of rows [id | w1 | b1 | w2 | b2 | state...].
   const char* parts[] = {"w1", "b1", "w2", "b2"};
@@ -289,24 +290,14 @@ static Migration rebuild(const VisionTransformer& old_model, const std::vector<P
     }
     for (const char* p : parts) {
       const std::string name = prefix + p;
-      mig.slots.push_back(ParamSlot{name, new_params[name], true, m1.count(name) ? m1[name] : at::Tensor(),
-                                    m2.count(name) ? m2[name] : at::Tensor(), -1, {}});
+      moments[name] = {m1.count(name) ? m1[name] : at::Tensor(), m2.count(name) ? m2[name] : at::Tensor()};
     }
   }
   at::Tensor b = at::tensor({mig.bytes_moved}, at::kLong);
   comms.host->all_reduce(b, ReduceOp::Sum);
   mig.bytes_moved = b.item<int64_t>();
-  // Slots in the order of the model's parameters.
-  std::map<std::string, ParamSlot> by_name;
-  for (auto& s : mig.slots) by_name[s.name] = s;
-  mig.slots.clear();
-  for (const auto& item : mig.model->named_parameters()) {
-    ParamSlot& s = mig.slots.emplace_back(by_name.at(item.key()));
-    if (s.expert) {
-      s.block = block_of_param(s.name);
-      s.expert_ids = local_expert_ids(mig.model, s.block);
-    }
-  }
+  mig.slots = param_slots(mig.model);
+  for (ParamSlot& s : mig.slots) std::tie(s.m1, s.m2) = moments.at(s.name);
   return mig;
 }
 
