@@ -3,6 +3,10 @@
 // scaling (launch/bench_scaling.sh reads its JSON lines).
 #include <cstdio>
 
+#ifdef MOEPRUNE_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
 #include "benches.h"
 #include "core/error.h"
 #include "core/precision.h"
@@ -11,6 +15,29 @@
 #include "train/trainer.h"
 
 namespace moeprune::bench {
+namespace {
+// Peak bytes held by LibTorch's CUDA allocator since the last reset (0 on CPUs).
+void reset_peak_memory(const c10::Device& dev) {
+#ifdef MOEPRUNE_WITH_CUDA
+  if (dev.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(dev.index());
+#else
+  (void)dev;
+#endif
+}
+double peak_memory_gib(const c10::Device& dev) {
+#ifdef MOEPRUNE_WITH_CUDA
+  if (dev.is_cuda()) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(dev.index());
+    return static_cast<double>(
+               stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak) /
+           (1024.0 * 1024.0 * 1024.0);
+  }
+#else
+  (void)dev;
+#endif
+  return 0.0;
+}
+}  // namespace
 
 int step(World& world, const Options& o) {
   JobConfig cfg = parse_config(o.config);
@@ -29,6 +56,7 @@ int step(World& world, const Options& o) {
   at::Tensor labels = at::randint(mc.num_classes, {per_rank}, t_opt.dtype(at::kLong));
   const int64_t groups = static_cast<int64_t>(per_rank) * world.size() / mc.moe.group_size;
   int64_t n = 0;
+  reset_peak_memory(dev);
   const Timing t = time_it(world, o.reps, [&] {
     opt.zero_grad();
     ForwardContext ctx;
@@ -48,14 +76,15 @@ int step(World& world, const Options& o) {
     opt.step(*world.comms().device, 1e-3);
   });
   const double ips = per_rank * world.size() / t.median;
+  const double peak_gib = peak_memory_gib(dev);
   if (world.rank() == 0)
     std::printf("training step, %s, %d rank(s) on %s, %s, %d images per rank, %d threads per rank, median of %d: "
-                "%.1f ms/step (spread %.0f%%), %.1f images/s (%.1f per rank)\n",
+                "%.1f ms/step (spread %.0f%%), %.1f images/s (%.1f per rank), peak GPU memory %.2f GiB\n",
                 mc.name.c_str(), world.size(), dev.str().c_str(), str(cfg.finetune.precision).c_str(), per_rank,
-                at::get_num_threads(), o.reps, 1e3 * t.median, 100 * t.spread(), ips, ips / world.size());
+                at::get_num_threads(), o.reps, 1e3 * t.median, 100 * t.spread(), ips, ips / world.size(), peak_gib);
   nlohmann::json row = {{"model", mc.name}, {"precision", str(cfg.finetune.precision)},
                         {"threads_per_rank", at::get_num_threads()}, {"per_rank_batch", per_rank},
-                        {"images_per_s", ips}};
+                        {"images_per_s", ips}, {"peak_gpu_gib", peak_gib}};
   row.update(timing_json("step", t));
   json_row(world, "step", row);
   return 0;

@@ -47,6 +47,22 @@ World::World(int* argc, char*** argv, bool use_gpus) {
 
   if (use_gpus && torch::cuda::is_available()) {
     const int n = static_cast<int>(torch::cuda::device_count());
+    // One rank per GPU: NCCL refuses two ranks of one communicator on one device
+    // ("Duplicate GPU detected"), after a long wait on some versions. Every rank
+    // learns whether any node is oversubscribed before NCCL starts, so all stop.
+    const bool mine_ok = local_size_ <= n;
+    int bad = mine_ok ? 0 : 1, any_bad = 0;
+    MPI_Allreduce(&bad, &any_bad, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    if (any_bad) {
+      const std::string why =
+          mine_ok ? std::string("another node runs more ranks than it has GPUs")
+                  : concat(local_size_, " ranks on this node but ", n, " visible GPU(s)");
+      MPI_Comm_free(&local_comm_);
+      mpi_.reset();
+      MPI_Finalize();
+      throw UserError(concat(why, ": moeprune runs one rank per GPU; start at most as many ranks per node as it has "
+                                  "GPUs, or hide the GPUs with CUDA_VISIBLE_DEVICES= to run on CPUs"));
+    }
     device_ = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(local_rank_ % n));
 #ifdef MOEPRUNE_WITH_CUDA
     device_comm_ = make_nccl_communicator(*mpi_, local_rank_ % n);
