@@ -20,6 +20,7 @@ struct Options {
   int64_t tokens = 0;        // moe: only this many tokens; dispatch: tokens per rank
   bool verbose = false;      // dispatch: where the time goes
   int per_rank = 64;         // step: images per rank
+  std::string profile;       // moe, step: write a profiler trace of a few extra runs here
 };
 
 // Sharded checkpoint save and load MB/s against a plain copy of the same files.

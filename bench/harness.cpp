@@ -1,5 +1,6 @@
 #include "harness.h"
 
+#include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/cuda.h>
 
 #include <algorithm>
@@ -38,5 +39,22 @@ nlohmann::json timing_json(const std::string& prefix, const Timing& t) {
 }
 
 const char* verdict(bool has_target, bool met) { return !has_target ? "" : met ? "met" : "MISSED"; }
+
+void profile_to(World& world, const std::string& path, int reps, const std::function<void()>& f) {
+  if (path.empty()) return;
+  namespace pi = torch::profiler::impl;
+  namespace ap = torch::autograd::profiler;
+  const std::string file = world.size() > 1 ? path + ".rank" + std::to_string(world.rank()) : path;
+  const pi::ProfilerConfig cfg(pi::ProfilerState::KINETO, /*report_input_shapes=*/true);
+  std::set<pi::ActivityType> acts{pi::ActivityType::CPU};
+  if (world.device().is_cuda()) acts.insert(pi::ActivityType::CUDA);
+  sync_device(world);
+  ap::prepareProfiler(cfg, acts);
+  ap::enableProfiler(cfg, acts);
+  for (int i = 0; i < reps; ++i) f();
+  sync_device(world);
+  ap::disableProfiler()->save(file);
+  if (world.rank() == 0) std::printf("profile of %d run(s): %s\n", reps, file.c_str());
+}
 
 }  // namespace moeprune::bench

@@ -5,6 +5,7 @@
 // people and one JSON line for scripts ({"bench": ..., ...}).
 #pragma once
 #include <chrono>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -41,6 +42,11 @@ Timing time_it(World& world, int reps, const F& f, int warmup = 1) {
   }
   return summarize(world, t);
 }
+
+// With a path: runs f `reps` times under LibTorch's profiler (host ops, and CUDA
+// kernels on GPUs) and writes a Chrome trace there (".rankN" appended with several
+// ranks). Without one: nothing. Outside the timed runs, so that timings stay clean.
+void profile_to(World& world, const std::string& path, int reps, const std::function<void()>& f);
 
 // Rank 0: one JSON line {"bench": name, ...fields}.
 void json_row(const World& world, const std::string& bench, nlohmann::json fields);

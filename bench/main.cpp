@@ -27,6 +27,7 @@ int main(int argc, char** argv) {
   moe->add_option("--hidden", o.hidden, "only this hidden size (128 or 768)");
   moe->add_option("--experts", o.experts, "only this number of experts (8 or 32)");
   moe->add_option("--tokens", o.tokens, "only this number of tokens (4096 or 16384)");
+  moe->add_option("--profile", o.profile, "also write a profiler trace (Chrome JSON) of 3 extra runs of each row here");
   auto* prn = app.add_subcommand("prune", "inference images/s and expert memory before and after pruning 50%");
   o.from = "runs/vmoe-tiny/checkpoints";
   prn->add_option("--from", o.from, "fine-tuning checkpoint or root (default: the demo's)");
@@ -41,6 +42,7 @@ int main(int argc, char** argv) {
   reps(krn, 5);
   auto* stp = app.add_subcommand("step", "training step time at a fixed per-rank batch (weak scaling)");
   reps(stp, 5);
+  stp->add_option("--profile", o.profile, "also write a profiler trace (Chrome JSON) of 3 extra steps here");
   stp->add_option("--per-rank-batch", o.per_rank, "images per rank per step")->check(CLI::PositiveNumber);
   config(stp, "model config (default: the embedded tiny default)");
   stp->add_option("--precision", o.precision, "fp32 | bf16 (default: the config's finetune.precision)");

@@ -4,6 +4,7 @@
 #include <cstdio>
 
 #include "benches.h"
+#include "core/error.h"
 #include "core/precision.h"
 #include "harness.h"
 #include "model/moe_layer.h"
@@ -47,7 +48,7 @@ int moe(World& world, const Options& o) {
           at::Tensor w1 = at::randn({hidden, 4 * hidden}, opt).requires_grad_(true);
           at::Tensor w2 = at::randn({4 * hidden, hidden}, opt).requires_grad_(true);
           at::Tensor xd = at::randn({local * k, hidden}, opt).requires_grad_(true);
-          const Timing m = time_it(world, o.reps, [&] {
+          const auto moe_step = [&] {
             ForwardContext ctx;
             ctx.in.train = true;
             ctx.in.total_groups = tokens / 1024;
@@ -58,7 +59,10 @@ int moe(World& world, const Options& o) {
               y = layer->forward(x, ctx);
             }
             (y.to(at::kFloat).sum() + ctx.aux_loss).backward();
-          });
+          };
+          const Timing m = time_it(world, o.reps, moe_step);
+          if (!o.profile.empty())
+            profile_to(world, concat(o.profile, "-t", tokens, "-h", hidden, "-e", E, "-k", k, ".json"), 3, moe_step);
           const Timing d = time_it(world, o.reps, [&] {
             at::Tensor yd;
             {

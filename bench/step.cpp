@@ -57,7 +57,7 @@ int step(World& world, const Options& o) {
   const int64_t groups = static_cast<int64_t>(per_rank) * world.size() / mc.moe.group_size;
   int64_t n = 0;
   reset_peak_memory(dev);
-  const Timing t = time_it(world, o.reps, [&] {
+  const auto train_step = [&] {
     opt.zero_grad();
     ForwardContext ctx;
     ctx.in.train = true;
@@ -74,7 +74,9 @@ int step(World& world, const Options& o) {
     loss.backward();
     opt.sync_gradients(*world.comms().device);
     opt.step(*world.comms().device, 1e-3);
-  });
+  };
+  const Timing t = time_it(world, o.reps, train_step);
+  profile_to(world, o.profile, 3, train_step);
   const double ips = per_rank * world.size() / t.median;
   const double peak_gib = peak_memory_gib(dev);
   if (world.rank() == 0)

@@ -5,7 +5,7 @@
 # that the whole check fits a short device lease. Writes at most 8 files into OUT:
 #   summary.txt    one line per step: name, exit code, seconds
 #   check.log      everything the steps print (benchmark tables and JSON rows)
-#   nvidia-smi.txt device, driver
+#   step_b16_bf16.json.gz  a profiler trace of 3 training steps of V-MoE B/16 in bf16
 #   unit.log       the CPU unit suite with the GPU visible
 #   train_{cpu,gpu,gpu_bf16}.jsonl  the same short training run on CPU and GPU
 #   demo.log       the demo job (tiny model, shortened) on the GPU
@@ -86,20 +86,21 @@ step() {
   echo "$name rc=$rc $(( $(date +%s) - s ))s" | tee -a "$SUM" >>"$LOG"
 }
 
-nvidia-smi >"$OUTD/nvidia-smi.txt" 2>&1
-step info 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; \
+step info 60 bash -c "nvidia-smi | head -12; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; \
   python3 -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name(0))'; \
   nproc; ldd '$M' | grep -E 'not found|nccl|cudart|libtorch_cuda|libmpi.so'"
 step gpu_tests 120 "$T" --gtest_filter='Gpu.*'
 step forward_cpu 90 env CUDA_VISIBLE_DEVICES= "$M" forward
 step forward_gpu 90 "$M" forward
 step kernels 120 "$B" kernels --repeat 20
+step moe 150 "$B" moe --precision bf16 --repeat 5
 step moe_loop 150 env MOEPRUNE_EXPERT_GEMM=loop "$B" moe --precision bf16 --repeat 5
-step moe_grouped 150 env MOEPRUNE_EXPERT_GEMM=grouped "$B" moe --precision bf16 --repeat 5
 step dispatch 90 "$B" dispatch --repeat 10
 step step_s32_bf16 120 "$B" step --config "$ROOT/configs/vmoe-s32.yaml" --precision bf16 --repeat 10
 step step_s32_fp32 120 "$B" step --config "$ROOT/configs/vmoe-s32.yaml" --precision fp32 --repeat 10
-step step_b16_bf16 120 "$B" step --config "$ROOT/configs/vmoe-b16.yaml" --precision bf16 --repeat 10
+step step_b16_bf16 120 "$B" step --config "$ROOT/configs/vmoe-b16.yaml" --precision bf16 --repeat 10 \
+  --profile "$SCRATCH/step_b16_bf16.json"
+gzip -c "$SCRATCH/step_b16_bf16.json" >"$OUTD/step_b16_bf16.json.gz" 2>/dev/null
 step step_b16_fp32 120 "$B" step --config "$ROOT/configs/vmoe-b16.yaml" --precision fp32 --repeat 10
 export M DATA SCRATCH OUTD
 step train_cpu 120 "$0" --inner train cpu CUDA_VISIBLE_DEVICES=
@@ -107,6 +108,7 @@ step train_gpu 120 "$0" --inner train gpu
 step train_gpu_bf16 120 "$0" --inner train gpu_bf16 --set pretrain.precision=bf16
 step two_ranks_one_gpu 60 mpirun -np 2 "$M" forward
 step demo 200 "$0" --inner demo
+export MOEPRUNE_TEST_BIN="$M" MOEPRUNE_TEST_ABORT_PROBE="$BUILD/tests/abort_probe" MOEPRUNE_TEST_MPIEXEC="$(command -v mpirun)"
 step unit 150 bash -c "'$T' --gtest_filter='-Gpu.*' > '$OUTD/unit.log' 2>&1; rc=\$?; tail -5 '$OUTD/unit.log'; exit \$rc"
 step sanitize 90 compute-sanitizer --tool memcheck "$T" --gtest_filter='Gpu.*'
 echo "total $(( $(date +%s) - T0 ))s" | tee -a "$SUM"

@@ -45,7 +45,7 @@ env_lines() {
   echo "export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"
   # Shared memory only: the kit has no UCX, libfabric or verbs for Open MPI's network plugins.
   echo "export OMPI_MCA_pml=ob1 OMPI_MCA_btl=self,vader OMPI_MCA_osc=^ucx OMPI_MCA_mtl=^ofi"
-  echo "export OMPI_MCA_mca_base_component_show_load_errors=0"
+  echo "export OMPI_MCA_mca_base_component_show_load_errors=0 PMIX_MCA_pcompress_base_silence_warning=1"
 }
 
 case "${1:-}" in
@@ -58,12 +58,12 @@ case "${1:-}" in
   pack)
     [ -d "$DEBS" ] || { echo "gpu_kit: run 'launch/gpu_kit.sh fetch' first" >&2; exit 2; }
     src="${2:-$ROOT/build}"
-    for b in moeprune tests/moeprune_tests tests/moeprune_mpi_tests tests/st_compare bench/moeprune-bench; do
+    for b in moeprune tests/moeprune_tests tests/moeprune_mpi_tests tests/st_compare tests/abort_probe bench/moeprune-bench; do
       [ -x "$src/$b" ] || { echo "gpu_kit: $src/$b missing: build first (launch/build.sh)" >&2; exit 2; }
     done
     ldd "$src/moeprune" | grep -q libtorch_cuda || { echo "gpu_kit: $src was built without the CUDA path" >&2; exit 2; }
     rm -rf "$PACKED" && mkdir -p "$PACKED/tests" "$PACKED/bench" "$DEBS/data"
-    for b in moeprune tests/moeprune_tests tests/moeprune_mpi_tests tests/st_compare bench/moeprune-bench; do
+    for b in moeprune tests/moeprune_tests tests/moeprune_mpi_tests tests/st_compare tests/abort_probe bench/moeprune-bench; do
       strip -o "$PACKED/$b" "$src/$b"
     done
     cp /usr/share/datasets/fashion-mnist/*.gz "$DEBS/data/"

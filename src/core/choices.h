@@ -28,7 +28,7 @@ enum class Precision { Fp32, Bf16 };
 // (their host path on CPUs: how the CPU suite tests them).
 enum class DispatcherKind { Auto, Torch, Kernels };
 // How the expert bank computes: one GEMM pair per local expert, or one grouped GEMM per side.
-enum class ExpertGemm { Loop, Grouped };
+enum class ExpertGemm { Auto, Loop, Grouped };  // Auto: grouped on GPUs, loop on CPUs
 
 template <class E>
 struct ChoiceNames;  // specialised below: static constexpr std::array<std::pair<E, std::string_view>, N> table
@@ -53,7 +53,7 @@ MOEPRUNE_CHOICES(OptimizerKind, {OptimizerKind::Sgd, "sgd"}, {OptimizerKind::Ada
 MOEPRUNE_CHOICES(Precision, {Precision::Fp32, "fp32"}, {Precision::Bf16, "bf16"});
 MOEPRUNE_CHOICES(DispatcherKind, {DispatcherKind::Auto, "auto"}, {DispatcherKind::Torch, "torch"},
                  {DispatcherKind::Kernels, "kernels"});
-MOEPRUNE_CHOICES(ExpertGemm, {ExpertGemm::Loop, "loop"}, {ExpertGemm::Grouped, "grouped"});
+MOEPRUNE_CHOICES(ExpertGemm, {ExpertGemm::Auto, "auto"}, {ExpertGemm::Loop, "loop"}, {ExpertGemm::Grouped, "grouped"});
 #undef MOEPRUNE_CHOICES
 
 // The spelling of a choice.

@@ -136,7 +136,7 @@ struct CheckpointConfig {
 // variables that override it.
 struct MoeRuntime {
   DispatcherKind dispatcher = DispatcherKind::Auto;
-  ExpertGemm expert_gemm = ExpertGemm::Loop;
+  ExpertGemm expert_gemm = ExpertGemm::Auto;
 };
 
 struct RuntimeConfig {

@@ -25,7 +25,7 @@ class ExpertBankImpl : public torch::nn::Module {
  public:
   // expert_ids: the layer's expert ids this rank holds, ascending.
   ExpertBankImpl(int hidden, int mlp_dim, std::vector<int> expert_ids, int layer, uint64_t seed,
-                 ExpertGemm gemm = ExpertGemm::Loop);
+                 ExpertGemm gemm = ExpertGemm::Auto);
   // x: [sum(counts), hidden] rows grouped by local expert; returns [sum(counts), hidden].
   at::Tensor forward(const at::Tensor& x, const std::vector<int64_t>& counts);
   ExpertGemm gemm() const { return gemm_; }

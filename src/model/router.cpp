@@ -92,13 +92,16 @@ Routing RouterImpl::forward(const at::Tensor& x, bool train, const std::vector<u
   const bool noisy_routing = train && std_noise > 0;
   if (noisy_routing) {
     TORCH_CHECK(static_cast<int64_t>(noise_seeds.size()) == G, "router: need one noise seed per group");
-    std::vector<at::Tensor> noise;
-    noise.reserve(G);
+    // One host buffer (pinned when it goes to a GPU, so that the copy does not stall
+    // the host), each group's block drawn from its own generator exactly as
+    // randn({S, E}, gen) would, then one copy.
+    const bool to_gpu = logits.is_cuda();
+    at::Tensor noise = at::empty({G, S, E}, at::TensorOptions().dtype(at::kFloat).pinned_memory(to_gpu));
     for (int64_t g = 0; g < G; ++g) {
       auto gen = at::make_generator<at::CPUGeneratorImpl>(noise_seeds[g]);
-      noise.push_back(at::randn({S, E}, gen, at::TensorOptions().dtype(at::kFloat)));
+      noise[g].normal_(0.0, 1.0, gen);
     }
-    noisy = logits + (at::stack(noise).to(logits.options()) * std_noise);
+    noisy = logits + noise.to(logits.device(), /*non_blocking=*/to_gpu) * std_noise;
   }
   at::Tensor probs = at::softmax(noisy, -1);
   const Selection sel = selector.select(probs, k, r.capacity, opts_.bpr, token_valid);

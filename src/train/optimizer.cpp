@@ -36,16 +36,19 @@ void Optimizer::sync_gradients(Communicator& comm) {
 }
 
 double Optimizer::grad_norm(Communicator& comm) {
-  double dense = 0;
-  at::Tensor expert = at::zeros({1}, slots_.front().param.options().dtype(at::kDouble));
+  // Sums stay on the device until the end: one host sync per step, not one per
+  // parameter (the same additions in the same order as a host accumulator).
+  const auto opts = slots_.front().param.options().dtype(at::kDouble);
+  at::Tensor dense = at::zeros({}, opts);
+  at::Tensor expert = at::zeros({1}, opts);
   for (auto& s : slots_) {
     if (!s.param.grad().defined()) continue;
     at::Tensor sq = s.param.grad().to(at::kDouble).pow(2).sum();
     if (s.expert) expert += sq;
-    else dense += sq.item<double>();  // identical on every rank after sync_gradients
+    else dense += sq;  // identical on every rank after sync_gradients
   }
   comm.all_reduce(expert, ReduceOp::Sum);
-  return std::sqrt(dense + expert.item<double>());
+  return std::sqrt(dense.item<double>() + expert.item<double>());
 }
 
 double Optimizer::step(Communicator& comm, double lr) {
@@ -53,30 +56,41 @@ double Optimizer::step(Communicator& comm, double lr) {
   const double norm = grad_norm(comm);
   const double scale = (cfg_.clip_norm > 0 && norm > cfg_.clip_norm) ? cfg_.clip_norm / (norm + 1e-6) : 1.0;
   ++steps_;
+  // Multi-tensor updates: on GPUs a few fused kernels per step instead of about eight
+  // launches per parameter; on CPUs the same per-tensor operations as a plain loop.
+  const bool adam = cfg_.optimizer != OptimizerKind::Sgd;
+  const bool moments = adam || cfg_.momentum > 0;
+  std::vector<at::Tensor> p, g, m1, m2;
   for (auto& s : slots_) {
     if (!s.param.grad().defined()) s.param.mutable_grad() = at::zeros_like(s.param);
-    at::Tensor g = s.param.grad();
-    if (scale != 1.0) g = g * scale;
-    if (cfg_.optimizer == OptimizerKind::Sgd) {
-      if (cfg_.weight_decay > 0) g = g + s.param * cfg_.weight_decay;
-      if (cfg_.momentum > 0) {
-        if (!s.m1.defined()) s.m1 = at::zeros_like(s.param);
-        s.m1.mul_(cfg_.momentum).add_(g);
-        g = s.m1;
-      }
-      s.param.add_(g, -lr);
-    } else {  // adamw
-      if (!s.m1.defined()) {
-        s.m1 = at::zeros_like(s.param);
-        s.m2 = at::zeros_like(s.param);
-      }
-      s.m1.mul_(cfg_.beta1).add_(g, 1 - cfg_.beta1);
-      s.m2.mul_(cfg_.beta2).addcmul_(g, g, 1 - cfg_.beta2);
-      const double bc1 = 1 - std::pow(cfg_.beta1, static_cast<double>(steps_));
-      const double bc2 = 1 - std::pow(cfg_.beta2, static_cast<double>(steps_));
-      if (cfg_.weight_decay > 0) s.param.mul_(1 - lr * cfg_.weight_decay);
-      s.param.addcdiv_(s.m1, (s.m2 / bc2).sqrt_().add_(cfg_.eps), -lr / bc1);
+    if (moments && !s.m1.defined()) s.m1 = at::zeros_like(s.param);
+    if (adam && !s.m2.defined()) s.m2 = at::zeros_like(s.param);
+    p.push_back(s.param);
+    g.push_back(s.param.grad());
+    if (moments) m1.push_back(s.m1);
+    if (adam) m2.push_back(s.m2);
+  }
+  if (scale != 1.0) g = at::_foreach_mul(g, scale);
+  if (!adam) {
+    if (cfg_.weight_decay > 0) g = at::_foreach_add(g, at::_foreach_mul(p, cfg_.weight_decay));
+    if (cfg_.momentum > 0) {
+      at::_foreach_mul_(m1, cfg_.momentum);
+      at::_foreach_add_(m1, g);
+      g = m1;
     }
+    at::_foreach_add_(p, g, -lr);
+  } else {
+    at::_foreach_mul_(m1, cfg_.beta1);
+    at::_foreach_add_(m1, g, 1 - cfg_.beta1);
+    at::_foreach_mul_(m2, cfg_.beta2);
+    at::_foreach_addcmul_(m2, g, g, 1 - cfg_.beta2);
+    const double bc1 = 1 - std::pow(cfg_.beta1, static_cast<double>(steps_));
+    const double bc2 = 1 - std::pow(cfg_.beta2, static_cast<double>(steps_));
+    if (cfg_.weight_decay > 0) at::_foreach_mul_(p, 1 - lr * cfg_.weight_decay);
+    std::vector<at::Tensor> denom = at::_foreach_div(m2, bc2);
+    at::_foreach_sqrt_(denom);
+    at::_foreach_add_(denom, cfg_.eps);
+    at::_foreach_addcdiv_(p, m1, denom, -lr / bc1);
   }
   return norm;
 }
@@ -126,8 +140,10 @@ void Optimizer::load_state(const StateReader& in) {
 }
 
 void Optimizer::zero_grad() {
+  std::vector<at::Tensor> grads;
   for (auto& s : slots_)
-    if (s.param.grad().defined()) s.param.mutable_grad().zero_();
+    if (s.param.grad().defined()) grads.push_back(s.param.mutable_grad());
+  if (!grads.empty()) at::_foreach_zero_(grads);
 }
 
 }  // namespace moeprune
