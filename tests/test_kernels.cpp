@@ -364,5 +364,50 @@ TEST(Gpu, MoeLayerOnGpuMatchesCpu) {
   EXPECT_LT(max_rel(y_gpu, y_cpu.detach()), 1e-4);  // TF32 is off by default in LibTorch; GEMM order differs
 }
 
+// The whole model (fused attention, grouped expert GEMMs, kernels dispatcher on the
+// GPU; explicit attention, loop GEMMs, torch dispatcher on the CPU): same logits and
+// gradients in float32, to rounding: 1e-4 of the largest logit; 1e-3 of the largest
+// gradient of each parameter (sums over tokens in another order). TF32 is off for
+// matrix products in LibTorch and turned off here for cuDNN's patch convolution.
+TEST(Gpu, ModelForwardBackwardOnGpuMatchesCpu) {
+  REQUIRE_GPU();
+  struct Tf32Off {
+    bool was = at::globalContext().allowTF32CuDNN();
+    Tf32Off() { at::globalContext().setAllowTF32CuDNN(false); }
+    ~Tf32Off() { at::globalContext().setAllowTF32CuDNN(was); }
+  } tf32_off;
+  ModelConfig cfg = layer_config(8, 2, true);
+  cfg.image_size = 16;
+  cfg.channels = 3;
+  cfg.patch_size = 4;
+  cfg.num_layers = 4;
+  cfg.num_heads = 2;
+  cfg.num_classes = 5;
+  cfg.moe.every = 2;
+  cfg.moe.group_size = 2;
+  SelfCommunicator comm;
+  VisionTransformer cpu = build_model(cfg, default_placements(cfg, 1), comm, c10::Device(c10::kCPU), 3);
+  VisionTransformer gpu = build_model(cfg, default_placements(cfg, 1), comm, c10::Device(c10::kCUDA, 0), 3);
+  at::manual_seed(4);
+  at::Tensor images = at::randn({8, 3, 16, 16});
+  auto run = [&](VisionTransformer& m, const at::Tensor& x) {
+    ForwardContext ctx;
+    ctx.in.train = true;
+    ctx.in.noise_seed = 7;
+    ctx.in.total_groups = 4;
+    at::Tensor logits = m->forward(x, ctx);
+    (logits.pow(2).sum() + ctx.aux_loss).backward();
+    return logits.detach().cpu();
+  };
+  at::Tensor lc = run(cpu, images), lg = run(gpu, images.cuda());
+  EXPECT_LT(max_rel(lg, lc), 1e-4);
+  const auto pc = cpu->named_parameters(), pg = gpu->named_parameters();
+  ASSERT_EQ(pc.size(), pg.size());
+  for (size_t i = 0; i < pc.size(); ++i) {
+    ASSERT_TRUE(pc[i].value().grad().defined()) << pc[i].key();
+    EXPECT_LT(max_rel(pg[i].value().grad().cpu(), pc[i].value().grad()), 1e-3) << pc[i].key();
+  }
+}
+
 }  // namespace
 }  // namespace moeprune

@@ -40,8 +40,15 @@ at::Tensor BlockImpl::forward(const at::Tensor& x, ForwardContext& ctx) {
   const int64_t B = x.size(0), T = x.size(1), H = x.size(2), D = H / heads_;
   at::Tensor qkv_out = qkv->forward(ln1->forward(x)).reshape({B, T, 3, heads_, D}).permute({2, 0, 3, 1, 4});
   at::Tensor q = qkv_out[0], k = qkv_out[1], v = qkv_out[2];  // [B, heads, T, D]
-  at::Tensor attn = at::softmax(at::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(D)), -1);
-  at::Tensor a = at::matmul(attn, v).transpose(1, 2).reshape({B, T, H});
+  at::Tensor a;
+  if (x.is_cuda()) {
+    // GPUs: one fused attention kernel (flash / memory-efficient), same scale 1/sqrt(D).
+    a = at::scaled_dot_product_attention(q, k, v);
+  } else {
+    // CPUs: the explicit form (what every CPU result so far was computed with).
+    a = at::matmul(at::softmax(at::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(D)), -1), v);
+  }
+  a = a.transpose(1, 2).reshape({B, T, H});
   at::Tensor h = x + proj->forward(a);
   at::Tensor y = ln2->forward(h);
   y = is_moe() ? moe->forward(y, ctx) : fc2->forward(at::gelu(fc1->forward(y), "tanh"));
