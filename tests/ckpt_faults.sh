@@ -3,6 +3,10 @@
 #  1. SIGTERM to the ranks mid-training: every rank saves, exit code 75; --resume auto finishes.
 #  2. SIGKILL of one rank while checkpoints are being written every step: the latest
 #     checkpoint verifies, and --resume auto finishes the phase.
+#  3. SIGTERM to launch/mpirun.sh (not to the ranks): the ranks save, the script exits 75.
+#  4. A second job on the same output.dir is refused while the first runs (exit 2).
+#  5. An edited manifest: ckpt verify and resume refuse it (exit 2, one line).
+# (prune --from a checkpoint fine-tuned on another task: prune_cli.sh.)
 # usage: ckpt_faults.sh BUILD/moeprune SOURCE_DIR
 set -u
 source "$(dirname "$0")/cli_common.sh" faults "$1" "$2"
@@ -49,4 +53,38 @@ step=$("$BIN" ckpt inspect "$OUT/checkpoints" | sed -n 's/.*phase pretrain, step
   --set checkpoint.every=0 --resume auto > "$W/kill2.log" 2>&1 || { cat "$W/kill2.log"; fail "SIGKILL: resume failed"; }
 grep -q "resumed from .* at step $step" "$W/kill2.log" || { cat "$W/kill2.log"; fail "SIGKILL: did not resume"; }
 echo "ok: SIGKILL of a rank while saving left checkpoint step $step intact; resume finished"
-echo "2 passed, 0 failed"
+
+# 3. SIGTERM to the launcher script
+OUT="$W/launcher"
+OMP_NUM_THREADS=1 "$SRC/launch/mpirun.sh" -np 2 "$BIN" pretrain --config "$CFG" --set output.dir="$OUT" \
+  --set pretrain.steps=100000 --set checkpoint.every=0 > "$W/launcher.log" 2>&1 &
+LPID=$!
+trap 'kill -TERM "$LPID" 2>/dev/null; wait "$LPID" 2>/dev/null; rm -rf "$W"' EXIT   # no job left behind
+for _ in $(seq 1 100); do grep -q "pretrain: " "$W/launcher.log" 2>/dev/null && break; sleep 0.1; done
+sleep 2
+
+# 4. (while job 3 runs) a second job on the same output.dir
+"${MPI[@]}" -np 2 "$BIN" pretrain --config "$CFG" --set output.dir="$OUT" --set pretrain.steps=5 \
+  > "$W/second.log" 2>&1; rc=$?
+[ "$rc" -eq 2 ] || { cat "$W/second.log"; fail "second job on one output.dir: exit code $rc, expected 2"; }
+[ "$(grep -c "is in use by another moeprune job (pid" "$W/second.log")" -eq 2 ] ||
+  { cat "$W/second.log"; fail "second job: no one-line error on each rank"; }
+echo "ok: a second job on the same output.dir is refused on every rank, exit 2"
+
+kill -TERM "$LPID"
+wait "$LPID"; rc=$?
+[ "$rc" -eq 75 ] || { cat "$W/launcher.log"; fail "SIGTERM to launch/mpirun.sh: exit code $rc, expected 75"; }
+"$BIN" ckpt verify "$OUT/checkpoints" > /dev/null || fail "SIGTERM to the launcher: checkpoint does not verify"
+echo "ok: SIGTERM to launch/mpirun.sh: the ranks saved, exit 75"
+
+# 5. An edited manifest (step 17 written over the saved step)
+latest="$OUT/checkpoints/$(cat "$OUT/checkpoints/latest")"
+sed -i 's/"step": [0-9]*/"step": 17/' "$latest/manifest.json"
+"$BIN" ckpt verify "$OUT/checkpoints" > "$W/verify.log" 2>&1; rc=$?
+[ "$rc" -eq 2 ] || { cat "$W/verify.log"; fail "verify of an edited manifest: exit code $rc, expected 2"; }
+grep -q "the manifest was edited or is corrupt" "$W/verify.log" || { cat "$W/verify.log"; fail "verify: no message"; }
+"${MPI[@]}" -np 2 "$BIN" pretrain --config "$CFG" --set output.dir="$OUT" --set pretrain.steps=100000 \
+  --resume auto > "$W/edited.log" 2>&1; rc=$?
+[ "$rc" -eq 2 ] || { cat "$W/edited.log"; fail "resume of an edited manifest: exit code $rc, expected 2"; }
+echo "ok: an edited manifest is refused by verify and by resume, exit 2"
+echo "5 passed, 0 failed"

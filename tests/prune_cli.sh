@@ -29,6 +29,8 @@ expect_error() {  # message args...
 expect_error "would leave some MoE layer with fewer than max(top_k=2" --set prune.ratio=0.9
 expect_error "prune.criterion='loudest', expected one of" --set prune.criterion=loudest
 expect_error "finetune/val split of planted is empty" --set data.val_fraction=0
+expect_error "was fine-tuned on planted classes all label map all, image size 8; this config's" \
+  --set model.image_size=12
 
 "${MPI[@]}" -np 4 "$BIN" prune --config "$CFG" --set output.dir="$OUT" --from "$OUT/checkpoints" \
   --set prune.ratio=0.5 --set "prune.layers=[1]" > "$W/ok.log" 2>&1 || { cat "$W/ok.log"; fail "prune on 4 ranks"; }

@@ -117,6 +117,51 @@ TEST(Checkpoint, TruncatedFlippedMissingAndUnknownVersion) {
       << e;
 }
 
+// The manifest checks itself: an edited field, a flipped byte in a state section, or a
+// shard dropped from the file list (checksum recomputed, as a careful forger would)
+// is refused, never loaded.
+TEST(Checkpoint, ManifestEditsAndUnlistedFilesAreRefused) {
+  Fixture f("manifest");
+  const std::string dir = f.save(10);
+  ASSERT_EQ(f.load_error(dir), "");
+  const std::string path = dir + "/manifest.json";
+  nlohmann::json j;
+  std::ifstream(path) >> j;
+  const nlohmann::json original = j;
+  auto write = [&](const nlohmann::json& m) { std::ofstream(path) << m.dump(1); };
+
+  j["step"] = 17;
+  write(j);
+  std::string e = f.load_error(dir);
+  EXPECT_NE(e.find("the manifest was edited or is corrupt"), std::string::npos) << e;
+
+  j = original;
+  j["state"]["optimizer"]["steps"] = 99;
+  write(j);
+  EXPECT_NE(f.load_error(dir).find("manifest was edited"), std::string::npos);
+
+  // A shard missing from `files`, with a matching checksum.
+  j = original;
+  j.erase("manifest_crc32");
+  nlohmann::json files = nlohmann::json::array();
+  for (const auto& x : j["files"])
+    if (x["name"] != "experts-r00000.safetensors") files.push_back(x);
+  j["files"] = files;
+  j["manifest_crc32"] = text_crc32(j.dump());
+  write(j);
+  e = f.load_error(dir);
+  EXPECT_NE(e.find("experts-r00000.safetensors' of rank 0 is not in 'files'"), std::string::npos) << e;
+
+  // Wrong JSON types: an error naming the file, not an abort.
+  j = original;
+  j["version"] = "3";
+  write(j);
+  EXPECT_NE(f.load_error(dir).find("has version \"3\""), std::string::npos);
+
+  write(original);
+  EXPECT_EQ(f.load_error(dir), "");
+}
+
 TEST(Checkpoint, InterruptedSaveLeavesThePreviousLatest) {
   Fixture f("crash");
   const std::string first = f.save(1);

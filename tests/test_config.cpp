@@ -2,6 +2,8 @@
 // value and what was expected.
 #include <gtest/gtest.h>
 
+#include <sys/stat.h>
+
 #include <filesystem>
 
 #include <fstream>
@@ -220,6 +222,51 @@ TEST(Config, BadValues) {
   EXPECT_NE(error_of("model: {hidden: 62}").find("divisible by model.num_heads"), std::string::npos);
   EXPECT_NE(error_of("finetune: {precision: fp16}").find("finetune.precision='fp16', expected fp32 or bf16"),
             std::string::npos);
+}
+
+// Each of these ran before as if it were a setting (first of two keys won, a second
+// document vanished, NaN or inf reached training) or hung / aborted (a FIFO, a
+// non-scalar key): now one error naming the key or file.
+TEST(Config, RejectsWhatCannotBeMeant) {
+  EXPECT_NE(error_of("seed: 1\nseed: 2\n").find("key 'seed' appears twice"), std::string::npos);
+  EXPECT_NE(error_of("model: {moe: {top_k: 1, top_k: 2}}").find("key 'model.moe.top_k' appears twice"),
+            std::string::npos);
+  EXPECT_NE(error_of("seed: 1\n---\nseed: 2\n").find("2 YAML documents"), std::string::npos);
+  EXPECT_NE(error_of("? [a, b]\n: 1\n").find("not a plain name"), std::string::npos);
+  for (const char* bad : {".nan", ".inf", "-.inf"}) {
+    EXPECT_NE(error_of(concat("finetune: {lr: ", bad, "}")).find("'finetune.lr' has value"), std::string::npos) << bad;
+    EXPECT_NE(error_of(concat("model: {moe: {noise_std: ", bad, "}}")).find("expected a finite number"),
+              std::string::npos)
+        << bad;
+  }
+  EXPECT_NE(error_of("data: {augment: {mean: [0.5, .nan]}}").find("'data.augment.mean'"), std::string::npos);
+  EXPECT_NE(error_of("", {"refinetune.router_entropy_weight=.inf"}).find("expected a finite number"),
+            std::string::npos);
+}
+
+TEST(Config, RefusesFilesThatAreNotConfigs) {
+  test::TempDir tmp("config-files");
+  auto error_of_file = [&](const std::string& path) {
+    try {
+      parse_config(path);
+    } catch (const UserError& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  std::ofstream(tmp / "empty.yaml").flush();
+  std::ofstream(tmp / "comments.yaml") << "# nothing but a comment\n\n";
+  EXPECT_NE(error_of_file(tmp / "empty.yaml").find("no settings in it"), std::string::npos);
+  EXPECT_NE(error_of_file(tmp / "comments.yaml").find("no settings in it"), std::string::npos);
+  EXPECT_NE(error_of_file("/dev/null").find("is not a regular file"), std::string::npos);
+  EXPECT_NE(error_of_file("/dev/zero").find("is not a regular file"), std::string::npos);
+  const std::string fifo = tmp / "fifo.yaml";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  EXPECT_NE(error_of_file(fifo).find("is not a regular file"), std::string::npos);  // and no hang
+  EXPECT_NE(error_of_file(tmp / "absent.yaml").find("no such file"), std::string::npos);
+  // A base that is empty is refused like a config that is.
+  std::ofstream(tmp / "job.yaml") << "base: empty.yaml\n";
+  EXPECT_NE(error_of_file(tmp / "job.yaml").find("empty.yaml: no settings in it"), std::string::npos);
 }
 
 TEST(Config, WorldSize) {

@@ -71,6 +71,23 @@ TEST(Optimizer, ClipsTheGlobalNorm) {
   EXPECT_NEAR(b.item<double>(), -0.8, 1e-5);
 }
 
+// A non-finite gradient norm (a NaN or inf loss upstream) stops training before the
+// step touches the weights or the moments: DivergedError, exit code 3 (error.h).
+TEST(Optimizer, NonFiniteGradientNormStopsBeforeTheUpdate) {
+  SelfCommunicator comm;
+  for (const float bad : {NAN, INFINITY}) {
+    PhaseConfig p;  // AdamW
+    at::Tensor a = at::ones({2}).requires_grad_(true), b = at::ones({1}).requires_grad_(true);
+    Optimizer opt(p, {ParamSlot{"a", a, false, {}, {}, -1, {}}, ParamSlot{"b", b, true, {}, {}, -1, {}}});
+    a.mutable_grad() = at::tensor({0.5f, 0.5f});
+    b.mutable_grad() = at::tensor({bad});
+    EXPECT_THROW(opt.step(comm, 0.1), DivergedError);
+    EXPECT_TRUE(at::equal(a, at::ones({2})));
+    EXPECT_TRUE(at::equal(b, at::ones({1})));
+    EXPECT_EQ(opt.steps_taken(), 0);
+  }
+}
+
 ModelConfig small_model(int classes) {
   ModelConfig m = test::small_vit(2, 4, classes);
   m.mlp_dim = 32;

@@ -29,7 +29,9 @@ void to_json(json& j, const Manifest& m) {
        {"files", files}};
 }
 
-Manifest manifest_from_json(const json& j, const std::string& path) {
+namespace {
+// Format and version first: a manifest of another version gets the message that says so.
+void require_format_and_version(const json& j, const std::string& path) {
   require(j.is_object(), concat("checkpoint: '", path, "' is not a JSON object"));
   const json format = j.value("format", json());
   require(format.is_string() && format.get<std::string>() == kCheckpointFormat,
@@ -41,6 +43,12 @@ Manifest manifest_from_json(const json& j, const std::string& path) {
                  version.is_number_integer() && version.get<int>() < kCheckpointVersion
                      ? " (written by an older moeprune: rerun that phase, or read it with the moeprune that wrote it)"
                      : ""));
+}
+}  // namespace
+
+Manifest manifest_from_json(const json& j, const std::string& path) {
+  require_format_and_version(j, path);
+  const json version = j.at("version");
   Manifest m;
   try {
     m.version = version.get<int>();
@@ -64,6 +72,31 @@ Manifest manifest_from_json(const json& j, const std::string& path) {
   } catch (const std::logic_error&) {  // std::stoi of a block key
     throw UserError(concat("checkpoint: '", path, "' names an MoE block that is not a number"));
   }
+  // Ranges and relations: every rank once, every file a rank needs listed.
+  const auto bad = [&](const std::string& what) { return concat("checkpoint: '", path, "': ", what); };
+  require(m.step >= 0, bad(concat("step ", m.step, ", expected >= 0")));
+  require(m.world_size >= 1, bad(concat("world_size ", m.world_size, ", expected >= 1")));
+  require(static_cast<int>(m.shards.size()) == m.world_size,
+          bad(concat(m.shards.size(), " shards for world_size ", m.world_size, ", expected one per rank")));
+  std::vector<bool> seen(static_cast<size_t>(m.world_size), false);
+  const auto listed = [&](const std::string& name) {
+    for (const auto& f : m.files)
+      if (f.name == name) return true;
+    return false;
+  };
+  for (const auto& s : m.shards) {
+    require(s.rank >= 0 && s.rank < m.world_size && !seen[static_cast<size_t>(s.rank)],
+            bad(concat("shard of rank ", s.rank, ", expected each rank of 0..", m.world_size - 1, " once")));
+    seen[static_cast<size_t>(s.rank)] = true;
+    require(listed(s.file), bad(concat("shard file '", s.file, "' of rank ", s.rank, " is not in 'files'")));
+    for (const auto& [block, ids] : s.experts) {
+      require(block >= 0, bad(concat("MoE block ", block, ", expected >= 0")));
+      for (int id : ids) require(id >= 0, bad(concat("expert id ", id, " in block ", block, ", expected >= 0")));
+    }
+  }
+  for (const auto& f : m.files)
+    require(f.bytes >= 0 && !f.name.empty() && f.name.find('/') == std::string::npos,
+            bad(concat("file entry '", f.name, "' (", f.bytes, " bytes), expected a plain file name and a size")));
   return m;
 }
 
@@ -78,15 +111,28 @@ Manifest read_manifest(const std::string& dir) {
   } catch (const std::exception& e) {
     throw UserError(concat("checkpoint: '", path, "' is not valid JSON (", e.what(), ")"));
   }
-  Manifest m = manifest_from_json(j, path);
+  // The manifest's own checksum before its content: an edited step, a flipped byte
+  // in a state section or a shortened list would otherwise pass as a valid checkpoint.
+  require_format_and_version(j, path);
+  require(j.is_object() && j.contains("manifest_crc32") && j["manifest_crc32"].is_number_unsigned(),
+          concat("checkpoint: '", path, "' has no manifest_crc32 (written by an older moeprune, or damaged)"));
+  const auto stored = j["manifest_crc32"].get<uint64_t>();
+  json body = j;
+  body.erase("manifest_crc32");
+  const uint32_t actual = text_crc32(body.dump());
+  require(stored == actual, concat("checkpoint: '", path, "' has CRC-32 ", actual, ", its manifest_crc32 says ",
+                                   stored, " (the manifest was edited or is corrupt: not loaded)"));
+  Manifest m = manifest_from_json(body, path);
   m.dir = dir;
   return m;
 }
 
 void write_manifest(const std::string& path, const Manifest& m) {
   {
+    json j = m;
+    j["manifest_crc32"] = text_crc32(j.dump());
     std::ofstream out(path);
-    out << json(m).dump(1) << "\n";
+    out << j.dump(1) << "\n";
     out.flush();
     require(out.good(), concat("checkpoint: cannot write '", path, "'"));
   }

@@ -12,7 +12,7 @@
 
 namespace moeprune {
 
-inline constexpr int kCheckpointVersion = 2;
+inline constexpr int kCheckpointVersion = 3;  // 3: the manifest carries its own CRC-32
 inline constexpr const char* kCheckpointFormat = "moeprune-checkpoint";
 
 struct CheckpointFile {
@@ -48,7 +48,8 @@ void to_json(nlohmann::json& j, const Manifest& m);
 // UserError naming path for a wrong format, an unknown version, a missing field or a wrong type.
 Manifest manifest_from_json(const nlohmann::json& j, const std::string& path);
 
-// Reads and checks <dir>/manifest.json.
+// Reads and checks <dir>/manifest.json: its own CRC-32 ("manifest_crc32", over the
+// rest of its content), then the schema.
 Manifest read_manifest(const std::string& dir);
 // Writes path (fsynced).
 void write_manifest(const std::string& path, const Manifest& m);

@@ -115,7 +115,17 @@ uint32_t file_crc32(const std::string& path) {
   return static_cast<uint32_t>(crc);
 }
 
+uint32_t text_crc32(const std::string& text) {
+  return static_cast<uint32_t>(crc32(crc32(0L, Z_NULL, 0), reinterpret_cast<const Bytef*>(text.data()),
+                                     static_cast<uInt>(text.size())));
+}
+
 void verify_files(const Manifest& m, const std::vector<std::string>& names) {
+  // A file the caller needs must be listed: an unlisted file would be read unchecked.
+  for (const auto& n : names)
+    require(std::any_of(m.files.begin(), m.files.end(), [&](const CheckpointFile& f) { return f.name == n; }),
+            concat("checkpoint ", m.dir, ": file '", n, "' is not listed in its manifest (size and CRC-32 unknown: "
+                   "not loaded)"));
   for (const auto& f : m.files) {
     if (!names.empty() && std::find(names.begin(), names.end(), f.name) == names.end()) continue;
     const std::string path = m.dir + "/" + f.name;

@@ -39,6 +39,7 @@ void publish(const std::string& root, const std::string& name, int keep);
 void fsync_path(const std::string& path);
 // CRC-32 of a whole file.
 uint32_t file_crc32(const std::string& path);
+uint32_t text_crc32(const std::string& text);
 // Checks sizes and CRCs of the named files (all when empty). UserError on the first mismatch.
 void verify_files(const Manifest& m, const std::vector<std::string>& names = {});
 

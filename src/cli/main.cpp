@@ -39,6 +39,9 @@ int main(int argc, char** argv) {
     } catch (const UserError& e) {
       log::error(e.what());
       return kExitUserError;
+    } catch (const nlohmann::json::exception& e) {  // a field of a wrong type in what was read
+      log::error(concat("checkpoint: a manifest or state field has a wrong type or is missing (", e.what(), ")"));
+      return kExitUserError;
     }
   }
 

@@ -4,6 +4,7 @@
 // expected there (and the base file it came from).
 #include <yaml-cpp/yaml.h>
 
+#include <cmath>
 #include <filesystem>
 #include <set>
 
@@ -40,6 +41,12 @@ class MapReader {
     } catch (const YAML::Exception&) {
       throw UserError(concat("config: '", full(key), "' has value '", dump(v), "', expected ", type_name<T>(),
                              from(full(key))));
+    }
+    if constexpr (std::is_floating_point_v<T>) {
+      require_finite(key, v, out);
+    } else if constexpr (is_vector<T>::value) {
+      if constexpr (std::is_floating_point_v<typename T::value_type>)
+        for (const auto& x : out) require_finite(key, v, x);
     }
   }
 
@@ -78,6 +85,11 @@ class MapReader {
     if (!origins_) return "";
     const auto it = origins_->find(path);
     return it == origins_->end() ? "" : concat(" in ", it->second);
+  }
+  // NaN and infinities are never meaningful settings (they would run to a NaN loss).
+  void require_finite(const std::string& key, const YAML::Node& v, double x) const {
+    require(std::isfinite(x), concat("config: '", full(key), "' has value '", dump(v), "', expected a finite number",
+                                     from(full(key))));
   }
   static std::string dump(const YAML::Node& v) {
     YAML::Emitter e;
@@ -243,9 +255,9 @@ JobConfig from_tree(YAML::Node root, const std::string& source_name, const std::
 // text (named `name`) with its bases (relative to dir), overrides and environment.
 // chain: the files being read, for cycle detection.
 JobConfig parse(const std::string& text, const std::string& name, const fs::path& dir,
-                std::vector<std::string> chain, const std::vector<std::string>& overrides) {
+                std::vector<std::string> chain, const std::vector<std::string>& overrides, bool file) {
   Origins origins;
-  YAML::Node root = resolve_bases(load_text(text, name), name, dir, chain, origins);
+  YAML::Node root = resolve_bases(load_text(text, name, file), name, dir, chain, origins);
   return from_tree(root, name, overrides, origins);
 }
 
@@ -253,12 +265,13 @@ JobConfig parse(const std::string& text, const std::string& name, const fs::path
 
 JobConfig parse_config_text(const std::string& yaml_text, const std::string& source_name,
                             const std::vector<std::string>& overrides) {
-  return parse(yaml_text, source_name, fs::current_path(), {}, overrides);
+  return parse(yaml_text, source_name, fs::current_path(), {}, overrides, /*file=*/false);
 }
 
 JobConfig parse_config(const std::string& path, const std::vector<std::string>& overrides) {
   if (path.empty()) return parse_config_text(kEmbeddedDefaultConfig, "<embedded vmoe-tiny>", overrides);
-  return parse(read_file(path), path, fs::path(path).parent_path(), {fs::weakly_canonical(path).string()}, overrides);
+  return parse(read_file(path), path, fs::path(path).parent_path(), {fs::weakly_canonical(path).string()}, overrides,
+               /*file=*/true);
 }
 
 }  // namespace moeprune

@@ -11,6 +11,9 @@ namespace moeprune {
 inline constexpr int kExitOk = 0;
 inline constexpr int kExitInternal = 1;
 inline constexpr int kExitUserError = 2;
+// Training diverged: a non-finite gradient norm (every rank agrees on it); stopped
+// before that step changed the weights, nothing of it saved.
+inline constexpr int kExitDiverged = 3;
 // Preempted (SIGTERM or SIGUSR1): every rank saved a checkpoint and exited; rerun
 // the same command with --resume auto to continue (sysexits EX_TEMPFAIL).
 inline constexpr int kExitPreempted = 75;
@@ -27,6 +30,12 @@ std::string concat(const Args&... args) {
 class UserError : public std::runtime_error {
  public:
   explicit UserError(const std::string& what) : std::runtime_error(what) {}
+};
+
+// Raised identically on every rank (the all-reduced gradient norm is not finite).
+class DivergedError : public std::runtime_error {
+ public:
+  explicit DivergedError(const std::string& what) : std::runtime_error(what) {}
 };
 
 // Throws UserError(message) when cond is false.

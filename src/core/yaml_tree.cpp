@@ -1,6 +1,7 @@
 #include "core/yaml_tree.h"
 
 #include <algorithm>
+#include <set>
 #include <fstream>
 #include <sstream>
 
@@ -76,20 +77,54 @@ void merge(YAML::Node dst, const YAML::Node& src, const std::string& prefix, con
 
 }  // namespace
 
-YAML::Node load_text(const std::string& text, const std::string& name) {
-  YAML::Node root;
+namespace {
+// yaml-cpp keeps every pair of a mapping, and node[key] answers the first: a repeated
+// key would silently lose its later value.
+void require_unique_keys(const YAML::Node& node, const std::string& path, const std::string& name) {
+  if (node.IsSequence())
+    for (const auto& item : node) require_unique_keys(item, path, name);
+  if (!node.IsMap()) return;
+  std::set<std::string> seen;
+  for (const auto& kv : node) {
+    const std::string key = key_text(kv.first, path);
+    require(seen.insert(key).second,
+            concat("config ", name, ": key '", join_key(path, key), "' appears twice (expected each key once)"));
+    require_unique_keys(kv.second, join_key(path, key), name);
+  }
+}
+}  // namespace
+
+YAML::Node load_text(const std::string& text, const std::string& name, bool file) {
+  std::vector<YAML::Node> docs;
   try {
-    root = YAML::Load(text);
+    docs = YAML::LoadAll(text);
   } catch (const YAML::Exception& e) {
     throw UserError(concat("config ", name, ": not valid YAML at line ", e.mark.line + 1, ": ", e.msg));
   }
+  require(docs.size() <= 1, concat("config ", name, ": ", docs.size(),
+                                   " YAML documents (separated by ---); expected one"));
+  YAML::Node root = docs.empty() ? YAML::Node() : docs.front();
+  require(!file || (root && !root.IsNull()),
+          concat("config ", name, ": no settings in it (empty or only comments); expected a mapping of sections "
+                 "(model:, data:, ...), or no --config for the embedded default"));
   if (!root || root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
   require(root.IsMap(), concat("config ", name, ": expected a mapping of sections (model:, data:, ...) at the top"));
+  require_unique_keys(root, "", name);
   return root;
 }
 
 std::string read_file(const std::string& path) {
-  require(!fs::is_directory(path), concat("config: '", path, "' is a directory (expected a readable YAML file)"));
+  // Only regular files: a directory, a FIFO (which would block), /dev/null or
+  // /dev/zero (endless) are refused before anything is read.
+  std::error_code ec;
+  const auto st = fs::status(path, ec);
+  require(!ec && fs::exists(st), concat("config: cannot open '", path, "' (no such file; expected a readable YAML file)"));
+  require(!fs::is_directory(st), concat("config: '", path, "' is a directory (expected a readable YAML file)"));
+  require(fs::is_regular_file(st), concat("config: '", path, "' is not a regular file (expected a readable YAML file)"));
+  constexpr std::uintmax_t kMaxBytes = 16u << 20;
+  const std::uintmax_t size = fs::file_size(path, ec);
+  require(!ec && size <= kMaxBytes,
+          concat("config: '", path, "' is ", ec ? 0 : size, " bytes (expected a YAML file of at most 16 MiB)"));
   std::ifstream in(path);
   require(in.good(), concat("config: cannot open '", path, "' (expected a readable YAML file)"));
   std::stringstream ss;
@@ -127,7 +162,7 @@ YAML::Node resolve_bases(YAML::Node root, const std::string& name, const fs::pat
                                      "'; bases are relative to the file that names them)"));
     chain.push_back(canon);
     YAML::Node loaded =
-        resolve_bases(load_text(read_file(path.string()), path.string()), path.string(), path.parent_path(), chain,
+        resolve_bases(load_text(read_file(path.string()), path.string(), true), path.string(), path.parent_path(), chain,
                       origins);
     chain.pop_back();
     merge(merged, loaded, "", path.string(), origins);

@@ -21,7 +21,9 @@ std::string join_key(const std::string& prefix, const std::string& key);
 // Applies "a.b.c=value" (value parsed as YAML), creating maps on the way.
 void apply_override(YAML::Node& root, const std::string& ov);
 // Parses text (a mapping at the top; empty = {}); name is used in messages.
-YAML::Node load_text(const std::string& text, const std::string& name);
+// file: the text is a file's (an empty one, or one of comments only, is refused; an
+// empty text is no settings).
+YAML::Node load_text(const std::string& text, const std::string& name, bool file = false);
 // The whole file; UserError for a directory or an unreadable file.
 std::string read_file(const std::string& path);
 // root with its `base:` files merged underneath it (recursively; later bases

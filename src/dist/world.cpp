@@ -95,8 +95,16 @@ void World::agree(const std::function<void()>& fn) {
     error = e.what();
   }
   if (!all_ok(error.empty())) {
-    if (!error.empty()) throw AgreedUserError(error);
-    throw AgreedUserError("");  // another rank reported the error
+    // Every rank reports the message of the lowest rank that failed (a check only
+    // rank 0 makes, such as the output directory's lock, is then said on every rank).
+    int mine = error.empty() ? size_ : rank_, first = size_;
+    MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    int len = rank_ == first ? static_cast<int>(error.size()) : 0;
+    MPI_Bcast(&len, 1, MPI_INT, first, MPI_COMM_WORLD);
+    std::string shared(static_cast<size_t>(len), '\0');
+    if (rank_ == first) shared = error;
+    if (len > 0) MPI_Bcast(shared.data(), len, MPI_CHAR, first, MPI_COMM_WORLD);
+    throw AgreedUserError(error.empty() ? shared : error);
   }
 }
 
@@ -126,6 +134,10 @@ int run_ranks(World& world, const std::function<int(World&)>& body) {
       MPI_Abort(MPI_COMM_WORLD, kExitUserError);
     }
     return kExitUserError;
+  } catch (const DivergedError& e) {
+    // Every rank holds the same gradient norm, so every rank is here: no collective pending.
+    log::error(e.what());
+    return kExitDiverged;
   } catch (const std::exception& e) {
     world.abort(kExitInternal, concat("fatal: ", e.what()));
   }

@@ -1,8 +1,16 @@
 #include "pipeline/pipeline.h"
 
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cstring>
+#include <ctime>
 #include <filesystem>
+#include <fstream>
 
 #include "ckpt/manifest.h"
 #include "ckpt/store.h"
@@ -13,6 +21,51 @@
 
 namespace moeprune {
 namespace {
+
+// One job per output directory: rank 0 holds an advisory lock (flock) on
+// <output.dir>/.moeprune.lock for the job's life. A second job gets a one-line error
+// naming the directory and the holder; the kernel drops the lock of a job that died,
+// so a stale lock file is simply taken over.
+class OutputLock {
+ public:
+  OutputLock(World& world, const std::string& dir) {
+    world.agree([&] {
+      if (world.rank() != 0) return;
+      std::error_code ec;
+      std::filesystem::create_directories(dir, ec);
+      require(!ec, concat("output.dir '", dir, "': cannot create it (", ec.message(), ")"));
+      const std::string path = dir + "/.moeprune.lock";
+      fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+      require(fd_ >= 0, concat("output.dir '", dir, "': cannot write in it (", std::strerror(errno), ")"));
+      if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+        std::string holder;
+        std::getline(std::ifstream(path), holder);
+        ::close(fd_);
+        fd_ = -1;
+        throw UserError(concat("output.dir '", dir, "' is in use by another moeprune job (",
+                               holder.empty() ? std::string("holder unknown") : holder,
+                               "): give this job another output.dir, or wait for that job to end"));
+      }
+      char host[256] = {0};
+      ::gethostname(host, sizeof(host) - 1);
+      const std::time_t now = std::time(nullptr);
+      char when[32] = {0};
+      std::strftime(when, sizeof(when), "%Y-%m-%d %H:%M:%S UTC", std::gmtime(&now));
+      const std::string who = concat("pid ", ::getpid(), " on ", host, " since ", when, "\n");
+      if (::ftruncate(fd_, 0) == 0) {
+        [[maybe_unused]] const auto n = ::write(fd_, who.data(), who.size());
+      }
+    });
+  }
+  ~OutputLock() {
+    if (fd_ >= 0) ::close(fd_);  // releases the lock
+  }
+  OutputLock(const OutputLock&) = delete;
+  OutputLock& operator=(const OutputLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
 
 // Rank 0 decides whether output.dir/pretrained.safetensors was made with the same
 // settings (shared or local file system alike) and tells the others.
@@ -55,11 +108,13 @@ int run_phases(World& world, const JobConfig& cfg, const std::vector<Phase>& pha
 }  // namespace
 
 int Pipeline::run(const std::vector<Phase>& phases, const RunOptions& opts) {
+  OutputLock lock(world_, cfg_.output.dir);
   return run_phases(world_, cfg_, phases, 0, opts, /*numbered=*/false);
 }
 
 int Pipeline::run_job(const std::string& resume) {
   const auto t0 = std::chrono::steady_clock::now();
+  OutputLock lock(world_, cfg_.output.dir);
   const std::vector<Phase> phases = job_phases(cfg_);
   size_t first = 0;
   const bool auto_resume = resume == "auto";

@@ -19,6 +19,8 @@
 namespace moeprune {
 namespace {
 
+std::string json_list(const std::vector<int>& v) { return v.empty() ? "all" : nlohmann::json(v).dump(); }
+
 // The fine-tuning checkpoint at `from` (a checkpoint or a root; "" = checkpoint.dir).
 Manifest finetune_checkpoint(const JobConfig& cfg, const std::string& from) {
   std::string dir = from.empty() ? checkpoint_dir(cfg) : from;
@@ -31,6 +33,17 @@ Manifest finetune_checkpoint(const JobConfig& cfg, const std::string& from) {
   Manifest m = read_manifest(dir);
   require(m.phase == str(Phase::Finetune),
           concat("prune: checkpoint ", dir, " is of phase '", m.phase, "', expected a fine-tuning checkpoint"));
+  // Pruning is measured on the fine-tuning task: a checkpoint fine-tuned on another
+  // task would be evaluated on labels it never learnt, and reported as a result.
+  const JobConfig saved = parse_config_text(m.config_yaml, concat("<config of checkpoint ", dir, ">"), {});
+  const auto task = [](const JobConfig& c) {
+    return concat(str(c.data.dataset), " classes ", json_list(c.finetune.classes), " label map ",
+                  json_list(c.finetune.label_map), ", image size ", c.model.image_size);
+  };
+  require(task(saved) == task(cfg),
+          concat("prune: checkpoint ", dir, " was fine-tuned on ", task(saved), "; this config's fine-tuning task is ",
+                 task(cfg), ": prune with the config that fine-tuned it (the checkpoint's manifest holds it), or "
+                 "fine-tune again"));
   for (const auto& l : layout_from_json(m.section("model"), dir).layers)
     require(static_cast<int>(l.experts.size()) == cfg.model.moe.num_experts,
             concat("prune: checkpoint ", dir, " is pruned already (block ", l.block, " has ", l.experts.size(),

@@ -54,6 +54,11 @@ double Optimizer::grad_norm(Communicator& comm) {
 double Optimizer::step(Communicator& comm, double lr) {
   at::NoGradGuard no_grad;
   const double norm = grad_norm(comm);
+  // The same value on every rank (dense gradients synced, expert sums all-reduced).
+  if (!std::isfinite(norm))
+    throw DivergedError(concat("gradient norm is ", norm, " at optimiser step ", steps_ + 1,
+                               ": stopped before this step changed the weights (nothing of it is saved); lower the "
+                               "learning rate, check the data, or try precision fp32"));
   const double scale = (cfg_.clip_norm > 0 && norm > cfg_.clip_norm) ? cfg_.clip_norm / (norm + 1e-6) : 1.0;
   ++steps_;
   // Multi-tensor updates: on GPUs a few fused kernels per step instead of about eight

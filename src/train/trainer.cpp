@@ -119,7 +119,11 @@ PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader
       w_count += static_cast<double>(b.labels.size(0));
     }
     opt_.sync_gradients(*comms_.device);
-    w_norm += opt_.step(*comms_.device, lr);
+    try {
+      w_norm += opt_.step(*comms_.device, lr);
+    } catch (const DivergedError& e) {
+      throw DivergedError(concat(name_, " step ", step + 1, " diverged: ", e.what()));
+    }
     w_time += since(t0);
     w_timers.router += timers.router;
     w_timers.dispatch += timers.dispatch;
