@@ -27,6 +27,7 @@ expect_error() {  # message args...
   echo "ok: prune $* -> exit 2: $msg"
 }
 expect_error "would leave some MoE layer with fewer than max(top_k=2" --set prune.ratio=0.9
+grep -q "test accuracy before pruning" "$W/e.log" && fail "an impossible ratio was refused only after evaluating"
 expect_error "prune.criterion='loudest', expected one of" --set prune.criterion=loudest
 expect_error "finetune/val split of planted is empty" --set data.val_fraction=0
 expect_error "was fine-tuned on planted classes all label map all, image size 8; this config's" \
@@ -50,4 +51,22 @@ PY
 "$BIN" ckpt verify "$OUT/checkpoints" > /dev/null || fail "pruned checkpoint does not verify"
 "$BIN" ckpt inspect "$OUT/checkpoints" | grep -q "phase refinetune" || fail "latest checkpoint is not the re-fine-tuned one"
 echo "ok: pruned on 4 ranks a model fine-tuned on 2, re-fine-tuned on 2, report and checkpoint verified"
-echo "4 passed, 0 failed"
+
+# Workflow: with checkpoint.keep 1 and checkpoints every 4 steps, one `run` leaves each
+# phase's final checkpoint (retention counts within a phase), no duplicate of a final
+# step, and `prune --from ROOT` finds the fine-tuning checkpoint although later
+# phases saved after it.
+OUT2="$W/keep"
+"${MPI[@]}" -np 2 "$BIN" run --config "$CFG" --set output.dir="$OUT2" --set checkpoint.keep=1 \
+  --set refinetune.batch_size=24 --set refinetune.steps=4 > "$W/run.log" 2>&1 || { cat "$W/run.log"; fail "run"; }
+names=$(ls "$OUT2/checkpoints" | grep '^ckpt-')
+for p in pretrain finetune prune; do   # (re-fine-tuning is off in this config)
+  [ "$(echo "$names" | grep -c -- "-$p-step")" -eq 1 ] || { echo "$names"; fail "keep 1: not one checkpoint of $p"; }
+done
+dups=$(echo "$names" | sed 's/^ckpt-[0-9]*-//' | sort | uniq -d)
+[ -z "$dups" ] || fail "duplicate checkpoints of one step: $dups"
+"${MPI[@]}" -np 2 "$BIN" prune --config "$CFG" --set output.dir="$OUT2" --from "$OUT2/checkpoints" \
+  > "$W/again.log" 2>&1 || { cat "$W/again.log"; fail "prune --from ROOT after the whole job"; }
+grep -q "prune: loaded .*-finetune-step" "$W/again.log" || { cat "$W/again.log"; fail "prune --from ROOT: not the fine-tuning checkpoint"; }
+echo "ok: keep 1 keeps every phase's final checkpoint, no duplicate, prune --from ROOT after the job"
+echo "5 passed, 0 failed"

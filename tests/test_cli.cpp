@@ -81,6 +81,13 @@ TEST(Cli, ExpertsNotDivisibleByMembers) {
   expect_user_error("forward --set model.moe.ensemble_size=3", 2, "must be divisible by model.moe.ensemble_size=3");
 }
 
+// Sizes that cannot fit: one line before anything is allocated (was an allocation
+// failure with a C++ backtrace per rank, or the OOM killer).
+TEST(Cli, ModelThatCannotFit) {
+  expect_user_error("forward --set model.hidden=1000000", 2, "GiB available per rank");
+  expect_user_error("forward --set model.image_size=1000000", 2, "is too large to be built");
+}
+
 TEST(Cli, MoreRanksThanExperts) {
   expect_user_error("forward --set model.moe.num_experts=2 --set finetune.batch_size=128", 4,
                     "world size 4 is larger than model.moe.num_experts=2");

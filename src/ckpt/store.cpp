@@ -90,8 +90,23 @@ void publish(const std::string& root, const std::string& name, int keep) {
   fsync_path(root + "/latest.tmp");
   fs::rename(root + "/latest.tmp", root + "/latest");
   fsync_path(root);
-  auto done = complete_checkpoints(root);
-  for (size_t i = 0; i + static_cast<size_t>(keep) < done.size(); ++i) fs::remove_all(root + "/" + done[i]);
+  // Retention counts within a phase: the newest `keep` checkpoints of the phase just
+  // saved stay, and other phases' checkpoints are never collected here, so the last
+  // checkpoint of a finished phase (what `prune --from` or a later phase reads) stays.
+  const std::string phase = checkpoint_phase(name);
+  std::vector<std::string> same;
+  for (const auto& d : complete_checkpoints(root))
+    if (checkpoint_phase(d) == phase) same.push_back(d);
+  for (size_t i = 0; i + static_cast<size_t>(keep) < same.size(); ++i) fs::remove_all(root + "/" + same[i]);
+}
+
+std::string checkpoint_phase(const std::string& name) {
+  // ckpt-<sequence>-<phase>-step<step>
+  if (name.rfind("ckpt-", 0) != 0) return "";
+  const auto dash = name.find('-', 5);
+  const auto step = name.rfind("-step");
+  if (dash == std::string::npos || step == std::string::npos || step <= dash + 1) return "";
+  return name.substr(dash + 1, step - dash - 1);
 }
 
 void fsync_path(const std::string& path) {

@@ -18,6 +18,8 @@ inline constexpr const char* kDenseFile = "dense.safetensors";
 std::string expert_file(int rank);  // experts-r00003.safetensors
 // ckpt-000007-finetune-step00000500
 std::string checkpoint_name(int64_t sequence, const std::string& phase, int64_t step);
+// The phase label of a checkpoint directory name ("" when it is not one).
+std::string checkpoint_phase(const std::string& name);
 
 // The stored name of expert `id`'s slice of a stacked tensor:
 // "blocks.3.moe.experts.w1", 5 -> "blocks.3.moe.experts.e5.w1".

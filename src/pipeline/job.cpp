@@ -3,6 +3,8 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <algorithm>
+#include <cmath>
+#include <fstream>
 #include <csignal>
 #include <nlohmann/json.hpp>
 
@@ -48,8 +50,62 @@ LoaderOptions loader_options(const JobConfig& cfg, const World& world, int64_t b
   return o;
 }
 
+namespace {
+// Bytes one rank needs for the model: parameters with gradients and two optimiser
+// moments (16 bytes each), plus activations kept for backward of the largest batch
+// a rank sees (a coarse bound, float32). Computed in double: sizes that overflow an
+// int are refused here, before anything is allocated.
+double bytes_per_rank(const JobConfig& cfg, const ModelConfig& mc, const std::vector<Placement>& placements, int W) {
+  const double H = mc.hidden, F = mc.mlp_dim, L = mc.num_layers, C = mc.channels, P = mc.patch_size;
+  const double grid = static_cast<double>(mc.image_size) / P, T = grid * grid + 1;
+  size_t max_local = 0;
+  for (const auto& pl : placements)
+    for (int r = 0; r < pl.world_size(); ++r) max_local = std::max(max_local, pl.local_experts(r).size());
+  const double moe_layers = static_cast<double>(placements.size());
+  const double dense = C * P * P * H + T * H + L * (4 * H * H + 9 * H) + (L - moe_layers) * (2 * H * F + F + H) +
+                       moe_layers * H * mc.moe.num_experts + H * mc.num_classes;
+  const double experts = moe_layers * static_cast<double>(max_local) * (2 * H * F + F + H);
+  int batch = 0;  // evaluation keeps no activations for backward
+  for (const PhaseConfig* p : {&cfg.pretrain, &cfg.finetune, &cfg.refinetune})
+    batch = std::max(batch, p->batch_size / std::max(1, p->accumulation));  // one micro-batch at a time
+  const double per_rank_images = std::ceil(static_cast<double>(batch) / W) * mc.moe.ensemble_size;
+  const double activations = per_rank_images * T * L * (12 * H + 2 * F * mc.moe.top_k + mc.num_heads * T) * 4;
+  return 16 * (dense + experts) + activations;
+}
+
+// MemAvailable of this node, in bytes (0 when unknown).
+double available_bytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  double kib = 0;
+  std::string unit;
+  while (in >> key >> kib >> unit)
+    if (key == "MemAvailable:") return kib * 1024;
+  return 0;
+}
+}  // namespace
+
 VisionTransformer build_job_model(const JobConfig& cfg, const ModelConfig& mc, const std::vector<Placement>& placements,
                                   World& world) {
+  // A model that cannot fit is a one-line error on every rank, not an allocation
+  // failure with a backtrace (or the kernel's OOM killer).
+  world.agree([&] {
+    const double need = bytes_per_rank(cfg, mc, placements, world.size());
+    const double gib = 1024.0 * 1024.0 * 1024.0;
+    require(std::isfinite(need) && need < 1e18,
+            concat("model: ", mc.name, " is too large to be built (hidden ", mc.hidden, ", mlp_dim ", mc.mlp_dim,
+                   ", image_size ", mc.image_size, ", ", mc.moe.num_experts, " experts, ", mc.num_classes,
+                   " classes)"));
+    const double avail = available_bytes();
+    if (world.device().is_cpu() && avail > 0) {
+      const double per_rank = avail / std::max(1, world.local_size());
+      require(need <= per_rank,
+              concat("model: ", mc.name, " needs about ", need / gib, " GiB per rank (weights, gradients and "
+                     "optimiser moments, and activations of the largest batch), this node has ", per_rank / gib,
+                     " GiB available per rank (MemAvailable / ", world.local_size(), " ranks): use a smaller model "
+                     "or batch, or more ranks"));
+    }
+  });
   return build_model(mc, placements, world.comm(), world.device(), cfg.seed, cfg.runtime.moe);
 }
 

@@ -25,10 +25,13 @@ std::string json_list(const std::vector<int>& v) { return v.empty() ? "all" : nl
 Manifest finetune_checkpoint(const JobConfig& cfg, const std::string& from) {
   std::string dir = from.empty() ? checkpoint_dir(cfg) : from;
   if (!std::filesystem::exists(dir + "/manifest.json")) {
-    const std::string latest = latest_checkpoint(dir);
-    require(!latest.empty(), concat("prune: no checkpoint at '", dir, "' (expected a checkpoint directory or a ",
-                                    "checkpoint root with a 'latest' pointer; run `moeprune finetune` first)"));
-    dir = latest;
+    // A root: its newest fine-tuning checkpoint (later phases may have saved since).
+    std::string newest;
+    for (const auto& name : complete_checkpoints(dir))
+      if (checkpoint_phase(name) == str(Phase::Finetune)) newest = name;
+    require(!newest.empty(), concat("prune: no fine-tuning checkpoint under '", dir, "' (expected a checkpoint ",
+                                    "directory or a checkpoint root holding one; run `moeprune finetune` first)"));
+    dir = dir + "/" + newest;
   }
   Manifest m = read_manifest(dir);
   require(m.phase == str(Phase::Finetune),

@@ -190,8 +190,11 @@ int run_training_phase(World& world, const JobConfig& cfg, Phase phase, const Ru
     at::Tensor sig = at::tensor({g_stop_signal.load()}, at::kInt);
     world.host_comm().all_reduce(sig, ReduceOp::Max);
     const bool stop = sig.item<int>() != 0;
-    const bool periodic = cfg.checkpoint.every > 0 && step % cfg.checkpoint.every == 0;
-    if (stop || periodic) {
+    // The last step gets the phase's final checkpoint below (marked finished): a
+    // periodic one of the same step would be a duplicate pushing out an older one.
+    const bool last = step == settings.steps;
+    const bool periodic = !last && cfg.checkpoint.every > 0 && step % cfg.checkpoint.every == 0;
+    if ((stop && !last) || periodic) {
       if (stop) log::info(concat(name, ": signal ", sig.item<int>(), " at step ", step, ": saving a checkpoint"));
       ckpt.save(owners, name, step, cfg.resolved_yaml);
       if (stop) ckpt.poll(/*wait=*/true);

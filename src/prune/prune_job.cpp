@@ -44,6 +44,15 @@ PruneOutcome prune_job(PruneInputs in, const JobConfig& cfg, World& world) {
   const int top_k = in.model->config().moe.top_k;
   PruneOutcome out;
 
+  // 0. Whether the ratio or count can be met at all depends only on the layers' expert
+  // counts and the floor: refuse an impossible one before evaluating anything.
+  world.agree([&] {
+    std::vector<LayerScores> shapes;
+    for (const auto& l : in.model->moe_layers())
+      shapes.push_back(LayerScores{l->layer(), l->expert_ids(), std::vector<double>(l->expert_ids().size(), 0.0)});
+    (void)make_plan(shapes, pc, top_k);
+  });
+
   // 1. Before pruning: accuracy and calibration counts.
   out.before = evaluate(in.model, *in.test, comms);
   const EvalResult cal = evaluate(in.model, *in.calibration, comms, pc.calibration.batches);
