@@ -7,6 +7,8 @@
 #include <filesystem>
 
 #include <fstream>
+#include <random>
+#include <sstream>
 
 #include "core/config.h"
 #include "core/env.h"
@@ -267,6 +269,54 @@ TEST(Config, RefusesFilesThatAreNotConfigs) {
   // A base that is empty is refused like a config that is.
   std::ofstream(tmp / "job.yaml") << "base: empty.yaml\n";
   EXPECT_NE(error_of_file(tmp / "job.yaml").find("empty.yaml: no settings in it"), std::string::npos);
+}
+
+// Seeded config mutations: a value of the embedded default replaced by another kind
+// of value, a key renamed or duplicated, a section replaced. Every outcome must be a
+// parsed config or a UserError with a one-line message; no other exception, no crash.
+TEST(Config, MutationsGiveAConfigOrOneLineError) {
+  std::vector<std::string> lines;
+  {
+    std::istringstream in(kEmbeddedDefaultConfig);
+    for (std::string l; std::getline(in, l);) lines.push_back(l);
+  }
+  const std::vector<std::string> values{"-1", "0", "1e9", "99999999999", "abc", "[1, 2]", "{a: 1}", ".nan", ".inf",
+                                        "''", "~", "true", "-0.5", "1e400", "[]", "[.nan]", "0x10", "'3'"};
+  std::mt19937 rng(20261126);
+  int parsed = 0, refused = 0;
+  for (int trial = 0; trial < 400; ++trial) {
+    std::vector<std::string> m = lines;
+    const size_t i = rng() % m.size();
+    std::string& l = m[i];
+    const auto colon = l.find(':');
+    const int kind = static_cast<int>(rng() % 4);
+    if (kind == 0 && colon != std::string::npos) {  // new value
+      l = l.substr(0, colon + 1) + " " + values[rng() % values.size()];
+    } else if (kind == 1 && colon != std::string::npos) {  // renamed key
+      const auto start = l.find_first_not_of(' ');
+      l = l.substr(0, start) + "x" + l.substr(start);
+    } else if (kind == 2) {  // duplicated line
+      m.insert(m.begin() + static_cast<long>(i), l);
+    } else {  // line removed
+      m.erase(m.begin() + static_cast<long>(i));
+    }
+    std::string text;
+    for (const auto& x : m) text += x + "\n";
+    try {
+      const JobConfig c = parse_config_text(text, "mutated.yaml");
+      validate_world(c, 2);
+      ++parsed;
+    } catch (const UserError& e) {
+      const std::string what = e.what();
+      EXPECT_FALSE(what.empty()) << text;
+      EXPECT_EQ(what.find('\n'), std::string::npos) << "not one line: " << what;
+      ++refused;
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << "trial " << trial << ": " << e.what() << "\n" << text;
+    }
+  }
+  EXPECT_GT(refused, 100);
+  EXPECT_GT(parsed, 20);
 }
 
 TEST(Config, WorldSize) {

@@ -57,7 +57,11 @@ std::string latest_checkpoint(const std::string& root) {
 }
 
 std::string resolve_checkpoint(const std::string& dir) {
-  if (!fs::exists(dir + "/manifest.json") && fs::exists(dir + "/latest")) return latest_checkpoint(dir);
+  if (fs::exists(dir + "/manifest.json")) return dir;
+  if (fs::exists(dir + "/latest")) return latest_checkpoint(dir);
+  const auto done = complete_checkpoints(dir);
+  require(done.empty(), concat("checkpoint: '", dir, "' holds ", done.size(), " checkpoint(s) but no 'latest' pointer: "
+                               "name one of them (the newest is '", dir, "/", done.empty() ? "" : done.back(), "')"));
   return dir;
 }
 
