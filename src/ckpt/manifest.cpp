@@ -15,6 +15,12 @@ const json& Manifest::section(const std::string& key) const {
   return state.at(key);
 }
 
+bool Manifest::lists(const std::string& name) const {
+  for (const auto& f : files)
+    if (f.name == name) return true;
+  return false;
+}
+
 void to_json(json& j, const Manifest& m) {
   json shards = json::array();
   for (const auto& s : m.shards) {
@@ -79,16 +85,11 @@ Manifest manifest_from_json(const json& j, const std::string& path) {
   require(static_cast<int>(m.shards.size()) == m.world_size,
           bad(concat(m.shards.size(), " shards for world_size ", m.world_size, ", expected one per rank")));
   std::vector<bool> seen(static_cast<size_t>(m.world_size), false);
-  const auto listed = [&](const std::string& name) {
-    for (const auto& f : m.files)
-      if (f.name == name) return true;
-    return false;
-  };
   for (const auto& s : m.shards) {
     require(s.rank >= 0 && s.rank < m.world_size && !seen[static_cast<size_t>(s.rank)],
             bad(concat("shard of rank ", s.rank, ", expected each rank of 0..", m.world_size - 1, " once")));
     seen[static_cast<size_t>(s.rank)] = true;
-    require(listed(s.file), bad(concat("shard file '", s.file, "' of rank ", s.rank, " is not in 'files'")));
+    require(m.lists(s.file), bad(concat("shard file '", s.file, "' of rank ", s.rank, " is not in 'files'")));
     for (const auto& [block, ids] : s.experts) {
       require(block >= 0, bad(concat("MoE block ", block, ", expected >= 0")));
       for (int id : ids) require(id >= 0, bad(concat("expert id ", id, " in block ", block, ", expected >= 0")));

@@ -40,6 +40,8 @@ struct Manifest {
   std::string dir;                 // where it was read from (not stored)
 
   bool has_section(const std::string& key) const { return state.contains(key); }
+  // Whether `files` lists a file of this name (only listed files are ever read).
+  bool lists(const std::string& name) const;
   // UserError naming the checkpoint when the section is absent.
   const nlohmann::json& section(const std::string& key) const;
 };

@@ -142,7 +142,7 @@ uint32_t text_crc32(const std::string& text) {
 void verify_files(const Manifest& m, const std::vector<std::string>& names) {
   // A file the caller needs must be listed: an unlisted file would be read unchecked.
   for (const auto& n : names)
-    require(std::any_of(m.files.begin(), m.files.end(), [&](const CheckpointFile& f) { return f.name == n; }),
+    require(m.lists(n),
             concat("checkpoint ", m.dir, ": file '", n, "' is not listed in its manifest (size and CRC-32 unknown: "
                    "not loaded)"));
   for (const auto& f : m.files) {
