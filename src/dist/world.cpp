@@ -51,9 +51,7 @@ World::World(int* argc, char*** argv, bool use_gpus) {
     // ("Duplicate GPU detected"), after a long wait on some versions. Every rank
     // learns whether any node is oversubscribed before NCCL starts, so all stop.
     const bool mine_ok = local_size_ <= n;
-    int bad = mine_ok ? 0 : 1, any_bad = 0;
-    MPI_Allreduce(&bad, &any_bad, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-    if (any_bad) {
+    if (!all_ok(mine_ok)) {
       const std::string why =
           mine_ok ? std::string("another node runs more ranks than it has GPUs")
                   : concat(local_size_, " ranks on this node but ", n, " visible GPU(s)");
