@@ -10,7 +10,8 @@ say() { echo "[setup] $*"; }
 die() { echo "[setup] ERROR: $*" >&2; exit 1; }
 
 DEB_PACKAGES=(build-essential cmake ninja-build pkg-config openmpi-bin libopenmpi-dev libspdlog-dev libfmt-dev
-              libyaml-cpp-dev libcli11-dev zlib1g-dev nlohmann-json3-dev libgtest-dev dataset-fashion-mnist)
+              libyaml-cpp-dev libcli11-dev zlib1g-dev nlohmann-json3-dev libgtest-dev libmsgpack-cxx-dev
+              dataset-fashion-mnist)
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -42,36 +42,43 @@ at::Tensor resize_pos_embed(const at::Tensor& pos, int64_t tokens) {
 
 }  // namespace
 
+at::Tensor gather_expert_param(const VisionTransformer& model, const std::string& name, Communicator& host) {
+  const at::Tensor* p = model->named_parameters().find(name);
+  TORCH_CHECK(p && is_expert_param(name), "gather_expert_param: ", name, " is not an expert parameter");
+  const at::Tensor local = p->detach().to(at::kCPU).contiguous();
+  const Placement& pl = layer_of(model, name)->placement();
+  if (host.rank() != 0) {
+    host.send(local, 0, 17);
+    return {};
+  }
+  std::vector<int64_t> shape(local.sizes().begin(), local.sizes().end());
+  shape[0] = pl.num_experts();
+  at::Tensor full = at::empty(shape, local.options());
+  for (int r = 0; r < host.size(); ++r) {
+    const auto& slots = pl.local_experts(r);
+    at::Tensor part = local;
+    if (r != 0) {
+      std::vector<int64_t> ps = shape;
+      ps[0] = static_cast<int64_t>(slots.size());
+      part = at::empty(ps, local.options());
+      host.recv(part, r, 17);
+    }
+    full.index_copy_(0, at::tensor(std::vector<int64_t>(slots.begin(), slots.end()), at::kLong), part);
+  }
+  return full;
+}
+
 void save_model(const std::string& path, const VisionTransformer& model, Communicator& host,
                 const std::map<std::string, std::string>& metadata) {
   at::NoGradGuard ng;
   NamedTensors out;
   for (const auto& item : model->named_parameters()) {
     const std::string& name = item.key();
-    at::Tensor local = item.value().detach().to(at::kCPU).contiguous();
-    if (!is_expert_param(name)) {
-      if (host.rank() == 0) out.emplace_back(name, local);
-      continue;
-    }
-    const Placement& pl = layer_of(model, name)->placement();
-    std::vector<int64_t> shape(local.sizes().begin(), local.sizes().end());
-    shape[0] = pl.num_experts();
-    if (host.rank() == 0) {
-      at::Tensor full = at::empty(shape, local.options());
-      for (int r = 0; r < host.size(); ++r) {
-        const auto& ids = pl.local_experts(r);
-        at::Tensor part = local;
-        if (r != 0) {
-          std::vector<int64_t> ps = shape;
-          ps[0] = static_cast<int64_t>(ids.size());
-          part = at::empty(ps, local.options());
-          host.recv(part, r, 17);
-        }
-        full.index_copy_(0, at::tensor(std::vector<int64_t>(ids.begin(), ids.end()), at::kLong), part);
-      }
-      out.emplace_back(name, full);
-    } else {
-      host.send(local, 0, 17);
+    if (is_expert_param(name)) {
+      at::Tensor full = gather_expert_param(model, name, host);
+      if (host.rank() == 0) out.emplace_back(name, full);
+    } else if (host.rank() == 0) {
+      out.emplace_back(name, item.value().detach().to(at::kCPU).contiguous());
     }
   }
   if (host.rank() == 0) {
@@ -93,10 +100,7 @@ std::map<std::string, std::string> load_model(const std::string& path, VisionTra
     const std::string& name = item.key();
     at::Tensor p = item.value();
     const bool head = name.rfind("head.", 0) == 0;
-    if (head && opts.new_head) {
-      p.zero_();
-      continue;
-    }
+    if (head && opts.new_head) continue;  // reset_head below
     require(f.contains(name), concat("model file '", path, "' has no tensor '", name, "' (was it saved from ",
                                      "another model config?)"));
     at::Tensor src = f.view(name);
@@ -116,6 +120,7 @@ std::map<std::string, std::string> load_model(const std::string& path, VisionTra
                                              ", the model needs ", p.sizes()));
     p.copy_(src);
   }
+  if (opts.new_head) reset_head(model);
   return f.metadata();
 }
 

@@ -16,6 +16,10 @@ namespace moeprune {
 void save_model(const std::string& path, const VisionTransformer& model, Communicator& host,
                 const std::map<std::string, std::string>& metadata = {});
 
+// Collective over host: the whole [E_l, ...] tensor of expert parameter `name`
+// (rows in layer slot order, i.e. ascending expert id) on rank 0; undefined elsewhere.
+at::Tensor gather_expert_param(const VisionTransformer& model, const std::string& name, Communicator& host);
+
 struct LoadOptions {
   bool new_head = false;  // zero-initialise the classifier head (fine-tuning on a new task)
 };

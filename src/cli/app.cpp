@@ -70,12 +70,34 @@ Commands define_commands(CLI::App& app, Args& a) {
       "  verify DIR        sizes and CRC-32 of every file against the manifest\n"
       "  export DIR OUT    every tensor in one safetensors file (experts stacked per layer)\n"
       "DIR may be a checkpoint or a checkpoint root (its latest checkpoint).\n"
-      "Example: build/moeprune ckpt inspect runs/vmoe-tiny/checkpoints");
-  c.ckpt->add_option("action", a.ckpt_action, "inspect | verify | export")
+      "vmoe checkpoints (google-research/vmoe's .index + .data-* files; any number of ranks, each reads its experts):\n"
+      "  import PREFIX OUT          a vmoe checkpoint as a moeprune model file; prints every array it read. The\n"
+      "                             architecture comes from the checkpoint, or with --config must match it\n"
+      "  export-vmoe SRC PREFIX     a model (checkpoint, root, model file or vmoe prefix) as a vmoe checkpoint\n"
+      "                             [--shards N data files]\n"
+      "Example: build/moeprune ckpt inspect runs/vmoe-tiny/checkpoints\n"
+      "         build/moeprune ckpt import data/pretrained/vmoe_b16_imagenet21k_randaug_strong b16.safetensors");
+  c.ckpt->add_option("action", a.ckpt_action, "inspect | verify | export | import | export-vmoe")
       ->required()
-      ->check(CLI::IsMember({"inspect", "verify", "export"}));
-  c.ckpt->add_option("dir", a.ckpt_dir, "checkpoint directory or root")->required();
-  c.ckpt->add_option("out", a.ckpt_out, "output file (export)");
+      ->check(CLI::IsMember({"inspect", "verify", "export", "import", "export-vmoe"}));
+  c.ckpt->add_option("dir", a.ckpt_dir, "checkpoint directory or root (import: vmoe prefix; export-vmoe: model)")
+      ->required();
+  c.ckpt->add_option("out", a.ckpt_out, "output file (export, import) or prefix (export-vmoe)");
+  c.ckpt->add_option("--shards", a.ckpt_shards, "export-vmoe: number of data files (default 1)");
+  c.predict = app.add_subcommand(
+      "predict",
+      "Run a model in eval mode (no router noise) on images from a NumPy .npy array and write the logits\n"
+      "as .npy (E3: one row per image and member, row b*M+m, plus the ensemble log-probabilities).\n"
+      "The model: a vmoe checkpoint prefix (architecture from the checkpoint), a sharded checkpoint or\n"
+      "root (as saved), or a model file (the config's model). Routing settings (top_k, capacity_factor,\n"
+      "group_size) come from the config and --set. Images: uint8 or float32, NHWC (as vmoe stores them) or\n"
+      "NCHW; uint8 is scaled as the model was trained (vmoe: [-1, 1]), float is taken as given.\n"
+      "Example: launch/mpirun.sh -np 2 build/moeprune predict --init ckpt --images x.npy --out logits.npy \\\n"
+      "           --set model.moe.group_size=2 --set model.moe.capacity_factor=1.5");
+  c.predict->add_option("--init", a.predict_init, "vmoe prefix, checkpoint (root) or model file")->required();
+  c.predict->add_option("--images", a.predict_images, "images .npy (uint8 or float32, NHWC or NCHW)")->required();
+  c.predict->add_option("--out", a.predict_out, "logits .npy (default: <images>.logits.npy)");
+  c.predict->add_option("--ensemble-out", a.predict_ensemble_out, "E3: ensemble log-probabilities .npy");
   return c;
 }
 

@@ -20,6 +20,8 @@ struct Args {
   std::string resume, prune_from;
   bool skip_if_done = false;
   std::string ckpt_action, ckpt_dir, ckpt_out;
+  int ckpt_shards = 1;
+  std::string predict_init, predict_images, predict_out, predict_ensemble_out;
 };
 
 // The subcommands that ran when parsed.
@@ -27,6 +29,7 @@ struct Commands {
   CLI::App* forward = nullptr;
   CLI::App* run = nullptr;
   CLI::App* ckpt = nullptr;
+  CLI::App* predict = nullptr;
   std::vector<std::pair<Phase, CLI::App*>> phases;  // one per phase: pretrain, finetune, prune, refinetune
 };
 
@@ -42,5 +45,10 @@ int cmd_phase(World& world, const JobConfig& cfg, Phase phase, const Args& args)
 int cmd_run(World& world, const JobConfig& cfg, const Args& args);
 // `moeprune ckpt inspect|verify|export` (single process).
 int cmd_ckpt(const Args& args);
+// `moeprune ckpt import|export-vmoe` (collective: any number of ranks).
+bool is_collective_ckpt_action(const std::string& action);
+int cmd_ckpt_vmoe(World& world, const JobConfig& cfg, const Args& args);
+// `moeprune predict`.
+int cmd_predict(World& world, const JobConfig& cfg, const Args& args);
 
 }  // namespace moeprune

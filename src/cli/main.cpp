@@ -32,7 +32,7 @@ int main(int argc, char** argv) {
     return rc == 0 ? kExitOk : kExitUserError;
   }
   log::init(world->rank(), world->size(), args.verbose);
-  if (*cmd.ckpt) {
+  if (*cmd.ckpt && !is_collective_ckpt_action(args.ckpt_action)) {
     if (world->rank() != 0) return kExitOk;
     try {
       return cmd_ckpt(args);
@@ -64,6 +64,8 @@ int main(int argc, char** argv) {
 
   return run_ranks(*world, [&](World& w) {
     if (*cmd.forward) return cmd_forward(w, cfg);
+    if (*cmd.predict) return cmd_predict(w, cfg, args);
+    if (*cmd.ckpt) return cmd_ckpt_vmoe(w, cfg, args);
     if (*cmd.run) return cmd_run(w, cfg, args);
     for (const auto& [phase, sub] : cmd.phases)
       if (*sub) return cmd_phase(w, cfg, phase, args);

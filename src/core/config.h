@@ -38,6 +38,11 @@ struct ModelConfig {
   int num_layers = 6;
   int num_heads = 4;
   int num_classes = 10;
+  // vmoe's `representation_size`: a pre_logits layer (hidden -> this, then tanh)
+  // between the class token and the head; 0 = none (the head reads the token).
+  int representation_size = 0;
+  // vmoe's `head_bias_init`: the bias of a re-initialised head (its kernel is zero).
+  double head_bias_init = 0.0;
   MoeConfig moe;
   // After pruning (set from a checkpoint, not from YAML): the surviving original
   // expert ids of each MoE block (a block absent here keeps all experts), and how

@@ -140,6 +140,8 @@ void read_model(MapReader r, ModelConfig& m) {
   r.get("num_layers", m.num_layers);
   r.get("num_heads", m.num_heads);
   r.get("num_classes", m.num_classes);
+  r.get("representation_size", m.representation_size);
+  r.get("head_bias_init", m.head_bias_init);
   read_moe(r.sub("moe"), m.moe);
   r.finish();
 }

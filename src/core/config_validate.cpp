@@ -58,6 +58,8 @@ void validate(const JobConfig& cfg) {
   positive(m.num_layers, "model.num_layers");
   positive(m.num_heads, "model.num_heads");
   positive(m.num_classes, "model.num_classes");
+  require(m.representation_size >= 0,
+          concat("config: model.representation_size=", m.representation_size, " must be >= 0 (0 = no pre_logits)"));
   positive(e.num_experts, "model.moe.num_experts");
   positive(e.top_k, "model.moe.top_k");
   positive(e.group_size, "model.moe.group_size");

@@ -77,7 +77,12 @@ VisionTransformerImpl::VisionTransformerImpl(const ModelConfig& cfg, const std::
     blocks->push_back(Block(cfg, moe));
   }
   norm = register_module("norm", make_ln(cfg.hidden));
-  head = register_module("head", torch::nn::Linear(cfg.hidden, cfg.num_classes));
+  int head_in = cfg.hidden;
+  if (cfg.representation_size > 0) {
+    pre_logits = register_module("pre_logits", make_linear(cfg.hidden, cfg.representation_size));
+    head_in = cfg.representation_size;
+  }
+  head = register_module("head", torch::nn::Linear(head_in, cfg.num_classes));
   torch::nn::init::normal_(head->weight, 0.0, 0.02);
   torch::nn::init::zeros_(head->bias);
 }
@@ -97,6 +102,7 @@ at::Tensor VisionTransformerImpl::forward(const at::Tensor& images, ForwardConte
     x = block->forward(x, ctx);
   }
   at::Tensor cls = norm->forward(x.select(1, 0));  // [M*B, H]
+  if (!pre_logits.is_empty()) cls = at::tanh(pre_logits->forward(cls));
   return head->forward(cls).reshape({M, B, cfg_.num_classes});
 }
 
@@ -153,14 +159,18 @@ void copy_parameters(const VisionTransformer& src, VisionTransformer& dst, bool 
                 " holds other experts in the source model");
   for (auto& item : dst->named_parameters()) {
     at::Tensor p = item.value();
-    if (item.key().rfind("head.", 0) == 0 && new_head) {
-      p.zero_();
-      continue;
-    }
+    if (item.key().rfind("head.", 0) == 0 && new_head) continue;
     const at::Tensor* s = from.find(item.key());
     TORCH_CHECK(s && s->sizes() == p.sizes(), "copy_parameters: '", item.key(), "' differs in the source model");
     p.copy_(*s);
   }
+  if (new_head) reset_head(dst);
+}
+
+void reset_head(VisionTransformer& model) {
+  at::NoGradGuard ng;
+  model->head->weight.zero_();
+  model->head->bias.fill_(model->config().head_bias_init);
 }
 
 bool is_expert_param(const std::string& name) { return name.find(".experts.") != std::string::npos; }
@@ -198,7 +208,9 @@ double forward_flops_per_image(const ModelConfig& cfg) {
     blk += (is_moe ? cfg.moe.top_k : 1) * 4 * T * H * F;
     flops += copies * blk;
   }
-  return flops + 2 * M * H * cfg.num_classes;
+  const double R = cfg.representation_size;
+  if (R > 0) flops += 2 * M * H * R;
+  return flops + 2 * M * (R > 0 ? R : H) * cfg.num_classes;
 }
 
 at::Tensor ensemble_log_probs(const at::Tensor& logits) {

@@ -62,6 +62,7 @@ class VisionTransformerImpl : public torch::nn::Module {
   at::Tensor cls_token, pos_embed;
   torch::nn::ModuleList blocks{nullptr};
   torch::nn::LayerNorm norm{nullptr};
+  torch::nn::Linear pre_logits{nullptr};  // model.representation_size > 0: hidden -> R, then tanh
   torch::nn::Linear head{nullptr};
 
  private:
@@ -81,8 +82,11 @@ VisionTransformer build_model(const ModelConfig& cfg, const std::vector<Placemen
 
 // Copies every parameter of src into dst, built from the same config and
 // placements; new_head: dst's classifier head (which may have another size) is
-// zeroed instead (fine-tuning on a new task, as load_model with new_head).
+// re-initialised instead (fine-tuning on a new task, as load_model with new_head).
 void copy_parameters(const VisionTransformer& src, VisionTransformer& dst, bool new_head);
+// A new head for a new task, as vmoe's fine-tuning makes it: zero kernel, bias
+// model.head_bias_init.
+void reset_head(VisionTransformer& model);
 
 // Parameter names: "blocks.<b>.moe.experts.<w>" are expert parameters (held by one
 // rank); everything else is replicated.

@@ -9,6 +9,7 @@
 #include "ckpt/model_file.h"
 #include "ckpt/reader.h"
 #include "ckpt/store.h"
+#include "ckpt/vmoe_import.h"
 #include "ckpt/writer.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -61,9 +62,10 @@ Start find_start(const JobConfig& cfg, Phase phase, const RunOptions& opts, cons
   }
   const std::string init = finetune_init(cfg);
   if (phase == Phase::Finetune && !st.resuming && !carry.model)
-    require(std::filesystem::exists(init),
-            concat(name, ": initial model '", init, "' does not exist: run `moeprune pretrain` first or set ",
-                   name, ".init to a model file"));
+    require(std::filesystem::is_regular_file(init) || VmoeCheckpoint::is_prefix(init),
+            concat(name, ": initial model '", init, "' does not exist (neither a model file nor a vmoe checkpoint ",
+                   "prefix with '", init, ".index'): run `moeprune pretrain` first or set ", name,
+                   ".init to a model file or to a released vmoe checkpoint (docs/usage.md)"));
   return st;
 }
 
@@ -163,9 +165,21 @@ int run_training_phase(World& world, const JobConfig& cfg, Phase phase, const Ru
                          d.train.num_labels, " labels"));
       } else {
         const std::string init = finetune_init(cfg);
-        load_model(init, model, LoadOptions{/*new_head=*/true});
-        log::info(concat(name, ": loaded ", init, " with a new zero-initialised head of ", d.train.num_labels,
-                         " labels"));
+        if (VmoeCheckpoint::is_prefix(init)) {
+          // A released vmoe checkpoint: its head is dropped, the position
+          // embeddings are zoomed to this resolution (vmoe's fine-tuning rules).
+          const VmoeCheckpoint ck(init);
+          check_vmoe_leaves(ck, model->config(), /*new_head=*/true);
+          const VmoeLoadReport rep = load_vmoe(ck, model, /*new_head=*/true);
+          log::info(concat(name, ": loaded vmoe checkpoint ", init, " (", ck.leaves().size(), " arrays",
+                           rep.zoomed ? ", position embeddings zoomed to this resolution" : "",
+                           ") with a new head of ", d.train.num_labels, " labels, bias ",
+                           cfg.model.head_bias_init));
+        } else {
+          load_model(init, model, LoadOptions{/*new_head=*/true});
+          log::info(concat(name, ": loaded ", init, " with a new zero-initialised head of ", d.train.num_labels,
+                           " labels"));
+        }
       }
     }
   });

@@ -1,0 +1,72 @@
+#include "pipeline/model_source.h"
+
+#include <filesystem>
+
+#include "ckpt/manifest.h"
+#include "ckpt/model_file.h"
+#include "ckpt/reader.h"
+#include "ckpt/store.h"
+#include "ckpt/vmoe_import.h"
+#include "core/error.h"
+#include "core/safetensors.h"
+#include "model/model_state.h"
+#include "pipeline/job.h"
+
+namespace moeprune {
+
+SourceModel load_source_model(const JobConfig& cfg, const std::string& src, World& world, bool arch_from_config) {
+  SourceModel out;
+  out.path = src;
+  std::error_code ec;
+  if (VmoeCheckpoint::is_prefix(src)) {
+    out.kind = SourceKind::Vmoe;
+    std::unique_ptr<VmoeCheckpoint> ck;
+    ModelConfig mc;
+    world.agree([&] {
+      ck = std::make_unique<VmoeCheckpoint>(src);
+      mc = arch_from_config ? cfg.model : vmoe_model_config(*ck, cfg.model);
+      check_vmoe_leaves(*ck, mc, /*new_head=*/false);
+    });
+    out.model = build_job_model(cfg, mc, default_placements(mc, world.size()), world);
+    VmoeLoadReport rep;
+    world.agree([&] { rep = load_vmoe(*ck, out.model, /*new_head=*/false); });
+    out.description = concat("vmoe checkpoint ", src, " (version ", ck->version().empty() ? "none" : ck->version(), ", ",
+                             ck->leaves().size(), " arrays, ", ck->num_parameters(), " parameters in ",
+                             ck->shard_count(), " data file(s)); rank 0 read ", rep.elements, " values");
+    return out;
+  }
+  if (std::filesystem::is_directory(src, ec)) {
+    out.kind = SourceKind::Checkpoint;
+    Manifest m;
+    world.agree([&] { m = read_manifest(resolve_checkpoint(src)); });
+    out.path = m.dir;
+    // The model as it was trained: architecture and routing settings from the
+    // checkpoint's own config (the job's data, runtime and seed stay).
+    JobConfig saved = cfg;
+    world.agree([&] { saved.model = parse_config_text(m.config_yaml, concat("<config of checkpoint ", m.dir, ">")).model; });
+    out.model = build_saved_model(saved, m, world);
+    ModelState state(out.model);
+    world.agree([&] { load_checkpoint(m, {&state}); });
+    out.description = concat("checkpoint ", m.dir, " (phase ", m.phase, ", step ", m.step, ", saved on ", m.world_size,
+                             " ranks)");
+    return out;
+  }
+  out.kind = SourceKind::ModelFile;
+  ModelConfig mc = cfg.model;
+  world.agree([&] {
+    require(std::filesystem::is_regular_file(src, ec),
+            concat("model source '", src, "' is neither a vmoe checkpoint prefix (no '", src, ".index'), a checkpoint ",
+                   "directory nor a model file"));
+    const SafetensorsFile f(src);
+    require(f.contains("head.weight"), concat("model file '", src, "' has no tensor 'head.weight'"));
+    mc.num_classes = static_cast<int>(f.entries().at("head.weight").shape.at(0));
+    mc.representation_size =
+        f.contains("pre_logits.weight") ? static_cast<int>(f.entries().at("pre_logits.weight").shape.at(0)) : 0;
+  });
+  out.model = build_job_model(cfg, mc, default_placements(mc, world.size()), world);
+  world.agree([&] { load_model(src, out.model); });
+  out.description = concat("model file ", src);
+  return out;
+}
+
+}  // namespace moeprune
