@@ -141,7 +141,7 @@ std::shared_ptr<TensorDataset> read_cifar100(const std::string& root, const std:
 }
 
 std::shared_ptr<TensorDataset> make_planted(int64_t n, int image_size, int patch_size, int patches, double noise,
-                                            uint64_t seed) {
+                                            uint64_t seed, int channels) {
   const int side = image_size / patch_size, P = side * side, D = patch_size * patch_size;
   TORCH_CHECK(patches <= P, "planted: more planted patches than patches");
   // Features are fixed by a seed of their own: train and test share them.
@@ -167,6 +167,7 @@ std::shared_ptr<TensorDataset> make_planted(int64_t n, int image_size, int patch
   at::Tensor img = x.reshape({n, side, side, patch_size, patch_size}).permute({0, 1, 3, 2, 4})
                        .reshape({n, 1, image_size, image_size});
   img = (img * 24.0 + 128.0).round().clamp(0, 255).to(at::kByte);
+  if (channels > 1) img = img.expand({n, channels, image_size, image_size});
   std::vector<int64_t> labels(y.data_ptr<int64_t>(), y.data_ptr<int64_t>() + n);
   return std::make_shared<TensorDataset>(img.contiguous(), std::move(labels), 2, "planted");
 }
@@ -255,7 +256,7 @@ std::shared_ptr<Dataset> load_dataset(const JobConfig& cfg, SplitPart part) {
   }
   // planted: test uses another seed than train.
   return make_planted(train ? d.planted_train : d.planted_test, cfg.model.image_size, cfg.model.patch_size,
-                      d.planted_patches, d.planted_noise, cfg.seed * 2 + (train ? 1 : 2));
+                      d.planted_patches, d.planted_noise, cfg.seed * 2 + (train ? 1 : 2), cfg.model.channels);
 }
 
 Split make_split(std::shared_ptr<const Dataset> data, const PhaseConfig& task, const std::string& phase,

@@ -53,9 +53,10 @@ std::shared_ptr<TensorDataset> read_cifar100(const std::string& root, const std:
 // The pruning paper's setting: binary labels decided by a label feature (with a
 // random sign, so that only a nonlinear read-out separates the classes) planted in
 // `patches` random patches; every patch also carries a shared distractor feature
-// half of the time, and Gaussian noise. Deterministic in seed.
+// half of the time, and Gaussian noise. Deterministic in seed. channels > 1: the grey
+// image repeated in every channel (for models with RGB patch embeddings).
 std::shared_ptr<TensorDataset> make_planted(int64_t n, int image_size, int patch_size, int patches, double noise,
-                                            uint64_t seed);
+                                            uint64_t seed, int channels = 1);
 // The dataset named by cfg.data holding `part`: the training file for train and val, the test file for test.
 std::shared_ptr<Dataset> load_dataset(const JobConfig& cfg, SplitPart part);
 

@@ -38,7 +38,12 @@ SourceModel load_source_model(const JobConfig& cfg, const std::string& src, Worl
   if (std::filesystem::is_directory(src, ec)) {
     out.kind = SourceKind::Checkpoint;
     Manifest m;
-    world.agree([&] { m = read_manifest(resolve_checkpoint(src)); });
+    world.agree([&] {
+      // A directory of vmoe files (the prefix's directory): name the prefix.
+      for (const auto& e : std::filesystem::directory_iterator(src, ec))
+        if (e.path().extension() == ".index" && !std::filesystem::exists(src + "/manifest.json")) VmoeCheckpoint probe(src);
+      m = read_manifest(resolve_checkpoint(src));
+    });
     out.path = m.dir;
     // The model as it was trained: architecture and routing settings from the
     // checkpoint's own config (the job's data, runtime and seed stay).
