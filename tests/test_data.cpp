@@ -250,5 +250,33 @@ TEST(Loader, EvaluationPadsTheLastBatch) {
   EXPECT_EQ(ids_of(last)[5], 29);
 }
 
+TEST(Loader, InceptionCropIsWorldSizeIndependentAndCrops) {
+  // 16x16 images with a horizontal and a vertical ramp: every crop box shows.
+  const int n = 48;
+  at::Tensor ramp = (at::arange(16).view({1, 16}) * 8 + at::arange(16).view({16, 1}) * 3).to(at::kByte);
+  at::Tensor img = ramp.view({1, 1, 16, 16}).expand({n, 1, 16, 16}).contiguous();
+  auto ds = std::make_shared<TensorDataset>(img, std::vector<int64_t>(n, 0), 1, "ramps");
+  Split s = make_split(ds, PhaseConfig{}, "t", SplitPart::Test, 0.0);
+  auto make = [&](int rank, int world) {
+    LoaderOptions o = opts(rank, world, true, 0);
+    o.image_size = 8;
+    o.augment.inception_crop = true;
+    o.augment.flip = true;
+    return ShardedLoader(s, o).next().images;
+  };
+  const at::Tensor one = make(0, 1);
+  ASSERT_EQ(one.sizes(), (std::vector<int64_t>{12, 1, 8, 8}));
+  EXPECT_TRUE(at::equal(one, at::cat({make(0, 2), make(1, 2)}, 0)));
+  EXPECT_TRUE(at::equal(one, at::cat({make(0, 3), make(1, 3), make(2, 3)}, 0)));
+  // Plain resizing (what evaluation does) gives one image for all; crops differ from it and each other.
+  LoaderOptions e = opts(0, 1, false, 0);
+  e.image_size = 8;
+  const at::Tensor whole = ShardedLoader(s, e).next().images;
+  int differ = 0;
+  for (int64_t i = 0; i < 12; ++i) differ += !at::allclose(one[i], whole[i]);
+  EXPECT_GE(differ, 10);
+  EXPECT_FALSE(at::equal(one[0], one[1]));
+}
+
 }  // namespace
 }  // namespace moeprune

@@ -60,6 +60,10 @@ struct ModelConfig {
 struct AugmentConfig {
   int crop_padding = 0;           // random crop after zero padding by this many pixels (0 = off)
   bool flip = false;              // random horizontal flip
+  // Inception-style random resized crop (vmoe's inception_crop: a box of 5-100% of the
+  // area with aspect ratio in [3/4, 4/3], resized to the model's resolution), instead
+  // of crop_padding. Evaluation resizes the whole image.
+  bool inception_crop = false;
   std::vector<double> mean{0.5};  // per channel, on [0, 1] pixels (one value = all channels)
   std::vector<double> std{0.5};
 };

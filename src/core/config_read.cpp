@@ -160,6 +160,7 @@ void read_data(MapReader r, DataConfig& d) {
   MapReader a = r.sub("augment");
   a.get("crop_padding", d.augment.crop_padding);
   a.get("flip", d.augment.flip);
+  a.get("inception_crop", d.augment.inception_crop);
   a.get("mean", d.augment.mean);
   a.get("std", d.augment.std);
   a.finish();

@@ -98,6 +98,8 @@ void validate(const JobConfig& cfg) {
                  "model.moe.group_size=", e.group_size));
   require(d.prefetch >= 0, "config: data.prefetch must be >= 0");
   require(d.augment.crop_padding >= 0, "config: data.augment.crop_padding must be >= 0");
+  require(!(d.augment.inception_crop && d.augment.crop_padding > 0),
+          "config: set only one of data.augment.inception_crop and data.augment.crop_padding (set it to 0)");
   require(d.augment.mean.size() == d.augment.std.size() &&
               (d.augment.mean.size() == 1 || static_cast<int>(d.augment.mean.size()) == m.channels),
           concat("config: data.augment.mean and std need 1 or model.channels=", m.channels, " values each"));

@@ -4,6 +4,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cmath>
+
 #include "core/error.h"
 
 namespace moeprune {
@@ -50,7 +52,9 @@ Batch ShardedLoader::make_batch(int64_t epoch, int64_t step) const {
     valid.push_back(ok);
   }
   at::Tensor x = split_.data->images(examples).to(at::kFloat).div_(255.0);  // [b, C, h, w]
-  if (opts_.train && (opts_.augment.crop_padding > 0 || opts_.augment.flip)) {
+  if (opts_.train && opts_.augment.inception_crop) {
+    x = inception_crop(x, epoch, step);
+  } else if (opts_.train && (opts_.augment.crop_padding > 0 || opts_.augment.flip)) {
     // Draws for the whole global batch, then this rank's slice: world-size independent.
     auto gen = at::make_generator<at::CPUGeneratorImpl>(
         mix_seed(opts_.seed, static_cast<uint64_t>(epoch) + 1, static_cast<uint64_t>(step) + 1));
@@ -90,6 +94,42 @@ Batch ShardedLoader::make_batch(int64_t epoch, int64_t step) const {
   batch.epoch = epoch;
   batch.step = step;
   return batch;
+}
+
+at::Tensor ShardedLoader::inception_crop(const at::Tensor& x, int64_t epoch, int64_t step) const {
+  // Boxes drawn for the whole global batch (every rank draws all, keeps its own):
+  // area fraction uniform in [0.05, 1], log aspect ratio uniform in [log 3/4, log 4/3],
+  // up to 10 tries to fit the image, else the whole image; then a flip.
+  const int64_t B = opts_.global_batch, b = B / opts_.world, h = x.size(2), w = x.size(3);
+  const int S = opts_.image_size;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(
+      mix_seed(opts_.seed ^ 0x1ce9c809ULL, static_cast<uint64_t>(epoch) + 1, static_cast<uint64_t>(step) + 1));
+  at::Tensor u = at::rand({B, 10, 4}, gen).to(at::kDouble);  // area, ratio, x, y per try
+  at::Tensor flips = at::rand({B}, gen) < 0.5;
+  const double lo = std::log(3.0 / 4.0), hi = std::log(4.0 / 3.0);
+  std::vector<at::Tensor> out;
+  for (int64_t i = 0; i < b; ++i) {
+    const int64_t g = opts_.rank * b + i;
+    const auto* d = u[g].data_ptr<double>();
+    int64_t cw = w, ch = h, x0 = 0, y0 = 0;
+    for (int t = 0; t < 10; ++t) {
+      const double area = (0.05 + 0.95 * d[4 * t]) * static_cast<double>(h * w);
+      const double ratio = std::exp(lo + (hi - lo) * d[4 * t + 1]);
+      const auto tw = static_cast<int64_t>(std::llround(std::sqrt(area * ratio)));
+      const auto th = static_cast<int64_t>(std::llround(std::sqrt(area / ratio)));
+      if (tw < 1 || th < 1 || tw > w || th > h) continue;
+      cw = tw;
+      ch = th;
+      x0 = std::min<int64_t>(w - cw, static_cast<int64_t>(d[4 * t + 2] * static_cast<double>(w - cw + 1)));
+      y0 = std::min<int64_t>(h - ch, static_cast<int64_t>(d[4 * t + 3] * static_cast<double>(h - ch + 1)));
+      break;
+    }
+    at::Tensor crop = x.narrow(0, i, 1).narrow(2, y0, ch).narrow(3, x0, cw);
+    crop = at::upsample_bilinear2d(crop, {S, S}, /*align_corners=*/false);
+    if (opts_.augment.flip && flips[g].item<bool>()) crop = crop.flip({3});
+    out.push_back(crop);
+  }
+  return at::cat(out, 0);
 }
 
 void ShardedLoader::start_prefetch() {

@@ -57,6 +57,8 @@ class ShardedLoader final : public StateOwner {
   std::pair<int64_t, int64_t> position() const { return {epoch_, step_}; }
   // Pure: the batch this rank gets at (epoch, step).
   Batch make_batch(int64_t epoch, int64_t step) const;
+  // vmoe's inception_crop (+ flip) for this rank's images x [b, C, h, w] -> [b, C, S, S].
+  at::Tensor inception_crop(const at::Tensor& x, int64_t epoch, int64_t step) const;
 
   std::string state_key() const override { return "loader"; }
   void save_state(StateWriter& out) const override;
