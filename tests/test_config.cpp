@@ -4,6 +4,7 @@
 
 #include <sys/stat.h>
 
+#include <cmath>
 #include <filesystem>
 
 #include <fstream>
@@ -60,8 +61,8 @@ TEST(Config, ShippedConfigsParse) {
   EXPECT_EQ(e3.model.moe.ensemble_size, 2);
 }
 
-// Every recipe resolves (through its bases) to the values it had when each recipe
-// was one self-contained file.
+// Every recipe resolves (through its bases) to these values (those of vmoe's own
+// fine-tuning configs for the recipes that start from a released checkpoint).
 TEST(Config, RecipesResolveAsBeforeBases) {
   struct Want {
     const char* file;
@@ -77,11 +78,11 @@ TEST(Config, RecipesResolveAsBeforeBases) {
     const char* out;
   };
   const Want want[] = {
-    {"e3-s32-cifar100.yaml", 32, 512, 8, 224, 100, 1.5, 1, 2, DatasetKind::Cifar100, 512, "data/pretrained/e3-s32.safetensors", 10000, true, 500, "runs/e3-s32-cifar100"},
+    {"e3-s32-cifar100.yaml", 32, 512, 8, 128, 100, 1.5, 1, 2, DatasetKind::Cifar100, 1024, "data/pretrained/eee_s32_last2_ilsvrc2012", 2000, true, 500, "runs/e3-s32-cifar100"},
     {"e3-s32.yaml", 32, 512, 8, 224, 1000, 1.05, 1, 2, DatasetKind::Shards, 64, "", 10000, false, 0, "runs/e3-s32"},
-    {"vmoe-b16-cifar10.yaml", 16, 768, 12, 224, 10, 1.5, 2, 1, DatasetKind::Cifar10, 512, "data/pretrained/vmoe-b16.safetensors", 10000, true, 500, "runs/vmoe-b16-cifar10"},
-    {"vmoe-b16-cifar100.yaml", 16, 768, 12, 224, 100, 1.5, 2, 1, DatasetKind::Cifar100, 512, "data/pretrained/vmoe-b16.safetensors", 10000, true, 500, "runs/vmoe-b16-cifar100"},
-    {"vmoe-b16-imagenet.yaml", 16, 768, 12, 384, 1000, 1.5, 2, 1, DatasetKind::Shards, 512, "data/pretrained/vmoe-b16.safetensors", 10000, true, 500, "runs/vmoe-b16-imagenet"},
+    {"vmoe-b16-cifar10.yaml", 16, 768, 12, 128, 10, 1.5, 2, 1, DatasetKind::Cifar10, 1024, "data/pretrained/vmoe_b16_imagenet21k_randaug_strong", 1000, true, 500, "runs/vmoe-b16-cifar10"},
+    {"vmoe-b16-cifar100.yaml", 16, 768, 12, 128, 100, 1.5, 2, 1, DatasetKind::Cifar100, 1024, "data/pretrained/vmoe_b16_imagenet21k_randaug_strong", 1000, true, 500, "runs/vmoe-b16-cifar100"},
+    {"vmoe-b16-imagenet.yaml", 16, 768, 12, 384, 1000, 1.5, 2, 1, DatasetKind::Shards, 512, "data/pretrained/vmoe_b16_imagenet21k_randaug_strong", 10000, true, 500, "runs/vmoe-b16-imagenet"},
     {"vmoe-b16.yaml", 16, 768, 12, 224, 1000, 1.05, 2, 1, DatasetKind::Shards, 64, "", 10000, false, 0, "runs/vmoe-b16"},
     {"vmoe-h14-cifar10.yaml", 14, 1280, 32, 224, 10, 1.5, 2, 1, DatasetKind::Cifar10, 512, "data/pretrained/vmoe-h14.safetensors", 10000, true, 500, "runs/vmoe-h14-cifar10"},
     {"vmoe-h14-cifar100.yaml", 14, 1280, 32, 224, 100, 1.5, 2, 1, DatasetKind::Cifar100, 512, "data/pretrained/vmoe-h14.safetensors", 10000, true, 500, "runs/vmoe-h14-cifar100"},
@@ -91,9 +92,9 @@ TEST(Config, RecipesResolveAsBeforeBases) {
     {"vmoe-l16-cifar100.yaml", 16, 1024, 24, 224, 100, 1.5, 2, 1, DatasetKind::Cifar100, 512, "data/pretrained/vmoe-l16.safetensors", 10000, true, 500, "runs/vmoe-l16-cifar100"},
     {"vmoe-l16-imagenet.yaml", 16, 1024, 24, 384, 1000, 1.5, 2, 1, DatasetKind::Shards, 512, "data/pretrained/vmoe-l16.safetensors", 10000, true, 500, "runs/vmoe-l16-imagenet"},
     {"vmoe-l16.yaml", 16, 1024, 24, 224, 1000, 1.05, 2, 1, DatasetKind::Shards, 64, "", 10000, false, 0, "runs/vmoe-l16"},
-    {"vmoe-s32-cifar10.yaml", 32, 512, 8, 224, 10, 1.5, 2, 1, DatasetKind::Cifar10, 512, "data/pretrained/vmoe-s32.safetensors", 10000, true, 500, "runs/vmoe-s32-cifar10"},
-    {"vmoe-s32-cifar100.yaml", 32, 512, 8, 224, 100, 1.5, 2, 1, DatasetKind::Cifar100, 512, "data/pretrained/vmoe-s32.safetensors", 10000, true, 500, "runs/vmoe-s32-cifar100"},
-    {"vmoe-s32-imagenet.yaml", 32, 512, 8, 384, 1000, 1.5, 2, 1, DatasetKind::Shards, 512, "data/pretrained/vmoe-s32.safetensors", 10000, true, 500, "runs/vmoe-s32-imagenet"},
+    {"vmoe-s32-cifar10.yaml", 32, 512, 8, 128, 10, 1.5, 2, 1, DatasetKind::Cifar10, 1024, "data/pretrained/vmoe_s32_last2_ilsvrc2012_randaug_light1", 1000, true, 500, "runs/vmoe-s32-cifar10"},
+    {"vmoe-s32-cifar100.yaml", 32, 512, 8, 128, 100, 1.5, 2, 1, DatasetKind::Cifar100, 1024, "data/pretrained/vmoe_s32_last2_ilsvrc2012_randaug_light1", 1000, true, 500, "runs/vmoe-s32-cifar100"},
+    {"vmoe-s32-imagenet.yaml", 32, 512, 8, 384, 1000, 1.5, 2, 1, DatasetKind::Shards, 512, "data/pretrained/vmoe_s32_last2_ilsvrc2012_randaug_light1", 10000, true, 500, "runs/vmoe-s32-imagenet"},
     {"vmoe-s32.yaml", 32, 512, 8, 224, 1000, 1.05, 2, 1, DatasetKind::Shards, 64, "", 10000, false, 0, "runs/vmoe-s32"},
     {"vmoe-tiny.yaml", 4, 64, 6, 28, 10, 1.05, 2, 1, DatasetKind::FashionMnist, 256, "", 1500, true, 500, "runs/vmoe-tiny"},
   };
@@ -116,7 +117,33 @@ TEST(Config, RecipesResolveAsBeforeBases) {
     EXPECT_EQ(c.refinetune.enabled, w.refinetune);
     EXPECT_EQ(c.checkpoint.every, w.ckpt_every);
     EXPECT_EQ(c.output.dir, w.out);
+    const std::string& init = c.finetune.init;
+    if (!init.empty() && init.find(".safetensors") == std::string::npos) {  // a released vmoe checkpoint
+      // vmoe's fine-tuning: SGD momentum 0.9, clip 10, no batch priority, inception crop + flip, [-1, 1].
+      EXPECT_EQ(c.finetune.optimizer, OptimizerKind::Sgd);
+      EXPECT_EQ(c.finetune.momentum, 0.9);
+      EXPECT_EQ(c.finetune.clip_norm, 10.0);
+      EXPECT_EQ(c.finetune.batch_size, 1024);
+      EXPECT_FALSE(c.model.moe.bpr);
+      EXPECT_TRUE(c.data.augment.inception_crop && c.data.augment.flip);
+      EXPECT_EQ(c.data.augment.mean, std::vector<double>(3, 0.5));
+      EXPECT_EQ(c.prune.routing, PrunedRouting::Zero);  // the pruning paper's representation
+    }
   }
+  const auto load = [](const char* f) { return parse_config(std::string(MOEPRUNE_SOURCE_DIR) + "/configs/" + f); };
+  const JobConfig b16 = load("vmoe-b16-cifar10.yaml");
+  EXPECT_EQ(b16.finetune.lr, 0.0015);
+  EXPECT_EQ(b16.finetune.warmup_steps, 100);
+  EXPECT_EQ(b16.model.moe.group_size, 8);  // vmoe's group_size 520 tokens = 8 images of 65 tokens
+  EXPECT_NEAR(b16.model.head_bias_init, -std::log(10.0), 1e-15);
+  const JobConfig e3 = load("e3-s32-cifar100.yaml");
+  EXPECT_EQ(e3.finetune.lr, 0.005);
+  EXPECT_EQ(e3.finetune.warmup_steps, 200);
+  EXPECT_EQ(e3.model.representation_size, 512);
+  EXPECT_EQ(e3.model.head_bias_init, -10.0);
+  EXPECT_EQ(e3.model.moe_blocks(), (std::vector<int>{5, 7}));
+  EXPECT_EQ(load("vmoe-s32-imagenet.yaml").model.moe_blocks(), (std::vector<int>{5, 7}));  // "Last 2"
+  EXPECT_EQ(load("vmoe-b16-imagenet.yaml").finetune.lr, 0.003);
 }
 
 // `base:` files: later bases override earlier ones, the file's own keys override all,

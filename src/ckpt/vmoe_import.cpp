@@ -264,6 +264,8 @@ void check_vmoe_leaves(const VmoeCheckpoint& ck, const ModelConfig& cfg, bool ne
   for (const auto& l : ck.leaves()) {
     if (t.shapes.count(l.path)) continue;
     if (new_head && (l.path.rfind("head/", 0) == 0)) continue;
+    // vmoe's fine-tuning configs without representation_size leave the upstream pre_logits unused.
+    if (new_head && cfg.representation_size == 0 && l.path.rfind("pre_logits/", 0) == 0) continue;
     throw UserError(concat("vmoe checkpoint '", ck.prefix(), "': leaf '", l.path, "' ", l.shape_str(),
                            " has no place in a model of this config (",
                            l.path.rfind("pre_logits/", 0) == 0 ? "set model.representation_size"
@@ -280,32 +282,28 @@ VmoeLoadReport load_vmoe(const VmoeCheckpoint& ck, VisionTransformer& model, boo
   const Table t = make_table(cfg);
   std::map<int, MoeLayer> layers;
   for (const auto& l : model->moe_layers()) layers.emplace(l->layer(), l);
-  std::vector<VmoeCheckpoint::Request> requests;
-  std::set<std::string> asked;
-  for (const Binding& b : t.bindings) {
-    if (new_head && b.param.rfind("head.", 0) == 0) continue;
-    for (const std::string& leaf : b.leaves) {
-      if (!asked.insert(leaf).second) continue;
-      VmoeCheckpoint::Request r{leaf, {}};
-      if (b.kind == Kind::Expert) {
-        const auto& ids = layers.at(b.block)->experts->expert_ids();
-        r.rows.assign(ids.begin(), ids.end());
-        if (r.rows.empty()) continue;  // a rank without experts in this layer
-      }
-      requests.push_back(std::move(r));
-    }
-  }
-  const std::map<std::string, at::Tensor> got = ck.read(requests);
+  // One parameter at a time: a rank holds at most one parameter's leaves besides the
+  // model (and the data file pages it touched are released after each read).
   VmoeLoadReport rep;
-  rep.leaves = static_cast<int64_t>(got.size());
-  for (const auto& [k, v] : got) rep.elements += v.numel();
   auto params = model->named_parameters();
   const int64_t H = cfg.hidden;
   for (const Binding& b : t.bindings) {
     if (new_head && b.param.rfind("head.", 0) == 0) continue;
     at::Tensor* p = params.find(b.param);
     TORCH_CHECK(p, "vmoe import: the model has no parameter ", b.param);
-    if (b.kind == Kind::Expert && p->size(0) == 0) continue;
+    if (b.kind == Kind::Expert && p->size(0) == 0) continue;  // a rank without experts in this layer
+    std::vector<VmoeCheckpoint::Request> requests;
+    for (const std::string& leaf : b.leaves) {
+      VmoeCheckpoint::Request r{leaf, {}};
+      if (b.kind == Kind::Expert) {
+        const auto& ids = layers.at(b.block)->experts->expert_ids();
+        r.rows.assign(ids.begin(), ids.end());
+      }
+      requests.push_back(std::move(r));
+    }
+    const std::map<std::string, at::Tensor> got = ck.read(requests);
+    rep.leaves += static_cast<int64_t>(got.size());
+    for (const auto& [k, v] : got) rep.elements += v.numel();
     const at::Tensor& src = got.at(b.leaves[0]);
     at::Tensor v;
     switch (b.kind) {

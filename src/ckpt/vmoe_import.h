@@ -38,8 +38,10 @@ namespace moeprune {
 ModelConfig vmoe_model_config(const VmoeCheckpoint& ck, const ModelConfig& base);
 
 // Checks that the checkpoint holds exactly the leaves a model of `cfg` needs, with
-// their shapes. With new_head the head may have any number of classes, and the
-// position embeddings may be of another grid (they are zoomed). UserError naming
+// their shapes. With new_head (fine-tuning) the head may have any number of classes,
+// the position embeddings may be of another grid (they are zoomed), and the
+// checkpoint's pre_logits are left unused when model.representation_size is 0 (as
+// vmoe's fine-tuning configs with representation_size None do). UserError naming
 // the leaf, the shape found and the shape expected.
 void check_vmoe_leaves(const VmoeCheckpoint& ck, const ModelConfig& cfg, bool new_head);
 

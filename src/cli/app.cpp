@@ -73,7 +73,8 @@ Commands define_commands(CLI::App& app, Args& a) {
       "vmoe checkpoints (google-research/vmoe's .index + .data-* files; any number of ranks, each reads its experts):\n"
       "  import PREFIX OUT          a vmoe checkpoint as a moeprune model file; prints every array it read. The\n"
       "                             architecture comes from the checkpoint, or with --config must match it\n"
-      "  export-vmoe SRC PREFIX     a model (checkpoint, root, model file or vmoe prefix) as a vmoe checkpoint\n"
+      "  export-vmoe SRC PREFIX     a model (checkpoint, root, model file, vmoe prefix, or `random`: the\n"
+      "                             config's model freshly initialised) as a vmoe checkpoint\n"
       "                             [--shards N data files]\n"
       "Example: build/moeprune ckpt inspect runs/vmoe-tiny/checkpoints\n"
       "         build/moeprune ckpt import data/pretrained/vmoe_b16_imagenet21k_randaug_strong b16.safetensors");

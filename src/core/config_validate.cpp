@@ -22,7 +22,8 @@ void validate_phase(const PhaseConfig& p, const std::string& name, const ModelCo
   require(p.accumulation > 0 && p.batch_size % p.accumulation == 0,
           concat("config: ", key("accumulation"), "=", p.accumulation, " must divide ", key("batch_size"), "=",
                  p.batch_size));
-  require((p.batch_size / p.accumulation) % m.moe.group_size == 0,
+  // (A disabled phase never runs: its batch need not split into this model's groups.)
+  require(!p.enabled || (p.batch_size / p.accumulation) % m.moe.group_size == 0,
           concat("config: the micro-batch ", key("batch_size"), " / ", key("accumulation"), " = ",
                  p.batch_size / p.accumulation, " must be a multiple of model.moe.group_size=", m.moe.group_size,
                  " (routing groups are whole images)"));

@@ -55,7 +55,8 @@ namespace {
 // moments (16 bytes each), plus activations kept for backward of the largest batch
 // a rank sees (a coarse bound, float32). Computed in double: sizes that overflow an
 // int are refused here, before anything is allocated.
-double bytes_per_rank(const JobConfig& cfg, const ModelConfig& mc, const std::vector<Placement>& placements, int W) {
+double bytes_per_rank(const JobConfig& cfg, const ModelConfig& mc, const std::vector<Placement>& placements, int W,
+                      bool inference) {
   const double H = mc.hidden, F = mc.mlp_dim, L = mc.num_layers, C = mc.channels, P = mc.patch_size;
   const double grid = static_cast<double>(mc.image_size) / P, T = grid * grid + 1;
   size_t max_local = 0;
@@ -65,6 +66,10 @@ double bytes_per_rank(const JobConfig& cfg, const ModelConfig& mc, const std::ve
   const double dense = C * P * P * H + T * H + L * (4 * H * H + 9 * H) + (L - moe_layers) * (2 * H * F + F + H) +
                        moe_layers * H * mc.moe.num_experts + H * mc.num_classes;
   const double experts = moe_layers * static_cast<double>(max_local) * (2 * H * F + F + H);
+  if (inference) {  // weights, and one evaluation batch's activations of a few layers at a time
+    const double images = std::ceil(static_cast<double>(cfg.data.eval_batch_size) / W) * mc.moe.ensemble_size;
+    return 4 * (dense + experts) + images * T * (12 * H + 2 * F * mc.moe.top_k + mc.num_heads * T) * 4;
+  }
   int batch = 0;  // evaluation keeps no activations for backward
   for (const PhaseConfig* p : {&cfg.pretrain, &cfg.finetune, &cfg.refinetune})
     batch = std::max(batch, p->batch_size / std::max(1, p->accumulation));  // one micro-batch at a time
@@ -86,11 +91,11 @@ double available_bytes() {
 }  // namespace
 
 VisionTransformer build_job_model(const JobConfig& cfg, const ModelConfig& mc, const std::vector<Placement>& placements,
-                                  World& world) {
+                                  World& world, bool inference) {
   // A model that cannot fit is a one-line error on every rank, not an allocation
   // failure with a backtrace (or the kernel's OOM killer).
   world.agree([&] {
-    const double need = bytes_per_rank(cfg, mc, placements, world.size());
+    const double need = bytes_per_rank(cfg, mc, placements, world.size(), inference);
     const double gib = 1024.0 * 1024.0 * 1024.0;
     require(std::isfinite(need) && need < 1e18,
             concat("model: ", mc.name, " is too large to be built (hidden ", mc.hidden, ", mlp_dim ", mc.mlp_dim,
@@ -100,8 +105,10 @@ VisionTransformer build_job_model(const JobConfig& cfg, const ModelConfig& mc, c
     if (world.device().is_cpu() && avail > 0) {
       const double per_rank = avail / std::max(1, world.local_size());
       require(need <= per_rank,
-              concat("model: ", mc.name, " needs about ", need / gib, " GiB per rank (weights, gradients and "
-                     "optimiser moments, and activations of the largest batch), this node has ", per_rank / gib,
+              concat("model: ", mc.name, " needs about ", need / gib, " GiB per rank (",
+                     inference ? "weights and the activations of an evaluation batch"
+                               : "weights, gradients and optimiser moments, and activations of the largest batch",
+                     "), this node has ", per_rank / gib,
                      " GiB available per rank (MemAvailable / ", world.local_size(), " ranks): use a smaller model "
                      "or batch, or more ranks"));
     }
@@ -109,9 +116,10 @@ VisionTransformer build_job_model(const JobConfig& cfg, const ModelConfig& mc, c
   return build_model(mc, placements, world.comm(), world.device(), cfg.seed, cfg.runtime.moe);
 }
 
-VisionTransformer build_saved_model(const JobConfig& cfg, const Manifest& m, World& world) {
+VisionTransformer build_saved_model(const JobConfig& cfg, const Manifest& m, World& world, bool inference) {
   const ModelLayout layout = layout_from_json(m.section("model"), m.dir);
-  return build_job_model(cfg, model_config_of(cfg.model, layout), placements_of(layout, world.size()), world);
+  return build_job_model(cfg, model_config_of(cfg.model, layout), placements_of(layout, world.size()), world,
+                         inference);
 }
 
 // ---------------------------------------------------------------------------

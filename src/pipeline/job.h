@@ -32,12 +32,15 @@ PhaseData phase_data(const JobConfig& cfg, const PhaseConfig& task, const std::s
 // Loader settings of this rank for a global batch. seed: the phase's seed (phase_seed()).
 LoaderOptions loader_options(const JobConfig& cfg, const World& world, int64_t batch, bool train, uint64_t seed);
 // The job's model: mc with these placements, seeded with the job seed, on this
-// rank's device, computing as runtime: says.
+// rank's device, computing as runtime: says. A model that cannot fit in the node's
+// memory is refused first (one line on every rank): for training (weights,
+// gradients, optimiser moments, activations of the largest micro-batch) or, with
+// inference, for evaluation only (weights, activations of an evaluation batch).
 VisionTransformer build_job_model(const JobConfig& cfg, const ModelConfig& mc, const std::vector<Placement>& placements,
-                                  World& world);
+                                  World& world, bool inference = false);
 // The model a checkpoint holds (its `model` section: head, surviving experts),
 // built for this job's world size, to load the checkpoint into.
-VisionTransformer build_saved_model(const JobConfig& cfg, const Manifest& m, World& world);
+VisionTransformer build_saved_model(const JobConfig& cfg, const Manifest& m, World& world, bool inference = false);
 
 // The job's progress (section "progress"): which phases are finished, and torch's
 // default CPU generator (everything else random is drawn from counters).

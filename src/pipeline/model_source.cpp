@@ -18,6 +18,12 @@ SourceModel load_source_model(const JobConfig& cfg, const std::string& src, Worl
   SourceModel out;
   out.path = src;
   std::error_code ec;
+  if (src == "random") {
+    out.kind = SourceKind::Random;
+    out.model = build_job_model(cfg, cfg.model, default_placements(cfg.model, world.size()), world, true);
+    out.description = concat("a randomly initialised ", cfg.model.name, " (seed ", cfg.seed, ")");
+    return out;
+  }
   if (VmoeCheckpoint::is_prefix(src)) {
     out.kind = SourceKind::Vmoe;
     std::unique_ptr<VmoeCheckpoint> ck;
@@ -27,7 +33,7 @@ SourceModel load_source_model(const JobConfig& cfg, const std::string& src, Worl
       mc = arch_from_config ? cfg.model : vmoe_model_config(*ck, cfg.model);
       check_vmoe_leaves(*ck, mc, /*new_head=*/false);
     });
-    out.model = build_job_model(cfg, mc, default_placements(mc, world.size()), world);
+    out.model = build_job_model(cfg, mc, default_placements(mc, world.size()), world, true);
     VmoeLoadReport rep;
     world.agree([&] { rep = load_vmoe(*ck, out.model, /*new_head=*/false); });
     out.description = concat("vmoe checkpoint ", src, " (version ", ck->version().empty() ? "none" : ck->version(), ", ",
@@ -49,7 +55,7 @@ SourceModel load_source_model(const JobConfig& cfg, const std::string& src, Worl
     // checkpoint's own config (the job's data, runtime and seed stay).
     JobConfig saved = cfg;
     world.agree([&] { saved.model = parse_config_text(m.config_yaml, concat("<config of checkpoint ", m.dir, ">")).model; });
-    out.model = build_saved_model(saved, m, world);
+    out.model = build_saved_model(saved, m, world, true);
     ModelState state(out.model);
     world.agree([&] { load_checkpoint(m, {&state}); });
     out.description = concat("checkpoint ", m.dir, " (phase ", m.phase, ", step ", m.step, ", saved on ", m.world_size,
@@ -68,7 +74,7 @@ SourceModel load_source_model(const JobConfig& cfg, const std::string& src, Worl
     mc.representation_size =
         f.contains("pre_logits.weight") ? static_cast<int>(f.entries().at("pre_logits.weight").shape.at(0)) : 0;
   });
-  out.model = build_job_model(cfg, mc, default_placements(mc, world.size()), world);
+  out.model = build_job_model(cfg, mc, default_placements(mc, world.size()), world, true);
   world.agree([&] { load_model(src, out.model); });
   out.description = concat("model file ", src);
   return out;

@@ -3,8 +3,10 @@
 // architecture comes from the checkpoint), a sharded moeprune checkpoint or
 // checkpoint root (its latest checkpoint; layout from the manifest), or a moeprune
 // model file (.safetensors; head and pre_logits sizes from the file, the rest from
-// the config). Collective: every rank builds the model for the job's world size and
-// loads its own experts; errors are agreed on every rank.
+// the config), or "random": the config's model with fresh weights from the job seed
+// (synthetic checkpoints for memory and speed measurements). Collective: every rank
+// builds the model for the job's world size and loads its own experts; errors are
+// agreed on every rank.
 #pragma once
 #include <string>
 
@@ -14,7 +16,7 @@
 
 namespace moeprune {
 
-enum class SourceKind { Vmoe, Checkpoint, ModelFile };
+enum class SourceKind { Vmoe, Checkpoint, ModelFile, Random };
 
 struct SourceModel {
   VisionTransformer model{nullptr};
