@@ -124,7 +124,8 @@ TEST(Cli, FinetuneWithoutPretrainedModel) {
 
 TEST(Cli, RecipeConfigWithoutItsFiles) {
   expect_user_error(std::string("run --config ") + MOEPRUNE_SOURCE_DIR + "/configs/vmoe-s32-cifar10.yaml", 2,
-                    "initial model 'data/pretrained/vmoe-s32.safetensors' does not exist");
+                    "initial model 'data/pretrained/vmoe_s32_last2_ilsvrc2012_randaug_light1' does not exist (neither "
+                    "a model file nor a vmoe checkpoint prefix");
 }
 
 TEST(Cli, ExceptionOnOneRankEndsAllRanks) {

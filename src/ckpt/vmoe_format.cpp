@@ -506,6 +506,32 @@ std::map<std::string, at::Tensor> VmoeCheckpoint::read(const std::vector<Request
   return out;
 }
 
+std::string describe_vmoe(const VmoeCheckpoint& ck) {
+  std::ostringstream o;
+  o << "vmoe checkpoint " << ck.prefix() << ": version " << (ck.version().empty() ? "none" : ck.version()) << ", "
+    << ck.leaves().size() << " arrays, " << ck.num_parameters() << " parameters, " << ck.shard_count()
+    << " data file(s)\n";
+  int missing = 0;
+  for (int s = 0; s < ck.shard_count(); ++s) {
+    std::error_code ec;
+    const auto size = std::filesystem::file_size(ck.shard_path(s), ec);
+    missing += ec ? 1 : 0;
+    o << "  " << ck.shard_path(s) << (ec ? "  MISSING" : concat("  ", size, " bytes")) << "\n";
+  }
+  std::map<std::string, int> dtypes;
+  for (const auto& l : ck.leaves()) {
+    ++dtypes[l.dtype];
+    char line[512];
+    std::snprintf(line, sizeof line, "  %4d %-58s %-16s %-8s %zu chunk(s) in file(s) %s\n", l.id, l.path.c_str(),
+                  l.shape_str().c_str(), l.dtype.c_str(), l.slices.size(), join(l.shards, ",").c_str());
+    o << line;
+  }
+  o << "dtypes:";
+  for (const auto& [k, n] : dtypes) o << " " << n << " " << k;
+  o << (missing ? concat("\n", missing, " data file(s) missing") : std::string()) << "\n";
+  return o.str();
+}
+
 namespace {
 
 using Packer = msgpack::packer<msgpack::sbuffer>;

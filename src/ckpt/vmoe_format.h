@@ -73,6 +73,10 @@ class VmoeCheckpoint {
   std::map<std::string, int> by_path_;
 };
 
+// What the index says, for people: version, files (present or missing, with sizes),
+// and one line per array (id, path, shape, dtype, chunks and the files holding them).
+std::string describe_vmoe(const VmoeCheckpoint& ck);
+
 // Writes params ("/"-joined paths -> CPU tensors) as a vmoe V1 checkpoint that
 // vmoe's restore_checkpoint reads: leaves whose path matches `expert_sharded` (the
 // rows of axis 0 are experts) are written in `expert_chunks` chunks along axis 0

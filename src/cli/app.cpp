@@ -67,6 +67,7 @@ Commands define_commands(CLI::App& app, Args& a) {
       "ckpt",
       "Sharded checkpoints (one process, no mpirun needed):\n"
       "  inspect DIR       phase, step, world size, state sections, experts per layer and their ranks, files\n"
+      "                    (DIR a vmoe prefix: its arrays and the data files it needs, present or missing)\n"
       "  verify DIR        sizes and CRC-32 of every file against the manifest\n"
       "  export DIR OUT    every tensor in one safetensors file (experts stacked per layer)\n"
       "DIR may be a checkpoint or a checkpoint root (its latest checkpoint).\n"

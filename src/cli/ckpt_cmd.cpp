@@ -2,13 +2,16 @@
 #include <cstdio>
 
 #include "ckpt/tools.h"
+#include "ckpt/vmoe_format.h"
 #include "cli/commands.h"
 #include "core/error.h"
 
 namespace moeprune {
 
 int cmd_ckpt(const Args& args) {
-  if (args.ckpt_action == "inspect") {
+  if (args.ckpt_action == "inspect" && VmoeCheckpoint::is_prefix(args.ckpt_dir)) {
+    std::printf("%s", describe_vmoe(VmoeCheckpoint(args.ckpt_dir)).c_str());
+  } else if (args.ckpt_action == "inspect") {
     std::printf("%s", inspect_checkpoint(args.ckpt_dir).c_str());
   } else if (args.ckpt_action == "verify") {
     std::printf("%s\n", verify_checkpoint(args.ckpt_dir).c_str());

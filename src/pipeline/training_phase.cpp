@@ -64,8 +64,8 @@ Start find_start(const JobConfig& cfg, Phase phase, const RunOptions& opts, cons
   if (phase == Phase::Finetune && !st.resuming && !carry.model)
     require(std::filesystem::is_regular_file(init) || VmoeCheckpoint::is_prefix(init),
             concat(name, ": initial model '", init, "' does not exist (neither a model file nor a vmoe checkpoint ",
-                   "prefix with '", init, ".index'): run `moeprune pretrain` first or set ", name,
-                   ".init to a model file or to a released vmoe checkpoint (docs/usage.md)"));
+                   "prefix with '", init, ".index'): download the released checkpoint (docs/usage.md, \"Released ",
+                   "V-MoE checkpoints\"), run `moeprune pretrain` first, or set ", name, ".init"));
   return st;
 }
 

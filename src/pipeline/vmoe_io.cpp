@@ -24,20 +24,9 @@ void require_parent(const std::string& path, const char* what) {
 
 // What the import read, on stdout: every array, then the model it makes.
 void print_contents(const VmoeCheckpoint& ck, const ModelConfig& mc) {
-  std::printf("vmoe checkpoint %s: version %s, %d data file(s), %zu arrays, %lld parameters\n", ck.prefix().c_str(),
-              ck.version().empty() ? "none" : ck.version().c_str(), ck.shard_count(), ck.leaves().size(),
-              static_cast<long long>(ck.num_parameters()));
-  std::map<std::string, int> dtypes;
-  for (const auto& l : ck.leaves()) {
-    ++dtypes[l.dtype];
-    const std::string files = join(l.shards, ",");
-    std::printf("  %4d %-58s %-16s %-8s %zu chunk(s) in file(s) %s\n", l.id, l.path.c_str(), l.shape_str().c_str(),
-                l.dtype.c_str(), l.slices.size(), files.c_str());
-  }
-  std::string dt;
-  for (const auto& [k, n] : dtypes) dt += concat(dt.empty() ? "" : ", ", n, " ", k);
+  std::printf("%s", describe_vmoe(ck).c_str());
   const std::string blocks = join(mc.moe_blocks(), ",");
-  std::printf("dtypes: %s (read as float32)\n", dt.c_str());
+  std::printf("read as float32 into the model:\n");
   std::printf("model: image_size %d, patch_size %d, channels %d, hidden %d, mlp_dim %d, num_layers %d, num_heads %d, "
               "num_classes %d, representation_size %d\n",
               mc.image_size, mc.patch_size, mc.channels, mc.hidden, mc.mlp_dim, mc.num_layers, mc.num_heads,
