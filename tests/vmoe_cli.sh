@@ -82,6 +82,22 @@ for b in 1 3; do
     || { cat "$W/c.log"; fail "router reference of block $b is not the imported router"; }
 done
 echo "ok: fine-tuned 4 steps on 2 ranks from the fixture; router references = imported routers"
+# predict from the fine-tuned checkpoint root (architecture, routing and pixel scaling as
+# saved): 1 and 4 ranks agree; 10 images leave padding on 4 ranks.
+make_npy() {  # FILE N H W C: uint8 NHWC, pseudo-random bytes from a fixed seed
+  local hdr="{'descr': '|u1', 'fortran_order': False, 'shape': ($2, $3, $4, $5), }"
+  while [ $(( (10 + ${#hdr} + 1) % 64 )) -ne 0 ]; do hdr="$hdr "; done
+  { printf '\x93NUMPY\x01\x00'; printf "\\x$(printf %02x $(( (${#hdr} + 1) % 256 )))\\x$(printf %02x $(( (${#hdr} + 1) / 256 )))";
+    printf '%s\n' "$hdr"; LC_ALL=C awk -v n=$(( $2 * $3 * $4 * $5 )) 'BEGIN { srand(5); for (i = 0; i < n; i++) printf "%c", int(rand() * 256) }'; } > "$1"
+}
+make_npy "$W/img24.npy" 10 24 24 3
+for np in 1 4; do
+  "${MPI[@]}" -np $np "$BIN" predict --init "$W/ft/checkpoints" --images "$W/img24.npy" --out "$W/ck$np.npy" > "$W/p.log" 2>&1 \
+    || { cat "$W/p.log"; fail "predict from the fine-tuned checkpoint on $np ranks"; }
+done
+grep -q "the checkpoint's data.augment.mean 0.5, std 0.5" "$W/p.log" || { cat "$W/p.log"; fail "predict: pixel scaling not the checkpoint's"; }
+"$CMP" "$W/ck4.npy" "$W/ck1.npy" $TOL > "$W/c.log" || { cat "$W/c.log"; fail "predict from a checkpoint: 4 ranks != 1 rank"; }
+echo "ok: predict from the fine-tuned checkpoint: 4 ranks = 1 rank ($(cat "$W/c.log"))"
 
 # 4. Bad input.
 expect_error() {  # message command...

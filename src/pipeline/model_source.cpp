@@ -17,6 +17,8 @@ namespace moeprune {
 SourceModel load_source_model(const JobConfig& cfg, const std::string& src, World& world, bool arch_from_config) {
   SourceModel out;
   out.path = src;
+  out.pixel_mean = cfg.data.augment.mean;
+  out.pixel_std = cfg.data.augment.std;
   std::error_code ec;
   if (src == "random") {
     out.kind = SourceKind::Random;
@@ -26,6 +28,7 @@ SourceModel load_source_model(const JobConfig& cfg, const std::string& src, Worl
   }
   if (VmoeCheckpoint::is_prefix(src)) {
     out.kind = SourceKind::Vmoe;
+    out.pixel_mean = out.pixel_std = {0.5};  // vmoe's value_range(-1, 1)
     std::unique_ptr<VmoeCheckpoint> ck;
     ModelConfig mc;
     world.agree([&] {
@@ -54,7 +57,12 @@ SourceModel load_source_model(const JobConfig& cfg, const std::string& src, Worl
     // The model as it was trained: architecture and routing settings from the
     // checkpoint's own config (the job's data, runtime and seed stay).
     JobConfig saved = cfg;
-    world.agree([&] { saved.model = parse_config_text(m.config_yaml, concat("<config of checkpoint ", m.dir, ">")).model; });
+    world.agree([&] {
+      const JobConfig c = parse_config_text(m.config_yaml, concat("<config of checkpoint ", m.dir, ">"));
+      saved.model = c.model;
+      out.pixel_mean = c.data.augment.mean;
+      out.pixel_std = c.data.augment.std;
+    });
     out.model = build_saved_model(saved, m, world, true);
     ModelState state(out.model);
     world.agree([&] { load_checkpoint(m, {&state}); });

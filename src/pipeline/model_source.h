@@ -9,6 +9,7 @@
 // agreed on every rank.
 #pragma once
 #include <string>
+#include <vector>
 
 #include "core/config.h"
 #include "dist/world.h"
@@ -23,6 +24,9 @@ struct SourceModel {
   SourceKind kind = SourceKind::ModelFile;
   std::string path;         // the checkpoint or file actually read
   std::string description;  // one line for the log: what was read
+  // How the model's training scaled pixels in [0, 1]: (x - mean) / std per channel
+  // (a checkpoint: its own config's data.augment; a vmoe model: [-1, 1]).
+  std::vector<double> pixel_mean, pixel_std;
 };
 
 // arch_from_config: a vmoe checkpoint must match cfg.model (a mismatch names the leaf)

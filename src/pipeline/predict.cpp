@@ -27,8 +27,8 @@ std::string ensemble_path(const std::string& out) {
 // images as the model takes them: float32 [N, C, S, S]. uint8 pixels are scaled as
 // the model's training did: vmoe models to [-1, 1] exactly as vmoe's
 // value_range(-1, 1) computes it, moeprune models with data.augment's mean and std.
-at::Tensor model_input(const at::Tensor& raw, const ModelConfig& mc, const JobConfig& cfg, bool vmoe,
-                       const std::string& path, std::string& how) {
+at::Tensor model_input(const at::Tensor& raw, const ModelConfig& mc, const SourceModel& src, const std::string& path,
+                       std::string& how) {
   const int64_t S = mc.image_size, C = mc.channels;
   const auto sh = raw.sizes();
   at::Tensor x;
@@ -44,18 +44,18 @@ at::Tensor model_input(const at::Tensor& raw, const ModelConfig& mc, const JobCo
   }
   if (raw.scalar_type() == at::kByte) {
     at::Tensor t = x.to(at::kFloat) / 255.0f;
-    if (vmoe) {
+    if (src.kind == SourceKind::Vmoe) {
       x = t * 2.0f - 1.0f;
       how += ", uint8 -> -1 + x/255*2 (vmoe's value_range(-1, 1))";
     } else {
-      const auto& a = cfg.data.augment;
       auto chan = [&](const std::vector<double>& v) {
         std::vector<float> f(static_cast<size_t>(C));
         for (int64_t c = 0; c < C; ++c) f[static_cast<size_t>(c)] = static_cast<float>(v.size() == 1 ? v[0] : v[c]);
         return at::tensor(f).view({1, C, 1, 1});
       };
-      x = (t - chan(a.mean)) / chan(a.std);
-      how += ", uint8 -> (x/255 - data.augment.mean) / data.augment.std";
+      x = (t - chan(src.pixel_mean)) / chan(src.pixel_std);
+      how += concat(", uint8 -> (x/255 - mean) / std with ", src.kind == SourceKind::Checkpoint ? "the checkpoint's" : "the config's",
+                    " data.augment.mean ", join(src.pixel_mean, ","), ", std ", join(src.pixel_std, ","));
     }
   } else {
     x = x.to(at::kFloat);
@@ -83,7 +83,7 @@ int run_predict(World& world, const JobConfig& cfg, const PredictOptions& opts) 
   const ModelConfig& mc = model->config();
   std::string how;
   at::Tensor images;
-  world.agree([&] { images = model_input(raw, mc, cfg, src.kind == SourceKind::Vmoe, opts.images, how); });
+  world.agree([&] { images = model_input(raw, mc, src, opts.images, how); });
   raw = at::Tensor();
   const int64_t N = images.size(0), W = world.size(), gs = mc.moe.group_size, M = mc.moe.ensemble_size;
   require(N > 0, concat("predict: '", opts.images, "' holds no images"));
