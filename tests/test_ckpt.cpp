@@ -210,6 +210,31 @@ TEST(Checkpoint, RandomCorruptionsAreNeverLoaded) {
   EXPECT_EQ(f.load_error(dir), "");
 }
 
+// A model layout whose placement names a rank outside the saved world (or experts out
+// of order) is refused naming the checkpoint, not by the placement code later.
+TEST(Checkpoint, LayoutOutOfRangeNamesTheCheckpoint) {
+  const nlohmann::json good = {{"num_classes", 10}, {"pruned_routing", "drop"}, {"world_size", 2},
+                               {"moe_layers", {{{"block", 1}, {"experts", {0, 1, 2, 3}}, {"rank", {0, 0, 1, 1}}}}}};
+  EXPECT_NO_THROW(layout_from_json(good, "ckpt-x"));
+  auto refused = [&](nlohmann::json j, const std::string& msg) {
+    try {
+      layout_from_json(j, "runs/a/ckpt-000002");
+      ADD_FAILURE() << "accepted: " << j.dump();
+    } catch (const UserError& e) {
+      EXPECT_NE(std::string(e.what()).find("runs/a/ckpt-000002: " + msg), std::string::npos) << e.what();
+    }
+  };
+  nlohmann::json j = good;
+  j["moe_layers"][0]["rank"] = {0, 0, 1, 4};
+  refused(j, "MoE block 1 places expert 3 on rank 4, expected 0..1 (saved on 2 ranks)");
+  j = good;
+  j["moe_layers"][0]["experts"] = {0, 2, 2, 3};
+  refused(j, "MoE block 1 lists experts out of order or twice");
+  j = good;
+  j["world_size"] = 0;
+  refused(j, "model.world_size 0 must be >= 1");
+}
+
 TEST(Checkpoint, InterruptedSaveLeavesThePreviousLatest) {
   Fixture f("crash");
   const std::string first = f.save(1);

@@ -81,15 +81,23 @@ void save_model(const std::string& path, const VisionTransformer& model, Communi
       out.emplace_back(name, item.value().detach().to(at::kCPU).contiguous());
     }
   }
+  std::string error;
   if (host.rank() == 0) {
     const std::string tmp = path + ".tmp";
-    const auto dir = std::filesystem::path(path).parent_path();
-    if (!dir.empty()) std::filesystem::create_directories(dir);
-    write_safetensors(tmp, out, metadata, /*fsync_file=*/true);
-    std::filesystem::rename(tmp, path);
-    fsync_dir(dir.string());
+    try {
+      const auto dir = std::filesystem::path(path).parent_path();
+      if (!dir.empty()) std::filesystem::create_directories(dir);
+      write_safetensors(tmp, out, metadata, /*fsync_file=*/true);
+      std::filesystem::rename(tmp, path);
+      fsync_dir(dir.string());
+    } catch (const std::exception& e) {
+      error = e.what();
+      std::error_code ec;
+      std::filesystem::remove(tmp, ec);
+    }
   }
-  host.barrier();
+  agree_on_error(host, error, concat("cannot write the model file '", path, "'"),
+                 " (is the directory writable, is there space?)");
 }
 
 std::map<std::string, std::string> load_model(const std::string& path, VisionTransformer& model,

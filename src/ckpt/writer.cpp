@@ -66,21 +66,11 @@ CheckpointFile write_file(const std::string& dir, const std::string& name, const
   return f;
 }
 
-// Every rank's string, on every rank (host collective).
-std::vector<std::string> all_gather_strings(Communicator& host, const std::string& mine) {
-  at::Tensor len = host.all_gather(at::tensor({static_cast<int64_t>(mine.size())}, at::kLong));
-  const int64_t longest = len.max().item<int64_t>();
-  at::Tensor buf = at::zeros({longest}, at::kByte);
-  std::memcpy(buf.data_ptr<uint8_t>(), mine.data(), mine.size());
-  at::Tensor all = host.all_gather(buf);
-  std::vector<std::string> out;
-  for (int r = 0; r < host.size(); ++r)
-    out.emplace_back(reinterpret_cast<const char*>(all[r].data_ptr<uint8_t>()),
-                     static_cast<size_t>(len[r][0].item<int64_t>()));
-  return out;
-}
-
 }  // namespace
+
+// A file-system failure while saving ends the job with one line on every rank.
+constexpr const char* kSaveHint =
+    "; the previous checkpoint, if any, is intact (is the directory writable, is there space?)";
 
 struct CheckpointWriter::Pending {
   std::string name, tmp;
@@ -111,18 +101,28 @@ void CheckpointWriter::save(const std::vector<const StateOwner*>& owners, const 
   p->start = std::chrono::steady_clock::now();
   // Rank 0 names the checkpoint and creates its temporary directory.
   at::Tensor seq = at::zeros({1}, at::kLong);
+  std::string error;
   if (rank == 0) {
-    fs::create_directories(root_);
-    seq[0] = next_sequence(root_);
+    try {
+      fs::create_directories(root_);
+      seq[0] = next_sequence(root_);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
   }
+  agree_on_error(*comms_.host, error, concat("checkpoint: cannot create a checkpoint under '", root_, "'"), kSaveHint);
   comms_.host->broadcast(seq, 0);
   p->name = checkpoint_name(seq[0].item<int64_t>(), phase, step);
   p->tmp = root_ + "/.tmp-" + p->name;
   if (rank == 0) {
-    fs::remove_all(p->tmp);
-    fs::create_directories(p->tmp);
+    try {
+      fs::remove_all(p->tmp);
+      fs::create_directories(p->tmp);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
   }
-  comms_.host->barrier();
+  agree_on_error(*comms_.host, error, concat("checkpoint: cannot create '", p->tmp, "'"), kSaveHint);
   p->snap = std::make_unique<CheckpointSnapshot>(rank);
   {
     at::NoGradGuard ng;
@@ -175,10 +175,9 @@ void CheckpointWriter::finalize(Pending& p) {
   at::Tensor ok = at::tensor({p.error.empty() ? 0 : 1}, at::kInt);
   comms_.host->all_reduce(ok, ReduceOp::Max);
   if (ok.item<int>() != 0) {
-    if (comms_.rank() == 0) fs::remove_all(p.tmp);
-    throw std::runtime_error(concat("checkpoint ", p.name, " failed",
-                                    p.error.empty() ? std::string(" on another rank") : ": " + p.error,
-                                    "; the previous checkpoint is intact"));
+    std::error_code ec;
+    if (comms_.rank() == 0) fs::remove_all(p.tmp, ec);
+    agree_on_error(*comms_.host, p.error, concat("checkpoint ", p.name, " failed"), kSaveHint);
   }
   // Every rank's expert file: size, CRC and the experts it holds, to rank 0.
   const CheckpointFile& mine = p.files.back();
@@ -199,14 +198,19 @@ void CheckpointWriter::finalize(Pending& p) {
     m.files.push_back(f);
   }
   for (const auto& f : m.files) total += f.bytes;
+  std::string error;
   if (comms_.rank() == 0) {
-    write_manifest(p.tmp + "/manifest.json", m);
-    fsync_path(p.tmp);
-    fs::rename(p.tmp, root_ + "/" + p.name);
-    fsync_path(root_);
-    publish(root_, p.name, keep_);
+    try {
+      write_manifest(p.tmp + "/manifest.json", m);
+      fsync_path(p.tmp);
+      fs::rename(p.tmp, root_ + "/" + p.name);
+      fsync_path(root_);
+      publish(root_, p.name, keep_);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
   }
-  comms_.host->barrier();
+  agree_on_error(*comms_.host, error, concat("checkpoint ", p.name, " failed"), kSaveHint);
   last_dir_ = root_ + "/" + p.name;
   last_seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - p.start).count();
   last_bytes_ = total;

@@ -5,6 +5,8 @@
 
 #include <malloc.h>
 
+#include <cstring>
+
 #include <string>
 
 #include "core/env.h"
@@ -116,6 +118,27 @@ void World::apply_runtime(const RuntimeConfig& rt) {
   if (rt.malloc_tune) tune_host_allocator();
   at::set_num_threads(resolve_threads(rt, local_size_));
   at::set_num_interop_threads(1);
+}
+
+std::vector<std::string> all_gather_strings(Communicator& host, const std::string& mine) {
+  at::Tensor len = host.all_gather(at::tensor({static_cast<int64_t>(mine.size())}, at::kLong));
+  const int64_t longest = len.max().item<int64_t>();
+  at::Tensor buf = at::zeros({longest}, at::kByte);
+  std::memcpy(buf.data_ptr<uint8_t>(), mine.data(), mine.size());
+  at::Tensor all = host.all_gather(buf);
+  std::vector<std::string> out;
+  for (int r = 0; r < host.size(); ++r)
+    out.emplace_back(reinterpret_cast<const char*>(all[r].data_ptr<uint8_t>()),
+                     static_cast<size_t>(len[r][0].item<int64_t>()));
+  return out;
+}
+
+void agree_on_error(Communicator& host, const std::string& error, const std::string& what, const std::string& suffix) {
+  const std::vector<std::string> all = all_gather_strings(host, error);
+  for (size_t r = 0; r < all.size(); ++r)
+    if (!all[r].empty())
+      throw AgreedUserError(
+          concat(what, all.size() > 1 ? concat(" (rank ", r, ")") : std::string(), ": ", all[r], suffix));
 }
 
 int run_ranks(World& world, const std::function<int(World&)>& body) {

@@ -7,6 +7,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "core/config.h"
 #include "core/error.h"
@@ -30,6 +31,16 @@ class AgreedUserError : public UserError {
  public:
   using UserError::UserError;
 };
+
+// Collective over host: every rank's string, on every rank.
+std::vector<std::string> all_gather_strings(Communicator& host, const std::string& mine);
+// Collective over host: when any rank's `error` is not empty, every rank throws the
+// same AgreedUserError, "<what> (rank r): <the lowest failing rank's error><suffix>":
+// a failure one rank saw (a full or read-only file system) ends the job with one
+// line on every rank and exit code 2, never with one rank aborting while the others
+// wait in a collective.
+void agree_on_error(Communicator& host, const std::string& error, const std::string& what,
+                    const std::string& suffix = "");
 
 class World {
  public:

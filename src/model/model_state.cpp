@@ -38,9 +38,19 @@ ModelLayout layout_from_json(const json& j, const std::string& where) {
   } catch (const json::exception& e) {
     throw UserError(concat(where, ": the model layout lacks a field or has a wrong type: ", e.what()));
   }
-  for (const auto& x : l.layers)
+  require(l.world_size >= 1, concat(where, ": model.world_size ", l.world_size, " must be >= 1"));
+  require(l.num_classes >= 1, concat(where, ": model.num_classes ", l.num_classes, " must be >= 1"));
+  for (const auto& x : l.layers) {
     require(x.experts.size() == x.rank.size(), concat(where, ": MoE block ", x.block, " lists ", x.experts.size(),
                                                       " experts but ", x.rank.size(), " ranks"));
+    for (size_t i = 0; i < x.experts.size(); ++i) {
+      require(x.rank[i] >= 0 && x.rank[i] < l.world_size,
+              concat(where, ": MoE block ", x.block, " places expert ", x.experts[i], " on rank ", x.rank[i],
+                     ", expected 0..", l.world_size - 1, " (saved on ", l.world_size, " ranks)"));
+      require(x.experts[i] >= 0 && (i == 0 || x.experts[i] > x.experts[i - 1]),
+              concat(where, ": MoE block ", x.block, " lists experts out of order or twice (expected ascending ids)"));
+    }
+  }
   return l;
 }
 
