@@ -48,7 +48,6 @@ struct Table {
   std::map<std::string, Shape> shapes;   // vmoe leaf -> expected shape
   std::set<std::string> head_leaves;     // dropped with a new head
   std::string pos_leaf = "Encoder/posembed_input/pos_embedding";
-  std::string router_e3_alt;             // unused marker
 };
 
 Table make_table(const ModelConfig& cfg) {
