@@ -40,7 +40,9 @@ trap stop_cluster EXIT
 [ -f /etc/munge/munge.key ] || skip "no /etc/munge/munge.key (the munge package made none)"
 mkdir -p "$W/munge"; chown munge:munge "$W/munge" 2>/dev/null
 MUNGE_SOCKET="$W/munge/munge.socket"
-munged --force --socket="$MUNGE_SOCKET" --pid-file="$W/munge/munged.pid" --log-file="$W/munge/munged.log" 2> /dev/null \
+# (Daemons never hold the test's stdout/stderr: ctest would wait for them.)
+munged --force --socket="$MUNGE_SOCKET" --pid-file="$W/munge/munged.pid" --log-file="$W/munge/munged.log" \
+  < /dev/null > /dev/null 2>&1 \
   || skip "munged cannot start here"
 export MUNGE_SOCKET
 
@@ -78,8 +80,8 @@ CONF
 export SLURM_CONF="$W/slurm.conf"
 # A machine where the daemons cannot run (no root privileges in a sandbox, ports taken)
 # skips with the daemons' own words; everything after this is the template's test.
-slurmctld -f "$W/slurm.conf" || skip "slurmctld cannot start here"
-slurmd -f "$W/slurm.conf" || skip "slurmd cannot start here"
+slurmctld -f "$W/slurm.conf" < /dev/null > "$W/log/slurmctld.out" 2>&1 || skip "slurmctld cannot start here"
+slurmd -f "$W/slurm.conf" < /dev/null > "$W/log/slurmd.out" 2>&1 || skip "slurmd cannot start here"
 for _ in $(seq 1 60); do sinfo -h -o %t 2>/dev/null | grep -q idle && break; sleep 0.5; done
 sinfo -h -o %t 2>/dev/null | grep -q idle \
   || skip "the Slurm node did not come up here: $(tail -2 "$W/log/slurmd.log" "$W/log/slurmctld.log" 2>/dev/null | tr '\n' ' ')"
