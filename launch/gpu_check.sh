@@ -108,8 +108,15 @@ export M DATA SCRATCH OUTD
 step train_cpu 120 "$0" --inner train cpu CUDA_VISIBLE_DEVICES=
 step train_gpu 120 "$0" --inner train gpu
 step train_gpu_bf16 120 "$0" --inner train gpu_bf16 --set pretrain.precision=bf16
-step two_ranks_one_gpu 60 mpirun -np 2 "$M" forward
+# Two ranks on one GPU must be refused with exit code 2 (NCCL cannot share a device).
+step two_ranks_one_gpu_refused 60 bash -c "mpirun -np 2 '$M' forward; test \$? -eq 2"
 step demo 200 "$0" --inner demo
+# The unit suite reads the vmoe fixtures from ../shared and Fashion-MNIST from the
+# configs' default path: on a bare GPU machine both come from the kit.
+[ -e "$ROOT/../shared" ] || [ ! -d "$ROOT/.gpukit/shared" ] || ln -s "$ROOT/.gpukit/shared" "$ROOT/../shared"
+if [ ! -e /usr/share/datasets/fashion-mnist ] && [ -d "$ROOT/.gpukit/data" ]; then
+  mkdir -p /usr/share/datasets && ln -s "$ROOT/.gpukit/data" /usr/share/datasets/fashion-mnist
+fi
 export MOEPRUNE_TEST_BIN="$M" MOEPRUNE_TEST_ABORT_PROBE="$BUILD/tests/abort_probe" MOEPRUNE_TEST_MPIEXEC="$(command -v mpirun)"
 step unit 150 bash -c "'$T' --gtest_filter='-Gpu.*' > '$OUTD/unit.log' 2>&1; rc=\$?; tail -5 '$OUTD/unit.log'; exit \$rc"
 step sanitize 90 compute-sanitizer --tool memcheck "$T" --gtest_filter='Gpu.*'

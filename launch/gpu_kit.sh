@@ -67,6 +67,11 @@ case "${1:-}" in
       strip -o "$PACKED/$b" "$src/$b"
     done
     cp /usr/share/datasets/fashion-mnist/*.gz "$DEBS/data/"
+    # The vmoe fixtures (the importer's oracle, ../shared beside the checkout here),
+    # which do not travel with the working tree.
+    if [ -d "$ROOT/../shared/fixtures" ]; then
+      rm -rf "$DEBS/shared" && mkdir -p "$DEBS/shared" && cp -r "$ROOT/../shared/fixtures" "$DEBS/shared/"
+    fi
     du -sh "$DEBS"
     echo "[gpu_kit] packed $src: carry .gpukit; there 'launch/gpu_kit.sh build' only unpacks"
     ;;

@@ -1,5 +1,6 @@
 #include "dist/world.h"
 
+#include <ATen/Context.h>
 #include <torch/cuda.h>
 #include <ATen/Parallel.h>
 
@@ -64,6 +65,10 @@ World::World(int* argc, char*** argv, bool use_gpus) {
                                   "GPUs, or hide the GPUs with CUDA_VISIBLE_DEVICES= to run on CPUs"));
     }
     device_ = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(local_rank_ % n));
+    // float32 means float32: PyTorch lets cuDNN's convolutions (the patch embedding)
+    // round to TF32 by default, which made fp32 runs on GPUs drift from the CPU's.
+    at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV,
+                                            at::Float32Precision::IEEE);
 #ifdef MOEPRUNE_WITH_CUDA
     device_comm_ = make_nccl_communicator(*mpi_, local_rank_ % n);
 #else

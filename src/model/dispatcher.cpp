@@ -3,6 +3,8 @@
 #include "dist/all_to_all.h"
 #include "model/fused_dispatch.h"
 
+#include <limits>
+
 namespace moeprune {
 
 void TokenDispatcher::fill_plan(const RoutedChoices& c, DispatchPlan& p) const {
@@ -14,24 +16,38 @@ void TokenDispatcher::fill_plan(const RoutedChoices& c, DispatchPlan& p) const {
   const int64_t K = expert.size(1);
   p.num_tokens = expert.size(0);
 
-  at::Tensor kept = c.keep.reshape({-1}).nonzero().squeeze(1);  // flat choice indices
-  at::Tensor e = expert.reshape({-1}).index_select(0, kept);
-  std::vector<int64_t> slot_table(pl.send_order().size());
-  for (int ex = 0; ex < E; ++ex) slot_table[ex] = pl.send_slot(ex);
-  at::Tensor slot_of = at::tensor(slot_table, at::kLong).to(expert.device());
-  at::Tensor slot = slot_of.index_select(0, e);
-  at::Tensor key = (slot * c.num_groups + c.group.reshape({-1}).index_select(0, kept)) * c.capacity +
-                   c.position.reshape({-1}).index_select(0, kept);
+  // Every choice is sorted, the dropped ones keyed past all kept ones, so that the
+  // number of kept choices is learnt with the counts in one device-to-host copy
+  // (a nonzero() would be a second stall of a GPU's stream). Kept keys are unique
+  // (one (slot, group, position) per kept choice), so the order is the same as
+  // sorting the kept choices alone.
+  if (!slot_of_.defined() || slot_of_.device() != expert.device()) {
+    std::vector<int64_t> slot_table(pl.send_order().size());
+    for (int ex = 0; ex < E; ++ex) slot_table[ex] = pl.send_slot(ex);
+    slot_of_ = at::tensor(slot_table, at::kLong).to(expert.device());
+  }
+  at::Tensor keep = c.keep.reshape({-1});
+  at::Tensor e_all = expert.reshape({-1});
+  at::Tensor key = (slot_of_.index_select(0, e_all) * c.num_groups + c.group.reshape({-1})) * c.capacity +
+                   c.position.reshape({-1});
+  key = key.masked_fill(keep.logical_not(), std::numeric_limits<int64_t>::max());
   at::Tensor order = std::get<1>(key.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
-  p.choice = kept.index_select(0, order);
-  p.token = at::floor_divide(p.choice, K);
-  p.gate = c.gate.reshape({-1}).index_select(0, p.choice);
-  p.send_expert = e.index_select(0, order);
 
-  // Counts per expert (by expert id) on the host: they size the exchange.
-  at::Tensor counts_t = at::bincount(p.send_expert.to(at::kCPU), {}, E);
+  // Counts per expert (by expert id) on the host: they size the exchange. Bin E
+  // collects the dropped choices. (index_add, not bincount: CUDA's bincount reads
+  // the input's maximum back to the host first.)
+  at::Tensor bin = at::where(keep, e_all, E);
+  at::Tensor counts_t =
+      at::zeros({E + 1}, e_all.options()).index_add_(0, bin, at::ones_like(bin)).to(at::kCPU);
   const int64_t* cnt = counts_t.data_ptr<int64_t>();
   p.send_counts.assign(cnt, cnt + E);
+  int64_t kept_total = 0;
+  for (int ex = 0; ex < E; ++ex) kept_total += cnt[ex];
+  order = order.narrow(0, 0, kept_total);
+  p.choice = order;
+  p.token = at::floor_divide(p.choice, K);
+  p.gate = c.gate.reshape({-1}).index_select(0, p.choice);
+  p.send_expert = e_all.index_select(0, order);
 
   // Tell every rank how many rows each of its experts gets from here. Send order
   // is (rank, its local experts in order), so each (rank, expert) is one block.

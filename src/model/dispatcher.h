@@ -81,6 +81,11 @@ class TokenDispatcher : public SlotSelector {
 
   Communicator* comm_;
   const Placement* placement_;
+
+ private:
+  // Send slot of each expert id, on the device of the last plan (made once: a
+  // host-to-device copy per layer would stall a GPU's stream every step).
+  mutable at::Tensor slot_of_;
 };
 
 class TorchDispatcher final : public TokenDispatcher {

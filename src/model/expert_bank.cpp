@@ -3,6 +3,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/autocast_mode.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/seed.h"
@@ -42,7 +43,11 @@ at::Tensor ExpertBankImpl::forward(const at::Tensor& x, const std::vector<int64_
 
 at::Tensor ExpertBankImpl::forward_grouped(const at::Tensor& x, const std::vector<int64_t>& counts) {
   // One grouped GEMM per side; offsets are the end row of each local expert.
-  at::Tensor n = at::tensor(counts, at::kLong).to(x.device());
+  // Through pinned memory, without waiting: a pageable copy would stall the stream.
+  at::Tensor host = at::empty({static_cast<int64_t>(counts.size())},
+                              at::TensorOptions().dtype(at::kLong).pinned_memory(x.is_cuda()));
+  std::copy(counts.begin(), counts.end(), host.data_ptr<int64_t>());
+  at::Tensor n = host.to(x.device(), /*non_blocking=*/true);
   at::Tensor offs = n.cumsum(0).to(at::kInt);
   at::Tensor W1 = w1, B1 = b1, W2 = w2, B2 = b2, xin = x;
   const auto dev = x.device().type();

@@ -41,11 +41,22 @@ double Optimizer::grad_norm(Communicator& comm) {
   const auto opts = slots_.front().param.options().dtype(at::kDouble);
   at::Tensor dense = at::zeros({}, opts);
   at::Tensor expert = at::zeros({1}, opts);
-  for (auto& s : slots_) {
-    if (!s.param.grad().defined()) continue;
-    at::Tensor sq = s.param.grad().to(at::kDouble).pow(2).sum();
-    if (s.expert) expert += sq;
-    else dense += sq;  // identical on every rank after sync_gradients
+  if (opts.device().is_cuda()) {
+    // On GPUs one concatenation per kind: four launches per parameter (cast, square,
+    // sum, add) were 2.3 ms of a V-MoE B/16 step on an H200. The sums differ from
+    // the host loop's only by the order of double additions.
+    std::vector<at::Tensor> d, e;
+    for (auto& s : slots_)
+      if (s.param.grad().defined()) (s.expert ? e : d).push_back(s.param.grad().reshape({-1}));
+    if (!d.empty()) dense = at::cat(d).to(at::kDouble).square().sum();
+    if (!e.empty()) expert = at::cat(e).to(at::kDouble).square().sum().reshape({1});
+  } else {
+    for (auto& s : slots_) {
+      if (!s.param.grad().defined()) continue;
+      at::Tensor sq = s.param.grad().to(at::kDouble).pow(2).sum();
+      if (s.expert) expert += sq;
+      else dense += sq;  // identical on every rank after sync_gradients
+    }
   }
   comm.all_reduce(expert, ReduceOp::Sum);
   return std::sqrt(dense.item<double>() + expert.item<double>());
