@@ -29,6 +29,8 @@ expect_error() {  # message args...
 expect_error "would leave some MoE layer with fewer than max(top_k=2" --set prune.ratio=0.9
 grep -q "test accuracy before pruning" "$W/e.log" && fail "an impossible ratio was refused only after evaluating"
 expect_error "prune.criterion='loudest', expected one of" --set prune.criterion=loudest
+expect_error "prune.ratio=auto and prune.count=3 both choose" --set prune.ratio=auto --set prune.count=3
+expect_error "prune.max_accuracy_drop=-1 must be in" --set prune.ratio=auto --set prune.max_accuracy_drop=-1
 expect_error "finetune/val split of planted is empty" --set data.val_fraction=0
 expect_error "was fine-tuned on planted classes all label map all, image size 8; this config's" \
   --set model.image_size=12
@@ -49,6 +51,47 @@ assert r["params_after"] < r["params_before"]
 assert r["refinetune"]["eval_top_k"] == 1 and 0 <= r["refinetune"]["test_accuracy_eval_top_k"] <= 1
 PY
 "$BIN" ckpt verify "$OUT/checkpoints" > /dev/null || fail "pruned checkpoint does not verify"
+
+# prune.ratio: auto, zero and drop routing. Candidates are evaluated by masking the
+# unpruned model on the calibration split; with the test split (whole) as the
+# calibration split, the masked accuracy of the chosen ratio must be the accuracy of
+# the model that was really pruned (oracle: masking = pruning), and the chosen ratio
+# the largest candidate within the budget (the rule, recomputed here).
+# (On this small planted model pruning costs 0 pt with zero routing and 1.56 pt
+# with drop routing at every candidate: budget 2 takes the largest, budget 1 none.)
+for case in zero:2 drop:1; do
+  routing=${case%%:*} budget=${case##*:}
+  OUTA="$W/auto-$routing"
+  "${MPI[@]}" -np 2 "$BIN" prune --config "$CFG" --set output.dir="$OUTA" --from "$OUT/checkpoints/$FT" \
+    --set prune.ratio=auto --set prune.max_accuracy_drop=$budget --set prune.auto_step=0.125 --set prune.routing=$routing \
+    --set prune.calibration.split=test --set prune.calibration.batches=0 > "$W/auto.log" 2>&1 \
+    || { cat "$W/auto.log"; fail "prune ratio auto ($routing)"; }
+  grep -q "ratio auto: within $budget.00 pt" "$W/auto.log" || { cat "$W/auto.log"; fail "no ratio auto table ($routing)"; }
+  python3 - "$OUTA/prune_report.json" "$budget" <<'PY' || { cat "$W/auto.log"; fail "ratio auto report ($routing)"; }
+import json, sys
+r = json.load(open(sys.argv[1]))
+a = r["ratio_auto"]
+pts = a["candidates"]
+assert [p["ratio"] for p in pts] == [0.125 * i for i in range(1, len(pts) + 1)], pts
+assert len(pts) >= 3, pts
+budget = float(sys.argv[2])
+assert a["max_accuracy_drop"] == budget
+ok = [p["ratio"] for p in pts if 100 * (a["unpruned_accuracy"] - p["accuracy"]) <= budget + 1e-9]
+assert a["chosen"] == (max(ok) if ok else 0) and r["ratio"] == a["chosen"], (a, ok)
+assert abs(a["unpruned_accuracy"] - r["test_accuracy_before"]) < 1e-12, (a, r["test_accuracy_before"])
+if a["chosen"] > 0:
+    chosen = [p for p in pts if p["ratio"] == a["chosen"]][0]
+    assert chosen["pruned"] == sum(len(l["pruned"]) for l in r["layers"]), (chosen, r["layers"])
+    # masking = pruning: one test image is 1/5000 of accuracy; allow none
+    assert abs(chosen["accuracy"] - r["test_accuracy_after"]) < 1e-9, (chosen, r["test_accuracy_after"])
+else:  # nothing within the budget: nothing pruned, the model unchanged
+    assert all(not l["pruned"] for l in r["layers"]) and r["params_after"] == r["params_before"], r["layers"]
+    assert abs(r["test_accuracy_after"] - r["test_accuracy_before"]) < 1e-12
+print("ratio auto:", r["routing"], "chose", a["chosen"], "of", [(p["ratio"], round(p["accuracy"], 4)) for p in pts],
+      "unpruned", a["unpruned_accuracy"])
+PY
+  echo "ok: prune.ratio auto ($routing): chosen ratio is the largest within the budget, masked = pruned accuracy"
+done
 "$BIN" ckpt inspect "$OUT/checkpoints" | grep -q "phase refinetune" || fail "latest checkpoint is not the re-fine-tuned one"
 echo "ok: pruned on 4 ranks a model fine-tuned on 2, re-fine-tuned on 2, report and checkpoint verified"
 

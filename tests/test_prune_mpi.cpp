@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include "prune/plan.h"
+#include "prune/prune_job.h"
 #include "prune/rebalance.h"
 #include "train/trainer.h"
 #include "test_world.h"
@@ -69,8 +70,15 @@ TEST(PruneMpi, PlacementInvarianceAndSingleProcessOracle) {
       stay.push_back(Placement(a, W));
       scattered.push_back(Placement(b, W));
     }
+    // Masking the unpruned model as the plan prunes it (prune.ratio: auto) = pruning it.
+    mask_experts(model, &plan);
+    const at::Tensor masked = run(model, mine);
+    mask_experts(model, nullptr);
+    const at::Tensor unmasked = run(model, mine);
     Migration pruned = apply_plan(model, {}, plan, stay, w.comms(), 3);
     const at::Tensor out1 = run(pruned.model, mine);
+    EXPECT_LE(rel_err(masked, out1), 1e-5) << name_of(routing) << ": masked evaluation differs from the pruned model";
+    EXPECT_GT(rel_err(unmasked, out1), 1e-3) << name_of(routing) << ": the plan changes nothing (test cannot fail)";
     Migration moved = replace_experts(pruned.model, pruned.slots, scattered, w.comms(), 3);
     const at::Tensor out2 = run(moved.model, mine);
     EXPECT_TRUE(at::equal(out1, out2)) << name_of(routing) << ": rebalancing changed the outputs";

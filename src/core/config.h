@@ -120,6 +120,10 @@ struct PruneConfig {
   Criterion criterion = Criterion::RouterNormChange;
   PruneScope scope = PruneScope::Global;
   double ratio = 0.5;             // fraction of the eligible experts to prune
+  bool ratio_auto = false;        // ratio: auto: the largest ratio of the candidates below whose
+                                  // accuracy on the calibration split stays within max_accuracy_drop
+  double max_accuracy_drop = 1.0; // points (accuracy in %) below the unpruned model, for ratio: auto
+  double auto_step = 0.125;       // ratio: auto tries step, 2*step, ... (< 1)
   int count = 0;                  // or: this many (global) / per layer (per_layer); 0 = use ratio
   int min_experts = 0;            // every MoE layer keeps at least max(top_k, min_experts)
   std::vector<int> layers;        // eligible MoE blocks (empty = all)

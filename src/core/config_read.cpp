@@ -197,7 +197,10 @@ void read_phase(MapReader r, PhaseConfig& p) {
 void read_prune(MapReader r, PruneConfig& p) {
   r.choice("criterion", p.criterion);
   r.choice("scope", p.scope);
-  r.get("ratio", p.ratio);
+  if (const YAML::Node v = r.child("ratio"); v && v.IsScalar() && v.Scalar() == "auto") p.ratio_auto = true;
+  else r.get("ratio", p.ratio);
+  r.get("max_accuracy_drop", p.max_accuracy_drop);
+  r.get("auto_step", p.auto_step);
   r.get("count", p.count);
   r.get("min_experts", p.min_experts);
   r.get("layers", p.layers);

@@ -115,6 +115,13 @@ void validate(const JobConfig& cfg) {
   const PruneConfig& p = cfg.prune;
   require(p.ratio >= 0 && p.ratio < 1, concat("config: prune.ratio=", p.ratio, " must be in [0, 1)"));
   require(p.count >= 0 && p.min_experts >= 0, "config: prune.count and prune.min_experts must be >= 0");
+  require(!(p.ratio_auto && p.count > 0),
+          concat("config: prune.ratio=auto and prune.count=", p.count, " both choose how many experts to prune; "
+                 "expected one of them (prune.count: 0 with ratio: auto)"));
+  require(p.max_accuracy_drop >= 0 && p.max_accuracy_drop <= 100,
+          concat("config: prune.max_accuracy_drop=", p.max_accuracy_drop, " must be in [0, 100] (accuracy points)"));
+  require(p.auto_step > 0 && p.auto_step < 1,
+          concat("config: prune.auto_step=", p.auto_step, " must be in (0, 1)"));
   require(p.eval_top_k >= 0 && p.eval_top_k <= e.top_k,
           concat("config: prune.eval_top_k=", p.eval_top_k, " must be in [0, model.moe.top_k=", e.top_k, "]"));
   const auto blocks = m.moe_blocks();

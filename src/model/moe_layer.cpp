@@ -64,6 +64,20 @@ void MoeLayerImpl::set_runtime(const MoeRuntime& rt) {
   dispatcher_.reset();
 }
 
+void MoeLayerImpl::set_expert_mask(const std::vector<int>* kept_ids, PrunedRouting routing) {
+  mask_keep_.clear();
+  if (!kept_ids) return;
+  for (int id : *kept_ids)
+    require(std::binary_search(ids_.begin(), ids_.end(), id),
+            concat("MoE layer ", layer_, ": mask keeps expert ", id, ", which the layer does not have"));
+  mask_columns_ = routing == PrunedRouting::Drop;
+  for (const auto& cols : column_ids_) {
+    std::vector<uint8_t> keep;
+    for (int id : cols) keep.push_back(std::find(kept_ids->begin(), kept_ids->end(), id) != kept_ids->end());
+    mask_keep_.push_back(at::tensor(at::ArrayRef<uint8_t>(keep), at::kByte).to(at::kBool));
+  }
+}
+
 TokenDispatcher& MoeLayerImpl::dispatcher(c10::Device device) {
   if (!dispatcher_ || dispatcher_device_ != device) {
     dispatcher_ = make_dispatcher(runtime_.dispatcher, device, *comm_, placement_);
@@ -120,7 +134,9 @@ MoeLayerImpl::Routed MoeLayerImpl::route(const at::Tensor& x, const Shape& s, co
     std::vector<uint64_t> seeds(s.G);
     for (int64_t g = 0; g < s.G; ++g)
       seeds[g] = expert_seed(in.noise_seed, layer_, static_cast<int>((m * in.total_groups + in.first_group + g)));
-    Routing r = routers[m]->as<RouterImpl>()->forward(xm, in.train, seeds, selector, in.top_k, s.token_valid);
+    at::Tensor keep_col = mask_keep_.empty() ? at::Tensor() : mask_keep_[m].to(x.device());
+    Routing r = routers[m]->as<RouterImpl>()->forward(xm, in.train, seeds, selector, in.top_k, s.token_valid,
+                                                      mask_columns_ ? keep_col : at::Tensor());
     const double wi = cfg_.moe.importance_loss_weight, wl = cfg_.moe.load_loss_weight;
     at::Tensor aux = r.importance_loss * wi + r.load_loss * wl;
     if (in.entropy_weight > 0) aux = aux + r.entropy * in.entropy_weight;
@@ -129,6 +145,7 @@ MoeLayerImpl::Routed MoeLayerImpl::route(const at::Tensor& x, const Shape& s, co
     // dropped: it contributes nothing and costs nothing.
     at::Tensor slot = column_slot_[m].index_select(0, r.expert.reshape({-1})).view_as(r.expert);
     at::Tensor alive = slot >= 0;
+    if (keep_col.defined()) alive = alive.logical_and(keep_col.index_select(0, r.expert.reshape({-1})).view_as(r.expert));
     expert.push_back(slot.clamp_min(0));
     gate.push_back(r.gate);
     keep.push_back(r.keep.logical_and(alive));

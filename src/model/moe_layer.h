@@ -75,6 +75,12 @@ class MoeLayerImpl : public torch::nn::Module {
   const MoeRuntime& runtime() const { return runtime_; }
   // Another dispatcher backend or expert GEMM strategy; the maths stays the same.
   void set_runtime(const MoeRuntime& rt);
+  // Evaluation as if only `kept_ids` (original ids, a subset of expert_ids()) were
+  // left by pruning with `routing`, without rebuilding anything: zero routing drops
+  // the other experts' choices, drop routing masks their router columns (softmax,
+  // top-k and capacity over the kept). Equals the pruned layer up to float rounding.
+  // nullptr: no mask.
+  void set_expert_mask(const std::vector<int>* kept_ids, PrunedRouting routing);
   // The backend that routes and moves this layer's tokens on `device`.
   TokenDispatcher& dispatcher(c10::Device device);
 
@@ -92,6 +98,8 @@ class MoeLayerImpl : public torch::nn::Module {
   std::vector<int> ids_;
   std::vector<at::Tensor> column_slot_;  // per member: router column -> layer slot, -1 = pruned (buffers)
   std::vector<std::vector<int>> column_ids_;
+  std::vector<at::Tensor> mask_keep_;  // per member: router column kept by the mask (empty: no mask)
+  bool mask_columns_ = false;          // drop routing: mask the columns; zero: drop the choices
   Placement placement_;
   Communicator* comm_;
   MoeRuntime runtime_;

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace moeprune {
 
@@ -74,19 +75,25 @@ RouterImpl::RouterImpl(int hidden, RouterOptions opts) : opts_(opts) {
 }
 
 Routing RouterImpl::forward(const at::Tensor& x, bool train, const std::vector<uint64_t>& noise_seeds,
-                            const SlotSelector& selector, int top_k, const at::Tensor& token_valid) {
+                            const SlotSelector& selector, int top_k, const at::Tensor& token_valid,
+                            const at::Tensor& column_keep) {
   const int k = top_k > 0 ? std::min(top_k, opts_.top_k) : opts_.top_k;
   const int64_t G = x.size(0), S = x.size(1);
   const int E = opts_.num_experts;
+  // Columns that take part: all, or those column_keep leaves (capacity as for a router of that many).
+  const int E_live = column_keep.defined() ? static_cast<int>(column_keep.sum().item<int64_t>()) : E;
+  TORCH_CHECK(E_live >= k, "router: ", E_live, " unmasked columns for top-", k);
   Routing r;
   r.num_groups = G;
   r.group_tokens = S;
-  r.capacity = expert_capacity(S, k, opts_.capacity_factor, E);
+  r.capacity = expert_capacity(S, k, opts_.capacity_factor, E_live);
 
   // Routing in float32 also inside a bf16 autocast region: decisions, gates and
   // auxiliary losses must not depend on bf16 rounding of the logits.
   NoAutocastGuard fp32_router(x.device().type());
   at::Tensor logits = at::matmul(x.to(at::kFloat), weight);  // [G, S, E]
+  if (column_keep.defined())
+    logits = logits.masked_fill(column_keep.logical_not(), -std::numeric_limits<float>::infinity());
   at::Tensor noisy = logits;
   const double std_noise = opts_.noise_std / E;
   const bool noisy_routing = train && std_noise > 0;

@@ -94,8 +94,12 @@ class RouterImpl : public torch::nn::Module {
   // top_k > 0 overrides the configured k (SEER-MoE: evaluate with fewer experts).
   // token_valid [G, S] bool (optional): invalid tokens go after all valid ones in the
   // BPR priority order and are marked not kept.
+  // column_keep [E] bool (optional): columns that are false are masked out as if the
+  // router did not have them (softmax, top-k and capacity over the others), the
+  // cheap stand-in for a router whose pruned columns were dropped.
   Routing forward(const at::Tensor& x, bool train, const std::vector<uint64_t>& noise_seeds,
-                  const SlotSelector& selector, int top_k = 0, const at::Tensor& token_valid = {});
+                  const SlotSelector& selector, int top_k = 0, const at::Tensor& token_valid = {},
+                  const at::Tensor& column_keep = {});
 
   const RouterOptions& options() const { return opts_; }
   at::Tensor weight;  // [hidden, E]: column e is expert e's router weight

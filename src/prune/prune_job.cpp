@@ -1,6 +1,7 @@
 #include "prune/prune_job.h"
 
 #include <algorithm>
+#include <map>
 
 #include "core/error.h"
 #include "core/log.h"
@@ -36,7 +37,53 @@ std::vector<int> current_ranks(const MoeLayerImpl& layer, const std::vector<int>
   return out;
 }
 
+// prune.ratio: auto. Candidates step, 2*step, ... until the plan cannot be made (the
+// floor), each evaluated by masking; the largest within the budget is chosen.
+AutoRatio choose_ratio(VisionTransformer& model, const std::vector<LayerScores>& scores, const PruneConfig& pc,
+                       int top_k, const EvalResult& baseline, ShardedLoader& calibration, const Comms& comms) {
+  AutoRatio a;
+  a.max_accuracy_drop = pc.max_accuracy_drop;
+  a.baseline = baseline.accuracy;
+  std::map<uint64_t, double> seen;  // plan hash -> accuracy: ratios that prune the same experts
+  PruneConfig c = pc;
+  for (int i = 1; i * pc.auto_step < 1.0 - 1e-9; ++i) {
+    c.ratio = i * pc.auto_step;
+    PrunePlan plan;
+    try {
+      plan = make_plan(scores, c, top_k);
+    } catch (const UserError&) {
+      break;  // past the floor: every larger ratio is too
+    }
+    AutoRatioPoint pt{c.ratio, plan.total_pruned(), 0};
+    if (auto it = seen.find(plan.hash()); it != seen.end()) {
+      pt.accuracy = it->second;
+    } else {
+      mask_experts(model, &plan);
+      pt.accuracy = evaluate(model, calibration, comms, pc.calibration.batches).accuracy;
+      mask_experts(model, nullptr);
+      seen[plan.hash()] = pt.accuracy;
+    }
+    const bool ok = 100 * (a.baseline - pt.accuracy) <= pc.max_accuracy_drop + 1e-9;
+    log::info(concat("prune: ratio auto: ", c.ratio, " (", pt.pruned, " experts) ", calibration.split().name,
+                     " accuracy ", pt.accuracy, " (", 100 * (pt.accuracy - a.baseline), " pt)",
+                     ok ? "" : concat(": more than ", pc.max_accuracy_drop, " pt below unpruned")));
+    if (ok) a.chosen = c.ratio;
+    a.points.push_back(pt);
+  }
+  return a;
+}
+
 }  // namespace
+
+void mask_experts(VisionTransformer& model, const PrunePlan* plan) {
+  for (MoeLayer l : model->moe_layers()) {
+    const LayerPlan* lp = nullptr;
+    if (plan)
+      for (const auto& x : plan->layers)
+        if (x.block == l->layer()) lp = &x;
+    l->set_expert_mask(lp ? &lp->kept : nullptr, plan ? plan->routing : PrunedRouting::Drop);
+  }
+}
 
 PruneOutcome prune_job(PruneInputs in, const JobConfig& cfg, World& world) {
   const PruneConfig& pc = cfg.prune;
@@ -46,7 +93,7 @@ PruneOutcome prune_job(PruneInputs in, const JobConfig& cfg, World& world) {
 
   // 0. Whether the ratio or count can be met at all depends only on the layers' expert
   // counts and the floor: refuse an impossible one before evaluating anything.
-  world.agree([&] {
+  if (!pc.ratio_auto) world.agree([&] {
     std::vector<LayerScores> shapes;
     for (const auto& l : in.model->moe_layers())
       shapes.push_back(LayerScores{l->layer(), l->expert_ids(), std::vector<double>(l->expert_ids().size(), 0.0)});
@@ -71,9 +118,17 @@ PruneOutcome prune_job(PruneInputs in, const JobConfig& cfg, World& world) {
   }
   static const RouterHistory kNoHistory;
   const RouterHistory& history = in.history ? *in.history : kNoHistory;
+  PruneConfig chosen = pc;
   world.agree([&] {
-    out.plan = make_plan(expert_scores(pc.criterion, history.reference(), current, cal.load, ids, cfg.seed), pc,
-                         top_k);
+    const auto scores = expert_scores(pc.criterion, history.reference(), current, cal.load, ids, cfg.seed);
+    if (pc.ratio_auto) {
+      out.auto_ratio = choose_ratio(in.model, scores, pc, top_k, cal, *in.calibration, comms);
+      chosen.ratio = out.auto_ratio->chosen;
+      log::info(concat("prune: ratio auto: chose ", chosen.ratio, ", the largest of ", out.auto_ratio->points.size(),
+                       " candidates within ", pc.max_accuracy_drop, " pt of the unpruned ", cal.accuracy, " on ",
+                       in.calibration->split().name));
+    }
+    out.plan = make_plan(scores, chosen, top_k);
   });
   plan_agreement(out.plan, world.host_comm());
   log::info(concat("prune: plan (", name_of(pc.criterion), ", ", name_of(pc.scope), ", ", name_of(pc.routing),

@@ -4,6 +4,7 @@
 // rebalance, and evaluate before and after. Knows nothing of checkpoints or files:
 // the pipeline (src/pipeline) gives the inputs and stores what comes out.
 #pragma once
+#include <optional>
 #include <vector>
 
 #include "core/config.h"
@@ -30,8 +31,22 @@ struct ModelFigures {
   double expert_flops_per_token = 0;   // per MoE layer, measured (kept choices / tokens)
 };
 
+// prune.ratio: auto: each candidate ratio evaluated by masking the unpruned model.
+struct AutoRatioPoint {
+  double ratio = 0;
+  int pruned = 0;           // experts the candidate's plan prunes
+  double accuracy = 0;      // on the calibration split, masked
+};
+struct AutoRatio {
+  double max_accuracy_drop = 0;  // points
+  double baseline = 0;           // unpruned accuracy on the calibration split
+  std::vector<AutoRatioPoint> points;
+  double chosen = 0;             // the largest ratio within the budget (0: none was)
+};
+
 struct PruneOutcome {
   PrunePlan plan;
+  std::optional<AutoRatio> auto_ratio;  // set when prune.ratio is auto
   Migration pruned;                     // the pruned, rebalanced model and its optimiser state
   std::vector<Placement> placements;    // of the pruned model
   EvalResult before, after;             // on the test split
@@ -40,6 +55,9 @@ struct PruneOutcome {
   std::vector<double> imbalance_before, imbalance_after;  // per MoE layer, expected load max / mean
   int64_t bytes_moved = 0;              // expert bytes sent between ranks (pruning + rebalancing)
 };
+
+// Collective: masks the layers of `model` as `plan` would prune them (nullptr: unmask).
+void mask_experts(VisionTransformer& model, const PrunePlan* plan);
 
 // Collective.
 PruneOutcome prune_job(PruneInputs in, const JobConfig& cfg, World& world);

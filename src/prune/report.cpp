@@ -24,6 +24,16 @@ json refinetune_json(const RefinetuneResult& r) {
   return j;
 }
 
+json auto_json(const PruneOutcome& o, const PruneConfig& pc) {
+  if (!o.auto_ratio) return nullptr;
+  const AutoRatio& a = *o.auto_ratio;
+  json pts = json::array();
+  for (const auto& p : a.points) pts.push_back({{"ratio", p.ratio}, {"pruned", p.pruned}, {"accuracy", p.accuracy}});
+  return {{"max_accuracy_drop", a.max_accuracy_drop}, {"split", name_of(pc.calibration.split)},
+          {"calibration_batches", pc.calibration.batches}, {"unpruned_accuracy", a.baseline},
+          {"candidates", pts}, {"chosen", a.chosen}};
+}
+
 json report_json(const PruneReport& r) {
   const PruneOutcome& o = *r.outcome;
   const PruneConfig& pc = *r.settings;
@@ -43,7 +53,8 @@ json report_json(const PruneReport& r) {
   return {{"criterion", name_of(pc.criterion)},
           {"scope", name_of(pc.scope)},
           {"routing", name_of(pc.routing)},
-          {"ratio", pc.ratio},
+          {"ratio", o.auto_ratio ? o.auto_ratio->chosen : pc.ratio},
+          {"ratio_auto", auto_json(o, pc)},
           {"ranks", r.ranks},
           {"checkpoint_in", r.checkpoint_in},
           {"checkpoint_out", r.checkpoint_out},
@@ -91,6 +102,14 @@ void print_prune_report(const PruneReport& r, const std::string& path) {
   const PruneConfig& pc = *r.settings;
   std::printf("\npruning report: %s, %s scope, %s routing, %d ranks\n", str(pc.criterion).c_str(),
               str(pc.scope).c_str(), str(pc.routing).c_str(), r.ranks);
+  if (const auto& a = o.auto_ratio) {
+    std::printf("  ratio auto: within %.2f pt of the unpruned %.2f%% on the %s split (masked evaluation)\n",
+                a->max_accuracy_drop, 100 * a->baseline, str(pc.calibration.split).c_str());
+    for (const auto& p : a->points)
+      std::printf("    ratio %5.3f  %3d experts  %6.2f%%  %+6.2f pt%s\n", p.ratio, p.pruned, 100 * p.accuracy,
+                  100 * (p.accuracy - a->baseline), p.ratio == a->chosen ? "  <- chosen" : "");
+    if (a->chosen == 0) std::printf("    no candidate within the budget: nothing pruned\n");
+  }
   std::printf("  %-6s %8s %8s  %-26s %-22s %10s %10s\n", "block", "experts", "kept", "pruned ids", "kept ids",
               "imb before", "imb after");
   for (size_t l = 0; l < o.plan.layers.size(); ++l) {
