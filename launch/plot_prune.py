@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Pictures of one pruning report (prune_report.json, written by `moeprune prune`
 or `moeprune run`):
-  prune_experts.png     per MoE block, the criterion's score of every expert, pruned
-                        ones in red, and the expected load per rank before/after
+  prune_experts.png     per MoE block, the criterion's score of every expert, its
+                        router norm change and its downstream load, pruned ones in
+                        red, and the expected load per rank before/after
                         rebalancing (imbalance = max / mean);
   prune_ratio_auto.png  with prune.ratio: auto, the masked accuracy of every
                         candidate ratio on the calibration split, the budget and the
-                        chosen ratio.
+                        chosen ratio;
+  training_curves.png   loss and validation accuracy of every phase, from the
+                        metrics.jsonl beside the report.
 usage: plot_prune.py REPORT.json [OUT_DIR]   (default: the report's directory)
 Prints the paths it wrote."""
 import json
@@ -24,15 +27,30 @@ os.makedirs(out, exist_ok=True)
 written = []
 
 layers = report["layers"]
-fig, axes = plt.subplots(1, len(layers) + 1, figsize=(3.2 * (len(layers) + 1), 3.4), squeeze=False)
-for ax, l in zip(axes[0], layers):
+# Rows: the criterion's score; the router norm change (when not the criterion); the
+# downstream load (kept choices on the calibration split). Pruned experts in red.
+rows = [("scores", f"score ({report['criterion']})")]
+if report["criterion"] != "router_norm_change" and all(l.get("router_norm_change") for l in layers):
+    rows.append(("router_norm_change", "router norm change"))
+if all(l.get("calibration_load") for l in layers):
+    rows.append(("calibration_load", "downstream load (choices)"))
+fig, axes = plt.subplots(len(rows), len(layers) + 1, figsize=(3.2 * (len(layers) + 1), 2.9 * len(rows)),
+                         squeeze=False)
+for j, l in enumerate(layers):
     ids = sorted(l["kept"] + l["pruned"])
     colors = ["tab:red" if i in l["pruned"] else "tab:blue" for i in ids]
-    ax.bar([str(i) for i in ids], l["scores"], color=colors)
-    ax.axhline(0, color="black", lw=0.5)
-    ax.set_title(f"block {l['block']}: {len(l['pruned'])} of {len(ids)} pruned", fontsize=9)
-    ax.set_xlabel("expert id")
-axes[0][0].set_ylabel(f"score ({report['criterion']})")
+    for i, (key, label) in enumerate(rows):
+        ax = axes[i][j]
+        ax.bar([str(e) for e in ids], l[key], color=colors)
+        ax.axhline(0, color="black", lw=0.5)
+        if i == 0:
+            ax.set_title(f"block {l['block']}: {len(l['pruned'])} of {len(ids)} pruned (red)", fontsize=9)
+        if i == len(rows) - 1:
+            ax.set_xlabel("expert id")
+        if j == 0:
+            ax.set_ylabel(label, fontsize=9)
+for i in range(1, len(rows)):
+    axes[i][-1].axis("off")
 ax = axes[0][-1]
 blocks = [str(l["block"]) for l in layers]
 x = range(len(layers))
@@ -44,8 +62,10 @@ ax.set_xlabel("MoE block")
 ax.set_ylabel("load imbalance (max / mean per rank)")
 ax.set_title(f"{report['ranks']} ranks", fontsize=9)
 ax.legend(fontsize=7)
+zeroed = report.get("test_accuracy_experts_zeroed")
 fig.suptitle(f"{report['criterion']}, {report['scope']} scope, {report['routing']} routing, ratio {report['ratio']}: "
-             f"test accuracy {100 * report['test_accuracy_before']:.2f}% -> {100 * report['test_accuracy_after']:.2f}%",
+             f"test accuracy {100 * report['test_accuracy_before']:.2f}% -> {100 * report['test_accuracy_after']:.2f}%"
+             + (f"; every expert zeroed: {100 * zeroed:.2f}%" if zeroed is not None else ""),
              fontsize=10)
 fig.tight_layout()
 path = os.path.join(out, "prune_experts.png")
@@ -74,4 +94,36 @@ if auto:
     path = os.path.join(out, "prune_ratio_auto.png")
     fig.savefig(path, dpi=110)
     written.append(path)
+# Training curves of the run, when its metrics.jsonl is beside the report.
+metrics = os.path.join(os.path.dirname(os.path.abspath(sys.argv[1])), "metrics.jsonl")
+if os.path.exists(metrics):
+    curves, evals = {}, {}
+    for line in open(metrics):
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        ph = r.get("phase")
+        if ph and "loss" in r and "step" in r and "event" not in r:
+            curves.setdefault(ph, []).append((r["step"], r["loss"]))
+        if ph and "val_accuracy" in r and "step" in r:
+            evals.setdefault(ph, []).append((r["step"], 100 * r["val_accuracy"]))
+    if curves:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+        for ph, pts in curves.items():
+            a1.plot([p[0] for p in pts], [p[1] for p in pts], label=ph)
+        for ph, pts in evals.items():
+            a2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=ph)
+        a1.set_xlabel("step")
+        a1.set_ylabel("training loss")
+        a1.set_yscale("log")
+        a2.set_xlabel("step")
+        a2.set_ylabel("validation accuracy (%)")
+        for a in (a1, a2):
+            a.grid(alpha=0.3)
+            a.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out, "training_curves.png")
+        fig.savefig(path, dpi=110)
+        written.append(path)
 print(" ".join(written))

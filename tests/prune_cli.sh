@@ -48,6 +48,12 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 assert [l["experts_after"] for l in r["layers"]] == [2, 4], r["layers"]  # uneven: only block 1 was eligible
 assert r["params_after"] < r["params_before"]
+assert 0 <= r["test_accuracy_experts_zeroed"] <= 1, r["test_accuracy_experts_zeroed"]
+for l in r["layers"]:  # per-expert downstream load and router norm change, every expert of the layer
+    assert len(l["calibration_load"]) == l["experts_before"] and sum(l["calibration_load"]) > 0, l
+    assert len(l["router_norm_change"]) == l["experts_before"], l
+    if r["criterion"] == "router_norm_change":
+        assert l["router_norm_change"] == l["scores"], l
 assert r["refinetune"]["eval_top_k"] == 1 and 0 <= r["refinetune"]["test_accuracy_eval_top_k"] <= 1
 PY
 "$BIN" ckpt verify "$OUT/checkpoints" > /dev/null || fail "pruned checkpoint does not verify"

@@ -96,5 +96,34 @@ TEST(PruneMpi, PlacementInvarianceAndSingleProcessOracle) {
   }
 }
 
+// The report's "what the experts contribute": masking every expert away (zero routing,
+// none kept) is the model whose experts all output zero.
+TEST(PruneMpi, MaskingEveryExpertEqualsZeroExpertWeights) {
+  World& w = *g_world;
+  const int W = w.size(), r = w.rank();
+  const ModelConfig mc = model_cfg();
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(7);
+  at::Tensor mine = at::randn({4 * W, 1, 8, 8}, gen, at::kFloat).narrow(0, r * 4, 4);
+  at::manual_seed(3);
+  VisionTransformer model(mc, default_placements(mc, W), w.comm(), 3);
+  PrunePlan none;
+  none.routing = PrunedRouting::Zero;
+  for (const auto& l : model->moe_layers()) none.layers.push_back(LayerPlan{l->layer(), {}, l->expert_ids(), {}, {}});
+  mask_experts(model, &none);
+  const at::Tensor masked = run(model, mine);
+  mask_experts(model, nullptr);
+  const at::Tensor full = run(model, mine);
+  {
+    at::NoGradGuard ng;
+    for (MoeLayer l : model->moe_layers()) {
+      l->experts->w2.zero_();
+      l->experts->b2.zero_();
+    }
+  }
+  const at::Tensor zeroed = run(model, mine);
+  EXPECT_LE(rel_err(masked, zeroed), 1e-6);
+  EXPECT_GT(rel_err(full, zeroed), 1e-3) << "the experts contribute nothing here: the test cannot fail";
+}
+
 }  // namespace
 }  // namespace moeprune::test

@@ -108,6 +108,18 @@ PruneOutcome prune_job(PruneInputs in, const JobConfig& cfg, World& world) {
   log::info(concat("prune: test accuracy before pruning ", out.before.accuracy, "; calibrated on ", cal.count,
                    " examples of ", in.calibration->split().name));
   out.figures_before = figures(in.model, out.before.load, world.host_comm());
+  out.calibration_load = cal.load;
+  {
+    PrunePlan none;  // zero routing keeping no expert: every MoE layer's output is 0
+    none.routing = PrunedRouting::Zero;
+    for (const auto& l : in.model->moe_layers()) none.layers.push_back(LayerPlan{l->layer(), {}, l->expert_ids(), {}, {}});
+    mask_experts(in.model, &none);
+    out.experts_zeroed = evaluate(in.model, *in.test, comms);
+    mask_experts(in.model, nullptr);
+    log::info(concat("prune: test accuracy with every expert's output zeroed ", out.experts_zeroed.accuracy,
+                     " (what the experts contribute: ", 100 * (out.before.accuracy - out.experts_zeroed.accuracy),
+                     " pt)"));
+  }
 
   // 2. Scores, plan, agreement.
   std::map<int, at::Tensor> current;
@@ -121,6 +133,10 @@ PruneOutcome prune_job(PruneInputs in, const JobConfig& cfg, World& world) {
   PruneConfig chosen = pc;
   world.agree([&] {
     const auto scores = expert_scores(pc.criterion, history.reference(), current, cal.load, ids, cfg.seed);
+    if (!history.reference().empty())
+      for (const auto& ls : expert_scores(Criterion::RouterNormChange, history.reference(), current, cal.load, ids,
+                                          cfg.seed))
+        out.router_norm_change[ls.block] = ls.scores;
     if (pc.ratio_auto) {
       out.auto_ratio = choose_ratio(in.model, scores, pc, top_k, cal, *in.calibration, comms);
       chosen.ratio = out.auto_ratio->chosen;

@@ -4,6 +4,7 @@
 // rebalance, and evaluate before and after. Knows nothing of checkpoints or files:
 // the pipeline (src/pipeline) gives the inputs and stores what comes out.
 #pragma once
+#include <map>
 #include <optional>
 #include <vector>
 
@@ -50,6 +51,11 @@ struct PruneOutcome {
   Migration pruned;                     // the pruned, rebalanced model and its optimiser state
   std::vector<Placement> placements;    // of the pruned model
   EvalResult before, after;             // on the test split
+  // What the experts contribute: the unpruned model on the test split with every
+  // expert's output zeroed (zero routing with no expert kept: each MoE layer adds 0).
+  EvalResult experts_zeroed;
+  RoutingStats calibration_load;        // per block, before pruning (slot order)
+  std::map<int, std::vector<double>> router_norm_change;  // per block (id order), when the reference is known
   int64_t calibration_examples = 0;
   ModelFigures figures_before, figures_after;
   std::vector<double> imbalance_before, imbalance_after;  // per MoE layer, expected load max / mean

@@ -46,6 +46,10 @@ json report_json(const PruneReport& r) {
                       {"kept", lp.kept},
                       {"pruned", lp.pruned},
                       {"scores", lp.scores},
+                      {"calibration_load", o.calibration_load.count(lp.block) ? json(o.calibration_load.at(lp.block).kept)
+                                                                              : json(nullptr)},
+                      {"router_norm_change", o.router_norm_change.count(lp.block)
+                                                 ? json(o.router_norm_change.at(lp.block)) : json(nullptr)},
                       {"imbalance_before", o.imbalance_before[l]},
                       {"imbalance_after", o.imbalance_after[l]},
                       {"placement_after", l < o.placements.size() ? o.placements[l].expert_rank() : std::vector<int>{}}});
@@ -69,6 +73,7 @@ json report_json(const PruneReport& r) {
           {"expert_flops_per_token_after", o.figures_after.expert_flops_per_token},
           {"test_accuracy_before", o.before.accuracy},
           {"test_accuracy_after", o.after.accuracy},
+          {"test_accuracy_experts_zeroed", o.experts_zeroed.accuracy},
           {str(Phase::Refinetune), r.refinetune ? refinetune_json(*r.refinetune) : json(nullptr)}};
 }
 
@@ -129,6 +134,8 @@ void print_prune_report(const PruneReport& r, const std::string& path) {
   std::printf("  %-34s %14.2f %14.2f\n", "max parameter MiB per rank", b.max_rank_bytes / 1048576.0,
               a.max_rank_bytes / 1048576.0);
   std::printf("  %-34s %13.2f%% %13.2f%%\n", "test accuracy", 100 * o.before.accuracy, 100 * o.after.accuracy);
+  std::printf("  what the experts contribute: test accuracy %.2f%% with every expert's output zeroed (%+.2f pt)\n",
+              100 * o.experts_zeroed.accuracy, 100 * (o.experts_zeroed.accuracy - o.before.accuracy));
   std::printf("  expert bytes moved between ranks: %lld; report: %s; checkpoint: %s\n",
               static_cast<long long>(o.bytes_moved), path.c_str(), r.checkpoint_out.c_str());
   std::fflush(stdout);
