@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "core/log.h"
+#include "core/hardware.h"
 #include "core/precision.h"
 
 namespace moeprune {
@@ -78,6 +79,8 @@ PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader
   log::info(concat(name_, ": ", phase_.steps, " steps of ", phase_.batch_size, " images (", accum,
                    " micro-batches) on ", W, " ranks, ", name_of(phase_.optimizer), " ", name_of(phase_.precision), " lr ", phase_.lr, ", train split ",
                    train.split().size(), " examples, ", train.steps_per_epoch(), " steps per epoch"));
+  if (phase_.precision == Precision::Bf16 && model_->parameters().front().device().is_cpu())
+    if (const std::string w = cpu_bf16_warning(); !w.empty()) log::warn(concat(name_, ": precision bf16: ", w));
   const auto phase_start = Clock::now();
   // Window accumulators between log lines.
   double w_loss = 0, w_correct = 0, w_count = 0, w_time = 0, w_norm = 0;
