@@ -163,6 +163,55 @@ TEST(Checkpoint, ManifestEditsAndUnlistedFilesAreRefused) {
   EXPECT_EQ(f.load_error(dir), "");
 }
 
+// Experts lost or saved twice (the expert-parallel checkpoint failure users of other
+// systems report): a manifest listing an expert twice is refused on load and by
+// verify; one that lists an expert the model does not have, or misses one, is refused
+// by `ckpt verify` (and the missing one on load, by the rank that needs it).
+TEST(Checkpoint, EveryExpertExactlyOnce) {
+  Fixture f("experts-once");
+  const std::string dir = f.save(10);
+  EXPECT_NE(verify_checkpoint(dir).find("every expert of the model in one shard"), std::string::npos);
+  const std::string path = dir + "/manifest.json";
+  nlohmann::json j;
+  std::ifstream(path) >> j;
+  const nlohmann::json original = j;
+  auto write_listing = [&](const std::vector<int>& ids) {
+    nlohmann::json m = original;
+    m.erase("manifest_crc32");
+    m["shards"][0]["experts"]["1"] = ids;
+    m["manifest_crc32"] = text_crc32(m.dump());
+    std::ofstream(path) << m.dump(1);
+  };
+  auto verify_error = [&]() -> std::string {
+    try {
+      verify_checkpoint(dir);
+    } catch (const UserError& e) {
+      return e.what();
+    }
+    return "";
+  };
+  ASSERT_EQ(original["shards"][0]["experts"]["1"], nlohmann::json({0, 1, 2, 3}));
+
+  write_listing({0, 1, 2, 3, 2});
+  EXPECT_NE(verify_error().find("expert 2 of MoE block 1 is listed twice by the shard of rank 0"), std::string::npos)
+      << verify_error();
+  EXPECT_NE(f.load_error(dir).find("listed twice"), std::string::npos);
+
+  write_listing({0, 1, 3});
+  EXPECT_NE(verify_error().find("expert 2 of MoE block 1 is in the model but no shard lists it"), std::string::npos)
+      << verify_error();
+  EXPECT_NE(f.load_error(dir).find("no shard holds expert 2 of MoE block 1"), std::string::npos) << f.load_error(dir);
+
+  write_listing({0, 1, 2, 3, 7});
+  EXPECT_NE(verify_error().find("lists expert 7 of MoE block 1, which the saved model does not have"),
+            std::string::npos)
+      << verify_error();
+
+  std::ofstream(path) << original.dump(1);
+  EXPECT_EQ(verify_error(), "");
+  EXPECT_EQ(f.load_error(dir), "");
+}
+
 // Seeded corruption: one byte of one of the checkpoint's files changed, or a file cut
 // short, at random. Every such checkpoint must be refused with a UserError (never
 // another exception), unless its data is unchanged (whitespace of the manifest); the

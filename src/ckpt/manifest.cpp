@@ -85,6 +85,7 @@ Manifest manifest_from_json(const json& j, const std::string& path) {
   require(static_cast<int>(m.shards.size()) == m.world_size,
           bad(concat(m.shards.size(), " shards for world_size ", m.world_size, ", expected one per rank")));
   std::vector<bool> seen(static_cast<size_t>(m.world_size), false);
+  std::map<std::pair<int, int>, int> lister;  // (block, id) -> the rank whose shard lists it
   for (const auto& s : m.shards) {
     require(s.rank >= 0 && s.rank < m.world_size && !seen[static_cast<size_t>(s.rank)],
             bad(concat("shard of rank ", s.rank, ", expected each rank of 0..", m.world_size - 1, " once")));
@@ -92,7 +93,16 @@ Manifest manifest_from_json(const json& j, const std::string& path) {
     require(m.lists(s.file), bad(concat("shard file '", s.file, "' of rank ", s.rank, " is not in 'files'")));
     for (const auto& [block, ids] : s.experts) {
       require(block >= 0, bad(concat("MoE block ", block, ", expected >= 0")));
-      for (int id : ids) require(id >= 0, bad(concat("expert id ", id, " in block ", block, ", expected >= 0")));
+      for (int id : ids) {
+        require(id >= 0, bad(concat("expert id ", id, " in block ", block, ", expected >= 0")));
+        // An expert saved twice (or by two ranks) would be loaded from whichever came last.
+        const auto [it, fresh] = lister.emplace(std::make_pair(block, id), s.rank);
+        require(fresh, bad(it->second == s.rank
+                               ? concat("expert ", id, " of MoE block ", block, " is listed twice by the shard of rank ",
+                                        s.rank, ", expected exactly once")
+                               : concat("expert ", id, " of MoE block ", block, " is listed by the shards of ranks ",
+                                        it->second, " and ", s.rank, ", expected exactly once")));
+      }
     }
   }
   for (const auto& f : m.files)

@@ -8,6 +8,7 @@
 #include "ckpt/store.h"
 #include "core/error.h"
 #include "core/safetensors.h"
+#include "model/model_state.h"
 
 namespace moeprune {
 using json = nlohmann::json;
@@ -62,10 +63,38 @@ std::string inspect_checkpoint(const std::string& dir_in) {
 std::string verify_checkpoint(const std::string& dir_in) {
   const Manifest m = read_manifest(resolve_checkpoint(dir_in));
   verify_files(m);
+  // Every expert of the saved model in exactly one shard (read_manifest refused one
+  // listed twice), on the rank the model's layout places it: the experts lost or
+  // saved twice that expert-parallel checkpoints are known for.
+  if (m.has_section("model")) {
+    const ModelLayout layout = layout_from_json(m.section("model"), m.dir);
+    std::map<std::pair<int, int>, int> listed;  // (block, id) -> rank of the shard listing it
+    for (const auto& s : m.shards)
+      for (const auto& [block, ids] : s.experts)
+        for (int id : ids) listed[{block, id}] = s.rank;
+    for (const auto& l : layout.layers) {
+      for (size_t i = 0; i < l.experts.size(); ++i) {
+        const auto it = listed.find({l.block, l.experts[i]});
+        require(it != listed.end(), concat("checkpoint ", m.dir, ": expert ", l.experts[i], " of MoE block ", l.block,
+                                           " is in the model but no shard lists it (lost at save)"));
+        require(layout.world_size != m.world_size || it->second == l.rank[i],
+                concat("checkpoint ", m.dir, ": expert ", l.experts[i], " of MoE block ", l.block,
+                       " is listed by the shard of rank ", it->second, ", the model places it on rank ", l.rank[i]));
+      }
+    }
+    for (const auto& [key, rank] : listed) {
+      bool known = false;
+      for (const auto& l : layout.layers)
+        known = known || (l.block == key.first && std::binary_search(l.experts.begin(), l.experts.end(), key.second));
+      require(known, concat("checkpoint ", m.dir, ": the shard of rank ", rank, " lists expert ", key.second,
+                            " of MoE block ", key.first, ", which the saved model does not have"));
+    }
+  }
   int64_t bytes = 0;
   for (const auto& f : m.files) bytes += f.bytes;
   return concat("checkpoint ", m.dir, ": OK (", m.files.size(), " files, ", bytes,
-                " bytes, sizes and CRC-32 match the manifest)");
+                " bytes, sizes and CRC-32 match the manifest",
+                m.has_section("model") ? "; every expert of the model in one shard, on its rank" : "", ")");
 }
 
 void export_checkpoint(const std::string& dir_in, const std::string& out) {
