@@ -133,9 +133,11 @@ PruneOutcome prune_job(PruneInputs in, const JobConfig& cfg, World& world) {
   PruneConfig chosen = pc;
   world.agree([&] {
     const auto scores = expert_scores(pc.criterion, history.reference(), current, cal.load, ids, cfg.seed);
-    if (!history.reference().empty())
-      for (const auto& ls : expert_scores(Criterion::RouterNormChange, history.reference(), current, cal.load, ids,
-                                          cfg.seed))
+    if (!history.reference().empty())  // for the report; the scores themselves when that is the criterion
+      for (const auto& ls : pc.criterion == Criterion::RouterNormChange
+                                ? scores
+                                : expert_scores(Criterion::RouterNormChange, history.reference(), current, cal.load,
+                                                ids, cfg.seed))
         out.router_norm_change[ls.block] = ls.scores;
     if (pc.ratio_auto) {
       out.auto_ratio = choose_ratio(in.model, scores, pc, top_k, cal, *in.calibration, comms);
