@@ -14,5 +14,5 @@ echo "[demo] moeprune run on 2 ranks: pretrain (cached) -> finetune -> prune -> 
 launch/mpirun.sh -np 2 build/moeprune run "$@"
 pngs=$(.venv/bin/python launch/plot_prune.py runs/vmoe-tiny/prune_report.json 2>&1) || pngs="(no pictures: $pngs)"
 echo "[demo] done in $(( $(date +%s) - start )) s; outputs in runs/vmoe-tiny: prune_report.json, metrics.jsonl,"
-echo "[demo] pictures: $pngs"
 echo "[demo] router_history.json, pretrained/finetuned model files, checkpoints/ (build/moeprune ckpt inspect runs/vmoe-tiny/checkpoints)"
+echo "[demo] pictures: $pngs"

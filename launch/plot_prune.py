@@ -26,6 +26,15 @@ out = sys.argv[2] if len(sys.argv) > 2 else os.path.dirname(os.path.abspath(sys.
 os.makedirs(out, exist_ok=True)
 written = []
 
+
+def save(fig, name):
+    fig.tight_layout()
+    path = os.path.join(out, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+
 layers = report["layers"]
 # Rows: the criterion's score; the router norm change (when not the criterion); the
 # downstream load (kept choices on the calibration split). Pruned experts in red.
@@ -67,10 +76,7 @@ fig.suptitle(f"{report['criterion']}, {report['scope']} scope, {report['routing'
              f"test accuracy {100 * report['test_accuracy_before']:.2f}% -> {100 * report['test_accuracy_after']:.2f}%"
              + (f"; every expert zeroed: {100 * zeroed:.2f}%" if zeroed is not None else ""),
              fontsize=10)
-fig.tight_layout()
-path = os.path.join(out, "prune_experts.png")
-fig.savefig(path, dpi=110)
-written.append(path)
+save(fig, "prune_experts.png")
 
 auto = report.get("ratio_auto")
 if auto:
@@ -90,10 +96,7 @@ if auto:
     ax.set_title(f"prune.ratio: auto ({report['criterion']}, {report['routing']} routing)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out, "prune_ratio_auto.png")
-    fig.savefig(path, dpi=110)
-    written.append(path)
+    save(fig, "prune_ratio_auto.png")
 # Training curves of the run, when its metrics.jsonl is beside the report.
 metrics = os.path.join(os.path.dirname(os.path.abspath(sys.argv[1])), "metrics.jsonl")
 if os.path.exists(metrics):
@@ -122,8 +125,5 @@ if os.path.exists(metrics):
         for a in (a1, a2):
             a.grid(alpha=0.3)
             a.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(out, "training_curves.png")
-        fig.savefig(path, dpi=110)
-        written.append(path)
+        save(fig, "training_curves.png")
 print(" ".join(written))
