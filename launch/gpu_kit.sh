@@ -5,7 +5,8 @@
 #
 #   launch/gpu_kit.sh fetch    # here, with Debian's apt: .debs into .gpukit/ (git-ignored)
 #   launch/gpu_kit.sh pack     # here, optional: copy this machine's CUDA build (same torch
-#                              # 2.11.0+cu130 wheel) and the Fashion-MNIST files into .gpukit/,
+#                              # 2.11.0+cu130 wheel), the Fashion-MNIST files and the vmoe
+#                              # test fixtures (../shared/fixtures) into .gpukit/,
 #                              # so that the GPU machine spends its time running, not compiling
 #   launch/gpu_kit.sh build    # there: unpack; build build-gpu/ unless .gpukit/build was packed
 #   launch/gpu_kit.sh check    # there: GPU tests, CPU-vs-GPU checks, benchmarks; logs into $OUT
