@@ -37,6 +37,19 @@ std::vector<int> current_ranks(const MoeLayerImpl& layer, const std::vector<int>
   return out;
 }
 
+// A model evaluated as `plan` would prune it for as long as this lives (also when
+// the evaluation throws).
+class Masked {
+ public:
+  Masked(VisionTransformer& model, const PrunePlan& plan) : model_(model) { mask_experts(model_, &plan); }
+  ~Masked() { mask_experts(model_, nullptr); }
+  Masked(const Masked&) = delete;
+  Masked& operator=(const Masked&) = delete;
+
+ private:
+  VisionTransformer& model_;
+};
+
 // prune.ratio: auto. Candidates step, 2*step, ... until the plan cannot be made (the
 // floor), each evaluated by masking; the largest within the budget is chosen.
 AutoRatio choose_ratio(VisionTransformer& model, const std::vector<LayerScores>& scores, const PruneConfig& pc,
@@ -58,9 +71,8 @@ AutoRatio choose_ratio(VisionTransformer& model, const std::vector<LayerScores>&
     if (auto it = seen.find(plan.hash()); it != seen.end()) {
       pt.accuracy = it->second;
     } else {
-      mask_experts(model, &plan);
+      const Masked masked(model, plan);
       pt.accuracy = evaluate(model, calibration, comms, pc.calibration.batches).accuracy;
-      mask_experts(model, nullptr);
       seen[plan.hash()] = pt.accuracy;
     }
     const bool ok = 100 * (a.baseline - pt.accuracy) <= pc.max_accuracy_drop + 1e-9;
@@ -113,9 +125,10 @@ PruneOutcome prune_job(PruneInputs in, const JobConfig& cfg, World& world) {
     PrunePlan none;  // zero routing keeping no expert: every MoE layer's output is 0
     none.routing = PrunedRouting::Zero;
     for (const auto& l : in.model->moe_layers()) none.layers.push_back(LayerPlan{l->layer(), {}, l->expert_ids(), {}, {}});
-    mask_experts(in.model, &none);
-    out.experts_zeroed = evaluate(in.model, *in.test, comms);
-    mask_experts(in.model, nullptr);
+    {
+      const Masked masked(in.model, none);
+      out.experts_zeroed = evaluate(in.model, *in.test, comms);
+    }
     log::info(concat("prune: test accuracy with every expert's output zeroed ", out.experts_zeroed.accuracy,
                      " (what the experts contribute: ", 100 * (out.before.accuracy - out.experts_zeroed.accuracy),
                      " pt)"));
