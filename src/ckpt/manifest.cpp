@@ -31,8 +31,8 @@ void to_json(json& j, const Manifest& m) {
   json files = json::array();
   for (const auto& f : m.files) files.push_back({{"name", f.name}, {"bytes", f.bytes}, {"crc32", f.crc32}});
   j = {{"format", kCheckpointFormat}, {"version", m.version}, {"phase", m.phase},   {"step", m.step},
-       {"world_size", m.world_size},  {"config", m.config_yaml}, {"state", m.state}, {"shards", shards},
-       {"files", files}};
+       {"world_size", m.world_size},  {"expert_parallel", m.expert_parallel}, {"config", m.config_yaml},
+       {"state", m.state}, {"shards", shards}, {"files", files}};
 }
 
 namespace {
@@ -61,6 +61,7 @@ Manifest manifest_from_json(const json& j, const std::string& path) {
     m.phase = j.at("phase").get<std::string>();
     m.step = j.at("step").get<int64_t>();
     m.world_size = j.at("world_size").get<int>();
+    m.expert_parallel = j.contains("expert_parallel") ? j.at("expert_parallel").get<int>() : m.world_size;
     m.config_yaml = j.at("config").get<std::string>();
     m.state = j.at("state");
     require(m.state.is_object(), concat("checkpoint: '", path, "': 'state' must be an object"));
@@ -82,13 +83,17 @@ Manifest manifest_from_json(const json& j, const std::string& path) {
   const auto bad = [&](const std::string& what) { return concat("checkpoint: '", path, "': ", what); };
   require(m.step >= 0, bad(concat("step ", m.step, ", expected >= 0")));
   require(m.world_size >= 1, bad(concat("world_size ", m.world_size, ", expected >= 1")));
-  require(static_cast<int>(m.shards.size()) == m.world_size,
-          bad(concat(m.shards.size(), " shards for world_size ", m.world_size, ", expected one per rank")));
-  std::vector<bool> seen(static_cast<size_t>(m.world_size), false);
+  require(m.expert_parallel >= 1 && m.world_size % m.expert_parallel == 0,
+          bad(concat("expert_parallel ", m.expert_parallel, " for world_size ", m.world_size,
+                     ", expected a divisor of world_size")));
+  require(static_cast<int>(m.shards.size()) == m.expert_parallel,
+          bad(concat(m.shards.size(), " shards for expert_parallel ", m.expert_parallel,
+                     ", expected one per rank of an expert-parallel group")));
+  std::vector<bool> seen(static_cast<size_t>(m.expert_parallel), false);
   std::map<std::pair<int, int>, int> lister;  // (block, id) -> the rank whose shard lists it
   for (const auto& s : m.shards) {
-    require(s.rank >= 0 && s.rank < m.world_size && !seen[static_cast<size_t>(s.rank)],
-            bad(concat("shard of rank ", s.rank, ", expected each rank of 0..", m.world_size - 1, " once")));
+    require(s.rank >= 0 && s.rank < m.expert_parallel && !seen[static_cast<size_t>(s.rank)],
+            bad(concat("shard of rank ", s.rank, ", expected each rank of 0..", m.expert_parallel - 1, " once")));
     seen[static_cast<size_t>(s.rank)] = true;
     require(m.lists(s.file), bad(concat("shard file '", s.file, "' of rank ", s.rank, " is not in 'files'")));
     for (const auto& [block, ids] : s.experts) {

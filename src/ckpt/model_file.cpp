@@ -47,6 +47,11 @@ at::Tensor gather_expert_param(const VisionTransformer& model, const std::string
   TORCH_CHECK(p && is_expert_param(name), "gather_expert_param: ", name, " is not an expert parameter");
   const at::Tensor local = p->detach().to(at::kCPU).contiguous();
   const Placement& pl = layer_of(model, name)->placement();
+  // On a mesh the placement is over the N ranks of an expert-parallel group; group 0
+  // (world ranks 0..N-1) holds every expert once, the other groups hold replicas.
+  TORCH_CHECK(pl.world_size() <= host.size(), "gather_expert_param: placement over ", pl.world_size(), " ranks, ",
+              host.size(), " in the communicator");
+  if (host.rank() >= pl.world_size()) return {};
   if (host.rank() != 0) {
     host.send(local, 0, 17);
     return {};
@@ -54,7 +59,7 @@ at::Tensor gather_expert_param(const VisionTransformer& model, const std::string
   std::vector<int64_t> shape(local.sizes().begin(), local.sizes().end());
   shape[0] = pl.num_experts();
   at::Tensor full = at::empty(shape, local.options());
-  for (int r = 0; r < host.size(); ++r) {
+  for (int r = 0; r < pl.world_size(); ++r) {
     const auto& slots = pl.local_experts(r);
     at::Tensor part = local;
     if (r != 0) {

@@ -39,7 +39,12 @@ std::string inspect_checkpoint(const std::string& dir_in) {
   for (const auto& f : m.files) total += f.bytes;
   o << "checkpoint " << m.dir << "\n"
     << "  format version " << m.version << ", phase " << m.phase << ", step " << m.step << ", saved on "
-    << m.world_size << " ranks\n";
+    << m.world_size << " ranks"
+    << (m.expert_parallel != m.world_size
+            ? concat(" (", m.world_size / m.expert_parallel, " expert-data-parallel groups x ", m.expert_parallel,
+                     " expert-parallel; experts from group 0)")
+            : std::string())
+    << "\n";
   for (auto it = m.state.begin(); it != m.state.end(); ++it) o << "  " << it.key() << ": " << small_fields(it.value()) << "\n";
   std::map<int, std::map<int, std::vector<int>>> by_block;  // block -> rank -> ids
   for (const auto& s : m.shards)
@@ -77,7 +82,7 @@ std::string verify_checkpoint(const std::string& dir_in) {
         const auto it = listed.find({l.block, l.experts[i]});
         require(it != listed.end(), concat("checkpoint ", m.dir, ": expert ", l.experts[i], " of MoE block ", l.block,
                                            " is in the model but no shard lists it (lost at save)"));
-        require(layout.world_size != m.world_size || it->second == l.rank[i],
+        require(layout.world_size != m.expert_parallel || it->second == l.rank[i],
                 concat("checkpoint ", m.dir, ": expert ", l.experts[i], " of MoE block ", l.block,
                        " is listed by the shard of rank ", it->second, ", the model places it on rank ", l.rank[i]));
       }

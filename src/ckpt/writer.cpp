@@ -22,7 +22,9 @@ using json = nlohmann::json;
 // (Not in an anonymous namespace: CheckpointWriter::Pending holds one.)
 class CheckpointSnapshot final : public StateWriter {
  public:
-  explicit CheckpointSnapshot(int rank) : rank_(rank) {}
+  // writes_experts: false on the ranks of expert-data-parallel groups other than the
+  // first (their experts are replicas of group 0's: each expert is written once).
+  CheckpointSnapshot(int rank, bool writes_experts) : rank_(rank), writes_experts_(writes_experts) {}
   void begin(const std::string& key) {
     if (sections_.contains(key)) throw std::logic_error(concat("checkpoint: two state owners use the key '", key, "'"));
     sections_[key] = json::object();
@@ -35,6 +37,7 @@ class CheckpointSnapshot final : public StateWriter {
   void expert(const std::string& name, int block, int id, const at::Tensor& t) override {
     const std::string stored = expert_tensor_name(name, id);
     unique(stored);
+    if (!writes_experts_) return;
     experts_.emplace_back(stored, host(t));
     auto& ids = held_[block];
     if (std::find(ids.begin(), ids.end(), id) == ids.end()) ids.push_back(id);
@@ -51,6 +54,7 @@ class CheckpointSnapshot final : public StateWriter {
     if (!names_.insert(name).second) throw std::logic_error(concat("checkpoint: the tensor '", name, "' is saved twice"));
   }
   int rank_;
+  bool writes_experts_;
   std::string key_;
   std::set<std::string> names_;
 };
@@ -123,7 +127,7 @@ void CheckpointWriter::save(const std::vector<const StateOwner*>& owners, const 
     }
   }
   agree_on_error(*comms_.host, error, concat("checkpoint: cannot create '", p->tmp, "'"), kSaveHint);
-  p->snap = std::make_unique<CheckpointSnapshot>(rank);
+  p->snap = std::make_unique<CheckpointSnapshot>(rank, comms_.writes_experts());
   {
     at::NoGradGuard ng;
     for (const StateOwner* o : owners) {
@@ -134,14 +138,15 @@ void CheckpointWriter::save(const std::vector<const StateOwner*>& owners, const 
   p->manifest.phase = phase;
   p->manifest.step = step;
   p->manifest.world_size = comms_.size();
+  p->manifest.expert_parallel = comms_.ep_size();
   p->manifest.config_yaml = config_yaml;
   p->manifest.state = p->snap->sections_;
 
   Pending* raw = p.get();
-  auto write = [raw, rank]() {
+  auto write = [raw, rank, experts = comms_.writes_experts()]() {
     try {
       if (rank == 0) raw->files.push_back(write_file(raw->tmp, kDenseFile, raw->snap->dense_));
-      raw->files.push_back(write_file(raw->tmp, expert_file(rank), raw->snap->experts_));
+      if (experts) raw->files.push_back(write_file(raw->tmp, expert_file(rank), raw->snap->experts_));
     } catch (const std::exception& e) {
       raw->error = e.what();
     }
@@ -179,16 +184,20 @@ void CheckpointWriter::finalize(Pending& p) {
     if (comms_.rank() == 0) fs::remove_all(p.tmp, ec);
     agree_on_error(*comms_.host, p.error, concat("checkpoint ", p.name, " failed"), kSaveHint);
   }
-  // Every rank's expert file: size, CRC and the experts it holds, to rank 0.
-  const CheckpointFile& mine = p.files.back();
-  json held = json::object();
-  for (const auto& [block, ids] : p.snap->held_) held[std::to_string(block)] = ids;
-  const std::vector<std::string> all = all_gather_strings(
-      *comms_.host, json{{"bytes", mine.bytes}, {"crc32", mine.crc32}, {"experts", held}}.dump());
+  // Every expert-writing rank's file (group 0 of the mesh: ranks 0..N-1): size, CRC
+  // and the experts it holds, to rank 0.
+  std::string info_mine;
+  if (comms_.writes_experts()) {
+    const CheckpointFile& mine = p.files.back();
+    json held = json::object();
+    for (const auto& [block, ids] : p.snap->held_) held[std::to_string(block)] = ids;
+    info_mine = json{{"bytes", mine.bytes}, {"crc32", mine.crc32}, {"experts", held}}.dump();
+  }
+  const std::vector<std::string> all = all_gather_strings(*comms_.host, info_mine);
   int64_t total = 0;
   Manifest& m = p.manifest;
   if (comms_.rank() == 0) m.files.push_back(p.files.front());
-  for (int r = 0; r < comms_.size(); ++r) {
+  for (int r = 0; r < comms_.ep_size(); ++r) {
     const json info = json::parse(all[static_cast<size_t>(r)]);
     const CheckpointFile f{expert_file(r), info.at("bytes").get<int64_t>(), info.at("crc32").get<uint32_t>()};
     ExpertShard shard{f.name, r, {}};

@@ -49,9 +49,10 @@ int main(int argc, char** argv) {
   // rank with exit code 2 and the message on each rank that saw it.
   JobConfig cfg;
   std::string error;
+  int expert_parallel = 1;
   try {
     cfg = parse_config(args.config_path, args.overrides);
-    validate_world(cfg, world->size());
+    expert_parallel = validate_world(cfg, world->size());
   } catch (const UserError& e) {
     error = e.what();
   }
@@ -59,6 +60,7 @@ int main(int argc, char** argv) {
     log::error(error.empty() ? std::string("another rank rejected the input") : error);
     return kExitUserError;
   }
+  world->set_mesh(expert_parallel);
   world->apply_runtime(cfg.runtime);
   install_stop_signals();
 

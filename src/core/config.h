@@ -158,6 +158,13 @@ struct RuntimeConfig {
   int threads = 0;                // torch intra-op threads per rank (0 = OMP_NUM_THREADS, else cores / ranks per node)
 };
 
+// How the ranks are arranged (section `parallel:`; docs/design.md "Process mesh").
+struct ParallelConfig {
+  // N, ranks per expert-parallel group; W / N groups hold replicas of the experts.
+  // 0 = auto: the largest divisor of the world size that is at most the experts of a layer.
+  int expert_parallel = 0;
+};
+
 struct JobConfig {
   uint64_t seed = 0;
   ModelConfig model;
@@ -169,6 +176,7 @@ struct JobConfig {
   OutputConfig output;
   CheckpointConfig checkpoint;
   RuntimeConfig runtime;
+  ParallelConfig parallel;
   std::string source;             // file path, or "<embedded vmoe-tiny>"
   std::string resolved_yaml;      // the config after overrides, as YAML
   // Hash of what determines the pretrained model (seed, model, data, pretrain): a
@@ -189,8 +197,14 @@ JobConfig parse_config(const std::string& path, const std::vector<std::string>& 
 JobConfig parse_config_text(const std::string& yaml_text, const std::string& source_name,
                             const std::vector<std::string>& overrides = {});
 void validate(const JobConfig& cfg);
-// Checks that cfg can run on world_size ranks (expert placement, batch splits).
-void validate_world(const JobConfig& cfg, int world_size);
+// The expert-parallel size for `world_size` ranks: `requested` when > 0 (it must
+// divide world_size and be at most min_experts), else the largest divisor of
+// world_size that is at most min_experts. UserError naming what was wrong.
+int resolve_expert_parallel(int requested, int world_size, int min_experts);
+
+// Checks that cfg can run on world_size ranks (process mesh, batch splits) and
+// returns the expert-parallel size N (parallel.expert_parallel, resolved).
+int validate_world(const JobConfig& cfg, int world_size);
 // The seed of a phase's data order, augmentation and router noise.
 uint64_t phase_seed(const JobConfig& cfg, const PhaseConfig& phase);
 // <checkpoint.dir> or <output.dir>/checkpoints.

@@ -245,6 +245,9 @@ JobConfig from_tree(YAML::Node root, const std::string& source_name, const std::
   ck.get("async", cfg.checkpoint.async);
   ck.finish();
   read_runtime(top.sub("runtime"), cfg.runtime);
+  MapReader par = top.sub("parallel");
+  par.get("expert_parallel", cfg.parallel.expert_parallel);
+  par.finish();
   top.finish();
   apply_env_overrides(cfg.runtime);
   validate(cfg);

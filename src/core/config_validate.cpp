@@ -48,6 +48,9 @@ void validate_phase(const PhaseConfig& p, const std::string& name, const ModelCo
 void validate(const JobConfig& cfg) {
   const ModelConfig& m = cfg.model;
   const MoeConfig& e = m.moe;
+  require(cfg.parallel.expert_parallel >= 0,
+          concat("config: parallel.expert_parallel=", cfg.parallel.expert_parallel,
+                 " must be >= 0 (0 = auto: the largest divisor of the world size that fits the experts)"));
   auto positive = [](int v, const char* key) {
     require(v > 0, concat("config: ", key, "=", v, " must be a positive integer"));
   };
@@ -131,12 +134,29 @@ void validate(const JobConfig& cfg) {
   require(p.calibration.batches >= 0, "config: prune.calibration.batches must be >= 0");
 }
 
-void validate_world(const JobConfig& cfg, int world_size) {
+int resolve_expert_parallel(int requested, int world_size, int min_experts) {
+  if (requested > 0) {
+    require(world_size % requested == 0,
+            concat("parallel.expert_parallel=", requested, " does not divide the world size ", world_size,
+                   ": expected a divisor of ", world_size, " (ranks = expert-data-parallel groups x expert_parallel)"));
+    require(requested <= min_experts,
+            concat("parallel.expert_parallel=", requested, " exceeds the ", min_experts,
+                   " experts of a MoE layer: every rank of an expert-parallel group must hold at least one expert "
+                   "(expected at most ", min_experts, ")"));
+    return requested;
+  }
+  int best = 1;
+  for (int n = 1; n <= std::min(world_size, min_experts); ++n)
+    if (world_size % n == 0) best = n;
+  return best;
+}
+
+int validate_world(const JobConfig& cfg, int world_size) {
   const MoeConfig& e = cfg.model.moe;
-  require(e.num_experts >= world_size,
-          concat("world size ", world_size, " is larger than model.moe.num_experts=", e.num_experts,
-              ": every rank must hold at least one expert of each MoE layer (expected at most ", e.num_experts,
-              " ranks)"));
+  int min_experts = e.num_experts;
+  for (int b : cfg.model.moe_blocks())
+    min_experts = std::min(min_experts, static_cast<int>(cfg.model.layer_experts(b).size()));
+  const int n = resolve_expert_parallel(cfg.parallel.expert_parallel, world_size, min_experts);
   auto check = [&](int images, const std::string& what) {
     const int groups = images / e.group_size;
     require(groups % world_size == 0,
@@ -150,6 +170,7 @@ void validate_world(const JobConfig& cfg, int world_size) {
     check(pc.batch_size / pc.accumulation, concat("a ", phase_name(ph), " micro-batch"));
   }
   check(cfg.data.eval_batch_size, "an evaluation batch (data.eval_batch_size)");
+  return n;
 }
 
 }  // namespace moeprune

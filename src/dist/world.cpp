@@ -13,6 +13,7 @@
 #include "core/env.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "dist/mesh.h"
 #ifdef MOEPRUNE_WITH_CUDA
 #include "dist/nccl_communicator.h"
 #endif
@@ -79,12 +80,27 @@ World::World(int* argc, char*** argv, bool use_gpus) {
 }
 
 World::~World() {
+  mesh_.reset();
   device_comm_.reset();
   if (local_comm_ != MPI_COMM_NULL) MPI_Comm_free(&local_comm_);
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (!finalized) MPI_Finalize();
 }
+
+Comms World::comms() { return mesh_ ? mesh_->comms() : Comms{&comm(), mpi_.get()}; }
+
+void World::set_mesh(int expert_parallel) {
+  if (mesh_ && mesh_->expert_parallel() == expert_parallel) return;
+  mesh_.reset();
+  mesh_ = std::make_unique<Mesh>(*mpi_, comm(), expert_parallel, device_.is_cuda() ? device_.index() : -1);
+  if (mesh_->groups() > 1)
+    log::info(concat("mesh: ", size_, " ranks = ", mesh_->groups(), " expert-data-parallel groups x ", expert_parallel,
+                     " expert-parallel ranks (this rank: group ", rank_ / expert_parallel, ", position ",
+                     rank_ % expert_parallel, ")"));
+}
+
+int World::ep_size() const { return mesh_ ? mesh_->expert_parallel() : size_; }
 
 bool World::all_ok(bool ok) {
   int mine = ok ? 0 : 1, any = 0;

@@ -15,14 +15,33 @@
 
 namespace moeprune {
 
-// The two communicators a computation needs: one for tensors on the compute
-// device (NCCL or MPI) and one for host-side figures (MPI). Tests build one from
-// SelfCommunicators to get the single-process reference.
+// The communicators a computation needs: for tensors on the compute device (NCCL
+// or MPI) and for host-side figures (MPI), over all W ranks and over the two axes
+// of the process mesh W = D x N (dist/mesh.h):
+//   ep   the N consecutive ranks of this rank's expert-parallel group: they hold
+//        one copy of every expert between them and exchange tokens (all-to-all);
+//   edp  the D ranks at this rank's position of every group: they hold the same
+//        experts and average those experts' gradients.
+// Null ep pointers mean the group is the whole world (D = 1); null edp pointers
+// mean no replicas. Tests build one from SelfCommunicators to get the
+// single-process reference.
 struct Comms {
   Communicator* device = nullptr;
   Communicator* host = nullptr;
+  Communicator* ep_device = nullptr;
+  Communicator* ep_host = nullptr;
+  Communicator* edp_device = nullptr;
+  Communicator* edp_host = nullptr;
   int rank() const { return host->rank(); }
   int size() const { return host->size(); }
+  Communicator& ep() const { return ep_device ? *ep_device : *device; }
+  Communicator& ep_h() const { return ep_host ? *ep_host : *host; }
+  int ep_size() const { return ep_h().size(); }
+  int ep_rank() const { return ep_h().rank(); }
+  int groups() const { return size() / ep_size(); }  // D
+  int group() const { return rank() / ep_size(); }   // this rank's expert-parallel group
+  // Expert state is written by the ranks of group 0 only (each expert once).
+  bool writes_experts() const { return group() == 0; }
 };
 
 // A UserError that every rank has seen and agreed on (World::agree): ends the job
@@ -41,6 +60,8 @@ std::vector<std::string> all_gather_strings(Communicator& host, const std::strin
 // wait in a collective.
 void agree_on_error(Communicator& host, const std::string& error, const std::string& what,
                     const std::string& suffix = "");
+
+class Mesh;
 
 class World {
  public:
@@ -72,7 +93,12 @@ class World {
   // every rank as AgreedUserError, so all ranks exit with code 2 and none hangs.
   void agree(const std::function<void()>& fn);
 
-  Comms comms() { return Comms{&comm(), mpi_.get()}; }
+  // The communicators of all ranks and of the mesh (plain W = 1 x W until set_mesh).
+  Comms comms();
+  // Collective: splits the ranks into W / n expert-parallel groups of n consecutive
+  // ranks (dist/mesh.h). n must divide size(). Called once, after the config is read.
+  void set_mesh(int expert_parallel);
+  int ep_size() const;  // N: ranks per expert-parallel group (size() before set_mesh)
 
   // Ends every rank with `code` after logging msg on this rank. Never returns.
   [[noreturn]] void abort(int code, const std::string& msg);
@@ -87,6 +113,7 @@ class World {
   MPI_Comm local_comm_ = MPI_COMM_NULL;
   std::unique_ptr<MpiCommunicator> mpi_;
   std::unique_ptr<Communicator> device_comm_;
+  std::unique_ptr<Mesh> mesh_;
 };
 
 // Runs body on every rank. A UserError on every rank (all reached the check) is

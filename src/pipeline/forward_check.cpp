@@ -25,10 +25,13 @@ ForwardFigures forward_check(World& world, const JobConfig& cfg) {
   const int64_t B = cfg.finetune.batch_size, local_B = B / W;
   const int64_t total_groups = B / mc.moe.group_size;
 
-  VisionTransformer model = build_job_model(cfg, mc, default_placements(mc, W), world);
+  const Comms comms = world.comms();
+  const int N = comms.ep_size(), pos = comms.ep_rank();
+  VisionTransformer model = build_job_model(cfg, mc, default_placements(mc, N), world);
   model->train();
   log::info(concat("forward: model ", mc.name, " with ", mc.moe_blocks().size(), " MoE layers of ", mc.moe.num_experts,
-                   " experts (top-", mc.moe.top_k, ", E3 members ", mc.moe.ensemble_size, "), ", W, " ranks, device ",
+                   " experts (top-", mc.moe.top_k, ", E3 members ", mc.moe.ensemble_size, "), ", W, " ranks (",
+                   comms.groups(), " x ", N, " expert-parallel), device ",
                    world.device().str(), ", global batch ", B));
 
   // The fixed global batch, generated identically on every rank; each takes its slice.
@@ -53,6 +56,14 @@ ForwardFigures forward_check(World& world, const JobConfig& cfg) {
     at::Tensor g = p.grad();
     world.comm().all_reduce(g, ReduceOp::Sum);
   }
+  // An expert's gradient is the sum of its replicas' (one per expert-parallel group);
+  // the checksums count each expert once, on group 0.
+  if (comms.edp_device)
+    for (at::Tensor& p : model->expert_parameters()) {
+      if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);  // every replica joins the collective
+      at::Tensor g = p.grad();
+      comms.edp_device->all_reduce(g, ReduceOp::Sum);
+    }
 
   // Checksums are sums of non-negative terms (no cancellation), accumulated in
   // float64, so that the float32 rounding differences between world sizes
@@ -69,7 +80,7 @@ ForwardFigures forward_check(World& world, const JobConfig& cfg) {
     f.dense_grad_sq += sq_sum(p.grad());
   }
   for (const auto& p : model->expert_parameters()) {
-    if (!p.grad().defined()) continue;  // no local expert received a token
+    if (!p.grad().defined() || !comms.writes_experts()) continue;  // no local expert received a token; a replica
     exp_abs += abs_sum(p.grad());
     exp_sq += sq_sum(p.grad());
   }
@@ -86,12 +97,12 @@ ForwardFigures forward_check(World& world, const JobConfig& cfg) {
   for (size_t l = 0; l < layers.size(); ++l) {
     const Placement& pl = layers[l]->placement();
     std::vector<int64_t> all(pl.num_experts(), 0);
-    const auto& mine = pl.local_experts(r);
+    const auto& mine = pl.local_experts(pos);
     for (size_t i = 0; i < mine.size(); ++i) all[mine[i]] = expert_rows[l][i];
     at::Tensor t = at::tensor(all, at::kLong);
     world.host_comm().all_reduce(t, ReduceOp::Sum);
     std::string line = concat("layer ", layers[l]->layer(), ":");
-    for (int rr = 0; rr < W; ++rr) {
+    for (int rr = 0; rr < N; ++rr) {
       line += concat(" rank", rr, "{");
       const auto& held = pl.local_experts(rr);
       for (size_t i = 0; i < held.size(); ++i) line += concat(i ? " " : "", "e", held[i], "=", t[held[i]].item<int64_t>());

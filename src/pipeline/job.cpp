@@ -113,12 +113,12 @@ VisionTransformer build_job_model(const JobConfig& cfg, const ModelConfig& mc, c
                      "or batch, or more ranks"));
     }
   });
-  return build_model(mc, placements, world.comm(), world.device(), cfg.seed, cfg.runtime.moe);
+  return build_model(mc, placements, world.comms().ep(), world.device(), cfg.seed, cfg.runtime.moe);
 }
 
 VisionTransformer build_saved_model(const JobConfig& cfg, const Manifest& m, World& world, bool inference) {
   const ModelLayout layout = layout_from_json(m.section("model"), m.dir);
-  return build_job_model(cfg, model_config_of(cfg.model, layout), placements_of(layout, world.size()), world,
+  return build_job_model(cfg, model_config_of(cfg.model, layout), placements_of(layout, world.ep_size()), world,
                          inference);
 }
 

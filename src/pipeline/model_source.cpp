@@ -22,7 +22,7 @@ SourceModel load_source_model(const JobConfig& cfg, const std::string& src, Worl
   std::error_code ec;
   if (src == "random") {
     out.kind = SourceKind::Random;
-    out.model = build_job_model(cfg, cfg.model, default_placements(cfg.model, world.size()), world, true);
+    out.model = build_job_model(cfg, cfg.model, default_placements(cfg.model, world.ep_size()), world, true);
     out.description = concat("a randomly initialised ", cfg.model.name, " (seed ", cfg.seed, ")");
     return out;
   }
@@ -36,7 +36,7 @@ SourceModel load_source_model(const JobConfig& cfg, const std::string& src, Worl
       mc = arch_from_config ? cfg.model : vmoe_model_config(*ck, cfg.model);
       check_vmoe_leaves(*ck, mc, /*new_head=*/false);
     });
-    out.model = build_job_model(cfg, mc, default_placements(mc, world.size()), world, true);
+    out.model = build_job_model(cfg, mc, default_placements(mc, world.ep_size()), world, true);
     VmoeLoadReport rep;
     world.agree([&] { rep = load_vmoe(*ck, out.model, /*new_head=*/false); });
     out.description = concat("vmoe checkpoint ", src, " (version ", ck->version().empty() ? "none" : ck->version(), ", ",
@@ -82,7 +82,7 @@ SourceModel load_source_model(const JobConfig& cfg, const std::string& src, Worl
     mc.representation_size =
         f.contains("pre_logits.weight") ? static_cast<int>(f.entries().at("pre_logits.weight").shape.at(0)) : 0;
   });
-  out.model = build_job_model(cfg, mc, default_placements(mc, world.size()), world, true);
+  out.model = build_job_model(cfg, mc, default_placements(mc, world.ep_size()), world, true);
   world.agree([&] { load_model(src, out.model); });
   out.description = concat("model file ", src);
   return out;

@@ -127,7 +127,7 @@ int run_training_phase(World& world, const JobConfig& cfg, Phase phase, const Ru
   } else {
     ModelConfig mc = cfg.model;
     mc.num_classes = d.train.num_labels;
-    model = build_job_model(cfg, mc, default_placements(mc, world.size()), world);
+    model = build_job_model(cfg, mc, default_placements(mc, world.ep_size()), world);
   }
   MetricsSink metrics(metrics_path(cfg), world.rank() == 0);
   const int64_t micro = settings.batch_size / settings.accumulation;

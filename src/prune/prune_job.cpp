@@ -9,6 +9,7 @@
 namespace moeprune {
 namespace {
 
+// host: an expert-parallel group (each expert counted once).
 ModelFigures figures(const VisionTransformer& model, const RoutingStats& load, Communicator& host) {
   ModelFigures f;
   int64_t dense = 0, local_expert = 0;
@@ -119,7 +120,7 @@ PruneOutcome prune_job(PruneInputs in, const JobConfig& cfg, World& world) {
   out.calibration_examples = cal.count;
   log::info(concat("prune: test accuracy before pruning ", out.before.accuracy, "; calibrated on ", cal.count,
                    " examples of ", in.calibration->split().name));
-  out.figures_before = figures(in.model, out.before.load, world.host_comm());
+  out.figures_before = figures(in.model, out.before.load, comms.ep_h());
   out.calibration_load = cal.load;
   {
     PrunePlan none;  // zero routing keeping no expert: every MoE layer's output is 0
@@ -170,7 +171,7 @@ PruneOutcome prune_job(PruneInputs in, const JobConfig& cfg, World& world) {
   std::vector<Placement> stay;
   const auto layers = in.model->moe_layers();
   for (size_t l = 0; l < layers.size(); ++l)
-    stay.push_back(Placement(current_ranks(*layers[l], out.plan.layers[l].kept), world.size()));
+    stay.push_back(Placement(current_ranks(*layers[l], out.plan.layers[l].kept), comms.ep_size()));
   out.pruned = apply_plan(in.model, in.slots, out.plan, stay, comms, cfg.seed);
   in.model = VisionTransformer(nullptr);  // frees the pruned experts and their state
   in.slots.clear();
@@ -181,10 +182,10 @@ PruneOutcome prune_job(PruneInputs in, const JobConfig& cfg, World& world) {
     const LayerStats& s = cal_after.load.at(l->layer());
     const std::vector<double> loads(s.kept.begin(), s.kept.end());  // expected tokens per expert slot
     const auto& cur = l->placement().expert_rank();
-    out.imbalance_before.push_back(load_imbalance(loads, cur, world.size()));
-    const std::vector<int> ranks = pc.rebalance ? balanced_placement(loads, cur, world.size()) : cur;
-    out.imbalance_after.push_back(load_imbalance(loads, ranks, world.size()));
-    out.placements.push_back(Placement(ranks, world.size()));
+    out.imbalance_before.push_back(load_imbalance(loads, cur, comms.ep_size()));
+    const std::vector<int> ranks = pc.rebalance ? balanced_placement(loads, cur, comms.ep_size()) : cur;
+    out.imbalance_after.push_back(load_imbalance(loads, ranks, comms.ep_size()));
+    out.placements.push_back(Placement(ranks, comms.ep_size()));
   }
   out.bytes_moved = out.pruned.bytes_moved;
   if (pc.rebalance) {
@@ -193,7 +194,7 @@ PruneOutcome prune_job(PruneInputs in, const JobConfig& cfg, World& world) {
     out.pruned = std::move(moved);
   }
   out.after = evaluate(out.pruned.model, *in.test, comms);
-  out.figures_after = figures(out.pruned.model, out.after.load, world.host_comm());
+  out.figures_after = figures(out.pruned.model, out.after.load, comms.ep_h());
   log::info(concat("prune: test accuracy after pruning ", out.after.accuracy));
   return out;
 }

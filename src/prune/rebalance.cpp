@@ -169,7 +169,7 @@ static Migration rebuild(const VisionTransformer& old_model, const std::vector<P
                          uint64_t seed) {
   at::NoGradGuard ng;
   Migration mig;
-  mig.model = build_model(nc, placements, *comms.device, old_model->parameters().front().device(), seed,
+  mig.model = build_model(nc, placements, comms.ep(), old_model->parameters().front().device(), seed,
                           old_model->runtime());
   const bool with_state = !old_slots.empty() && old_slots.front().m1.defined();
   std::map<std::string, const ParamSlot*> old_state;
@@ -216,8 +216,11 @@ static Migration rebuild(const VisionTransformer& old_model, const std::vector<P
     for (size_t s2 = 0; s2 < new_ids.size(); ++s2) new_rank[new_ids[s2]] = nl.placement().rank_of(static_cast<int>(s2));
     const auto& old_local = ol.experts->expert_ids();
     // Rows of this rank's surviving experts, grouped by destination.
-    std::vector<std::vector<at::Tensor>> rows(static_cast<size_t>(comms.size()));
-    std::vector<std::vector<int64_t>> row_ids(static_cast<size_t>(comms.size()));
+    // Inside each expert-parallel group (every group moves its copies the same way).
+    Communicator& ep = comms.ep();
+    Communicator& ep_host = comms.ep_h();
+    std::vector<std::vector<at::Tensor>> rows(static_cast<size_t>(ep.size()));
+    std::vector<std::vector<int64_t>> row_ids(static_cast<size_t>(ep.size()));
     for (size_t i = 0; i < old_local.size(); ++i) {
       auto it = new_rank.find(old_local[i]);
       if (it == new_rank.end()) continue;  // pruned: freed with the old model
@@ -233,17 +236,17 @@ static Migration rebuild(const VisionTransformer& old_model, const std::vector<P
       rows[it->second].push_back(at::cat(pieces));
       row_ids[it->second].push_back(old_local[i]);
     }
-    std::vector<int64_t> send_splits(static_cast<size_t>(comms.size()));
+    std::vector<int64_t> send_splits(static_cast<size_t>(ep.size()));
     std::vector<at::Tensor> flat;
     std::vector<int64_t> flat_ids;
     int64_t moved_rows = 0;
-    for (int r = 0; r < comms.size(); ++r) {
+    for (int r = 0; r < ep.size(); ++r) {
       send_splits[r] = static_cast<int64_t>(rows[r].size());
-      if (r != comms.rank()) moved_rows += send_splits[r];
+      if (r != ep.rank()) moved_rows += send_splits[r];
       flat.insert(flat.end(), rows[r].begin(), rows[r].end());
       flat_ids.insert(flat_ids.end(), row_ids[r].begin(), row_ids[r].end());
     }
-    const std::vector<int64_t> recv_splits = comms.host->exchange_counts(send_splits, 1);
+    const std::vector<int64_t> recv_splits = ep_host.exchange_counts(send_splits, 1);
     // Row width, identical on every rank: parameters (+ state) of one expert.
     int64_t width = 0;
     for (const char* p : parts) {
@@ -254,8 +257,8 @@ static Migration rebuild(const VisionTransformer& old_model, const std::vector<P
     }
     const auto dev = old_params[prefix + "w1"].device();
     at::Tensor send = flat.empty() ? at::empty({0, width}, at::TensorOptions().device(dev)) : at::stack(flat);
-    at::Tensor got = comms.device->all_to_all(send, send_splits, recv_splits);
-    at::Tensor got_ids = comms.host->all_to_all(at::tensor(flat_ids, at::kLong), send_splits, recv_splits);
+    at::Tensor got = ep.all_to_all(send, send_splits, recv_splits);
+    at::Tensor got_ids = ep_host.all_to_all(at::tensor(flat_ids, at::kLong), send_splits, recv_splits);
     mig.bytes_moved += moved_rows * width * static_cast<int64_t>(send.element_size());
     // Unpack into the new bank, by id.
     const auto& mine = nl.experts->expert_ids();

@@ -16,10 +16,12 @@ double learning_rate(const PhaseConfig& p, int64_t step) {
 
 Optimizer::Optimizer(const PhaseConfig& cfg, std::vector<ParamSlot> params) : cfg_(cfg), slots_(std::move(params)) {}
 
-void Optimizer::sync_gradients(Communicator& comm) {
+namespace {
+// Sums the gradients of the slots of one kind over comm: one flat all-reduce.
+void sum_gradients(std::vector<ParamSlot>& slots, bool expert, Communicator& comm) {
   std::vector<at::Tensor> grads;
-  for (auto& s : slots_) {
-    if (s.expert) continue;
+  for (auto& s : slots) {
+    if (s.expert != expert) continue;
     if (!s.param.grad().defined()) s.param.mutable_grad() = at::zeros_like(s.param);
     grads.push_back(s.param.grad().reshape({-1}));
   }
@@ -27,12 +29,20 @@ void Optimizer::sync_gradients(Communicator& comm) {
   at::Tensor flat = at::cat(grads);
   comm.all_reduce(flat, ReduceOp::Sum);
   int64_t off = 0;
-  for (auto& s : slots_) {
-    if (s.expert) continue;
+  for (auto& s : slots) {
+    if (s.expert != expert) continue;
     const int64_t n = s.param.numel();
     s.param.mutable_grad().copy_(flat.narrow(0, off, n).view_as(s.param));
     off += n;
   }
+}
+}  // namespace
+
+void Optimizer::sync_gradients(const Comms& comms) {
+  sum_gradients(slots_, /*expert=*/false, *comms.device);
+  // An expert's gradient on one rank covers the tokens of its expert-parallel group;
+  // its replicas in the other groups hold the rest.
+  if (comms.edp_device) sum_gradients(slots_, /*expert=*/true, *comms.edp_device);
 }
 
 double Optimizer::grad_norm(Communicator& comm) {
@@ -62,9 +72,11 @@ double Optimizer::grad_norm(Communicator& comm) {
   return std::sqrt(dense.item<double>() + expert.item<double>());
 }
 
-double Optimizer::step(Communicator& comm, double lr) {
+double Optimizer::step(const Comms& comms, double lr) {
   at::NoGradGuard no_grad;
-  const double norm = grad_norm(comm);
+  // Each expert counted once: by the rank of its expert-parallel group that holds it
+  // (its replicas in other groups hold the same gradient after sync_gradients).
+  const double norm = grad_norm(comms.ep());
   // The same value on every rank (dense gradients synced, expert sums all-reduced).
   if (!std::isfinite(norm))
     throw DivergedError(concat("gradient norm is ", norm, " at optimiser step ", steps_ + 1,

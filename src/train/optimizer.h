@@ -11,7 +11,7 @@
 
 #include "core/config.h"
 #include "core/state.h"
-#include "dist/communicator.h"
+#include "dist/world.h"
 
 namespace moeprune {
 
@@ -33,14 +33,16 @@ double learning_rate(const PhaseConfig& p, int64_t step);
 class Optimizer final : public StateOwner {
  public:
   Optimizer(const PhaseConfig& cfg, std::vector<ParamSlot> params);
-  // Sums dense gradients over ranks (one flat all-reduce); expert gradients stay local.
-  void sync_gradients(Communicator& comm);
+  // Sums dense gradients over all ranks (one flat all-reduce) and expert gradients
+  // over the expert-data-parallel group (the ranks holding the same experts). Collective.
+  void sync_gradients(const Comms& comms);
   // Global gradient norm: replicated parameters counted once, expert parameters once
-  // on the rank holding them (all-reduce of their squares). Collective.
-  double grad_norm(Communicator& comm);
+  // on the rank of `ep` (an expert-parallel group) holding them (all-reduce of their
+  // squares). Collective over ep.
+  double grad_norm(Communicator& ep);
   // Clips to cfg.clip_norm (when > 0) and applies one update with learning rate lr.
   // Returns the norm before clipping. Collective.
-  double step(Communicator& comm, double lr);
+  double step(const Comms& comms, double lr);
   void zero_grad();
   std::vector<ParamSlot>& slots() { return slots_; }
   const std::vector<ParamSlot>& slots() const { return slots_; }

@@ -121,9 +121,9 @@ PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader
       w_correct += (ensemble_log_probs(logits.detach()).argmax(1) == b.labels).sum().item<double>();
       w_count += static_cast<double>(b.labels.size(0));
     }
-    opt_.sync_gradients(*comms_.device);
+    opt_.sync_gradients(comms_);
     try {
-      w_norm += opt_.step(*comms_.device, lr);
+      w_norm += opt_.step(comms_, lr);
     } catch (const DivergedError& e) {
       throw DivergedError(concat(name_, " step ", step + 1, " diverged: ", e.what()));
     }
