@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "dist/all_to_all.h"
+#include "dist/mesh.h"
 #include "test_world.h"
 
 namespace moeprune::test {
@@ -157,6 +158,48 @@ TEST(Comm, SendRecvRing) {
     comm.send(out, next, 7);
   }
   EXPECT_TRUE(at::equal(in, at::arange(7, at::kLong) + 10 * prev));
+}
+
+}  // namespace
+}  // namespace moeprune::test
+
+namespace moeprune::test {
+namespace {
+
+// The sub-communicators of every mesh W = D x N, on the compute device (NCCL
+// communicators per group on GPUs, MPI ones on CPUs), split even when D = 1:
+// an all-reduce over each axis sums the right ranks, an all-to-all inside an
+// expert-parallel group reaches the right peers.
+TEST(Mesh, SubCommunicatorsOnTheDevice) {
+  World& w = *g_world;
+  const int W = w.size(), r = w.rank();
+  const auto dev = w.device();
+  for (int N = 1; N <= W; ++N) {
+    if (W % N != 0) continue;
+    SCOPED_TRACE(concat("mesh ", W / N, " x ", N, " on ", dev.str()));
+    Mesh mesh(w.host_comm(), w.comm(), N, dev.is_cuda() ? dev.index() : -1, /*always_split=*/true);
+    const Comms c = mesh.comms();
+    ASSERT_NE(c.ep_device, nullptr);
+    ASSERT_NE(c.edp_device, nullptr);
+    EXPECT_EQ(c.ep().size(), N);
+    EXPECT_EQ(c.ep().rank(), r % N);
+    EXPECT_EQ(c.edp_device->size(), W / N);
+    EXPECT_EQ(c.edp_device->rank(), r / N);
+    EXPECT_EQ(c.ep().device_type(), dev.type());
+    const int g = r / N, p = r % N;
+    at::Tensor x = at::full({3}, static_cast<double>(r), at::TensorOptions().dtype(at::kDouble).device(dev));
+    c.ep().all_reduce(x, ReduceOp::Sum);  // ranks g*N .. g*N+N-1
+    EXPECT_EQ(x.cpu()[0].item<double>(), g * N * N + N * (N - 1) / 2.0);
+    at::Tensor y = at::full({2}, static_cast<double>(r), at::TensorOptions().dtype(at::kDouble).device(dev));
+    c.edp_device->all_reduce(y, ReduceOp::Sum);  // ranks p, N+p, ...
+    const int D = W / N;
+    EXPECT_EQ(y.cpu()[1].item<double>(), p * D + N * D * (D - 1) / 2.0);
+    // All-to-all inside the group: position q receives one row from each position s, value 100*s + q.
+    std::vector<int64_t> one(static_cast<size_t>(N), 1);
+    at::Tensor send = (at::arange(N, at::TensorOptions().dtype(at::kFloat)) + 100.f * p).reshape({N, 1}).to(dev);
+    at::Tensor got = c.ep().all_to_all(send, one, one).cpu();
+    for (int s = 0; s < N; ++s) EXPECT_EQ(got[s][0].item<float>(), 100.f * s + p);
+  }
 }
 
 }  // namespace

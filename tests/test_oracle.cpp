@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include "core/config.h"
+#include "dist/mesh.h"
 #include "model/vit.h"
 #include "test_world.h"
 
@@ -192,6 +193,84 @@ TEST_P(ModelOracle, MatchesSingleProcess) {
 }
 
 INSTANTIATE_TEST_SUITE_P(VmoeAndE3, ModelOracle, ::testing::Values(1, 2));
+
+// The same on a process mesh W = D x N (dist/mesh.h): each rank routes its own
+// slice, tokens move inside its expert-parallel group only, an expert's gradient is
+// the sum over its replicas (expert-data-parallel group). Parameter: N; the
+// cases run are the divisors of the world size: (D, N) = (4,1), (2,2), (1,4) on 4
+// ranks, (2,1), (1,2) on 2.
+class MeshOracle : public ::testing::TestWithParam<std::tuple<int, int>> {};
+
+TEST_P(MeshOracle, MatchesSingleProcess) {
+  World& w = *g_world;
+  const int W = w.size(), r = w.rank();
+  const auto [N, members] = GetParam();
+  if (W % N != 0) GTEST_SKIP() << N << " does not divide " << W;
+  Mesh mesh(w.host_comm(), w.host_comm(), N);
+  const Comms c = mesh.comms();
+  ASSERT_EQ(c.ep_size(), N);
+  ASSERT_EQ(c.groups(), W / N);
+  ASSERT_EQ(c.ep_rank(), r % N);
+  const ModelConfig cfg = small_config(8, members > 1 ? 1 : 2, members, members == 1);
+  const int64_t B = W * 2 * cfg.moe.group_size, local_B = B / W;
+  const int64_t groups = B / cfg.moe.group_size;
+  at::Tensor images = fixed({B, cfg.channels, cfg.image_size, cfg.image_size}, 31);
+  at::Tensor labels = at::arange(B, at::kLong).remainder(cfg.num_classes);
+  auto run = [&](VisionTransformer& model, const at::Tensor& im, const at::Tensor& lb, int64_t first_group) {
+    ForwardContext ctx;
+    ctx.in.train = true;
+    ctx.in.noise_seed = 4;
+    ctx.in.first_group = first_group;
+    ctx.in.total_groups = groups;
+    at::Tensor logits = model->forward(im, ctx);
+    at::Tensor loss = cross_entropy_sum(logits, lb) / static_cast<double>(B) +
+                      ctx.aux_loss / static_cast<double>(members * groups);
+    loss.backward();
+    return std::pair{logits, loss};
+  };
+  SelfCommunicator self;
+  at::manual_seed(1);
+  VisionTransformer ref(cfg, default_placements(cfg, 1), self, 5);
+  at::manual_seed(1);
+  std::vector<Placement> pls;
+  for (size_t l = 0; l < cfg.moe_blocks().size(); ++l) pls.push_back(scattered(8, N));
+  VisionTransformer dist(cfg, pls, c.ep(), 5);
+  auto [ref_logits, ref_loss] = run(ref, images, labels, 0);
+  auto [logits, loss] =
+      run(dist, images.narrow(0, r * local_B, local_B), labels.narrow(0, r * local_B, local_B), r * 2);
+
+  EXPECT_LE(rel_err(logits, ref_logits.narrow(1, r * local_B, local_B)), kTol) << "logits";
+  at::Tensor l = loss.detach().reshape({1}).clone();
+  w.host_comm().all_reduce(l, ReduceOp::Sum);
+  EXPECT_LE(rel_err(l, ref_loss.detach().reshape({1})), kTol) << "loss";
+  auto rn = ref->named_parameters();
+  int experts_checked = 0;
+  for (const auto& item : dist->named_parameters()) {
+    const std::string& name = item.key();
+    at::Tensor g = item.value().grad().defined() ? item.value().grad().clone() : at::zeros_like(item.value());
+    at::Tensor rg = rn[name].grad();
+    if (name.find(".experts.") == std::string::npos) {
+      w.host_comm().all_reduce(g, ReduceOp::Sum);
+      EXPECT_LE(rel_err(g, rg), kTol) << name;
+      continue;
+    }
+    // Without the replicas' sum an expert's gradient covers one group's tokens only.
+    if (c.edp_host) {
+      at::Tensor own = g.clone();
+      c.edp_host->all_reduce(g, ReduceOp::Sum);
+      if (W / N > 1) {
+        EXPECT_GT(rel_err(own, g), 1e-3) << name << ": the groups' parts are not all the same";
+      }
+    }
+    const auto& ids = pls[0].local_experts(c.ep_rank());
+    at::Tensor idx = at::tensor(std::vector<int64_t>(ids.begin(), ids.end()), at::kLong);
+    EXPECT_LE(rel_err(g, rg.index_select(0, idx)), kTol) << name;
+    ++experts_checked;
+  }
+  EXPECT_GT(experts_checked, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(DxN, MeshOracle, ::testing::Combine(::testing::Values(1, 2, 4), ::testing::Values(1, 2)));
 
 }  // namespace
 }  // namespace moeprune::test

@@ -1,10 +1,12 @@
 // Pruning across ranks: the plan hash check refuses plans that differ between
 // ranks; a pruned model gives the same outputs before and after rebalancing
 // (placement invariance) and the same as one process holding the same pruned
-// model, on 1, 2 and 4 ranks, for drop and zero routing.
+// model, on 1, 2 and 4 ranks and on every process mesh W = D x N of them, for drop
+// and zero routing.
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 
+#include "dist/mesh.h"
 #include "prune/plan.h"
 #include "prune/prune_job.h"
 #include "prune/rebalance.h"
@@ -51,48 +53,56 @@ TEST(PruneMpi, PlacementInvarianceAndSingleProcessOracle) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(5);
   at::Tensor images = at::randn({B, 1, 8, 8}, gen, at::kFloat);
   at::Tensor mine = images.narrow(0, r * local, local);
-  for (PrunedRouting routing : {PrunedRouting::Drop, PrunedRouting::Zero}) {
-    PrunePlan plan;
-    plan.routing = routing;
-    plan.layers.push_back(LayerPlan{1, {0, 2, 3, 5, 6}, {1, 4, 7}, {}, {}});  // uneven survivors per layer
-    plan.layers.push_back(LayerPlan{3, {1, 2, 4, 7}, {0, 3, 5, 6}, {}, {}});
+  // Expert-parallel over all ranks, and on every mesh W = D x N with D > 1 (each
+  // group prunes and moves its copies of the experts the same way).
+  for (int N = W; N >= 1; --N) {
+    if (W % N != 0) continue;
+    Mesh mesh(w.host_comm(), w.host_comm(), N);
+    const Comms c = N == W ? w.comms() : mesh.comms();
+    for (PrunedRouting routing : {PrunedRouting::Drop, PrunedRouting::Zero}) {
+      SCOPED_TRACE(concat("mesh ", W / N, " x ", N));
+      PrunePlan plan;
+      plan.routing = routing;
+      plan.layers.push_back(LayerPlan{1, {0, 2, 3, 5, 6}, {1, 4, 7}, {}, {}});  // uneven survivors per layer
+      plan.layers.push_back(LayerPlan{3, {1, 2, 4, 7}, {0, 3, 5, 6}, {}, {}});
 
-    at::manual_seed(3);
-    VisionTransformer model(mc, default_placements(mc, W), w.comm(), 3);
-    // Survivors first stay where they are, then move to a scattered placement.
-    std::vector<Placement> stay, scattered;
-    for (const auto& lp : plan.layers) {
-      std::vector<int> a, b;
-      for (size_t i = 0; i < lp.kept.size(); ++i) {
-        a.push_back(model->moe_layers()[0]->placement().rank_of(lp.kept[i]));
-        b.push_back(static_cast<int>((i * 3 + 1) % W));
+      at::manual_seed(3);
+      VisionTransformer model(mc, default_placements(mc, N), c.ep(), 3);
+      // Survivors first stay where they are, then move to a scattered placement.
+      std::vector<Placement> stay, scattered;
+      for (const auto& lp : plan.layers) {
+        std::vector<int> a, b;
+        for (size_t i = 0; i < lp.kept.size(); ++i) {
+          a.push_back(model->moe_layers()[0]->placement().rank_of(lp.kept[i]));
+          b.push_back(static_cast<int>((i * 3 + 1) % N));
+        }
+        stay.push_back(Placement(a, N));
+        scattered.push_back(Placement(b, N));
       }
-      stay.push_back(Placement(a, W));
-      scattered.push_back(Placement(b, W));
-    }
-    // Masking the unpruned model as the plan prunes it (prune.ratio: auto) = pruning it.
-    mask_experts(model, &plan);
-    const at::Tensor masked = run(model, mine);
-    mask_experts(model, nullptr);
-    const at::Tensor unmasked = run(model, mine);
-    Migration pruned = apply_plan(model, {}, plan, stay, w.comms(), 3);
-    const at::Tensor out1 = run(pruned.model, mine);
-    EXPECT_LE(rel_err(masked, out1), 1e-5) << name_of(routing) << ": masked evaluation differs from the pruned model";
-    EXPECT_GT(rel_err(unmasked, out1), 1e-3) << name_of(routing) << ": the plan changes nothing (test cannot fail)";
-    Migration moved = replace_experts(pruned.model, pruned.slots, scattered, w.comms(), 3);
-    const at::Tensor out2 = run(moved.model, mine);
-    EXPECT_TRUE(at::equal(out1, out2)) << name_of(routing) << ": rebalancing changed the outputs";
+      // Masking the unpruned model as the plan prunes it (prune.ratio: auto) = pruning it.
+      mask_experts(model, &plan);
+      const at::Tensor masked = run(model, mine);
+      mask_experts(model, nullptr);
+      const at::Tensor unmasked = run(model, mine);
+      Migration pruned = apply_plan(model, {}, plan, stay, c, 3);
+      const at::Tensor out1 = run(pruned.model, mine);
+      EXPECT_LE(rel_err(masked, out1), 1e-5) << name_of(routing) << ": masked evaluation differs from the pruned model";
+      EXPECT_GT(rel_err(unmasked, out1), 1e-3) << name_of(routing) << ": the plan changes nothing (test cannot fail)";
+      Migration moved = replace_experts(pruned.model, pruned.slots, scattered, c, 3);
+      const at::Tensor out2 = run(moved.model, mine);
+      EXPECT_TRUE(at::equal(out1, out2)) << name_of(routing) << ": rebalancing changed the outputs";
 
-    // The same pruned model in one process.
-    SelfCommunicator self;
-    at::manual_seed(3);
-    VisionTransformer whole(mc, default_placements(mc, 1), self, 3);
-    std::vector<Placement> one;
-    for (const auto& lp : plan.layers) one.push_back(Placement::contiguous(static_cast<int>(lp.kept.size()), 1));
-    Migration ref = apply_plan(whole, {}, plan, one, Comms{&self, &self}, 3);
-    const at::Tensor want = run(ref.model, images).narrow(1, r * local, local);
-    EXPECT_LE(rel_err(out2, want), 1e-5) << name_of(routing);
-    EXPECT_EQ(ref.bytes_moved, 0);
+      // The same pruned model in one process.
+      SelfCommunicator self;
+      at::manual_seed(3);
+      VisionTransformer whole(mc, default_placements(mc, 1), self, 3);
+      std::vector<Placement> one;
+      for (const auto& lp : plan.layers) one.push_back(Placement::contiguous(static_cast<int>(lp.kept.size()), 1));
+      Migration ref = apply_plan(whole, {}, plan, one, Comms{&self, &self}, 3);
+      const at::Tensor want = run(ref.model, images).narrow(1, r * local, local);
+      EXPECT_LE(rel_err(out2, want), 1e-5) << name_of(routing);
+      EXPECT_EQ(ref.bytes_moved, 0);
+    }
   }
 }
 

@@ -4,6 +4,7 @@
 // order differs between the two, nothing else may).
 #include <gtest/gtest.h>
 
+#include "dist/mesh.h"
 #include "train/trainer.h"
 #include "test_world.h"
 #include "test_models.h"
@@ -48,7 +49,7 @@ TEST(TrainOracle, FewStepsMatchSingleProcess) {
     lo.global_batch = 16;
     ShardedLoader vl(val, lo);
     at::manual_seed(job.seed);
-    VisionTransformer model(m, placements, *comms.device, job.seed);
+    VisionTransformer model(m, placements, comms.ep(), job.seed);
     MetricsSink sink;
     Trainer t(comms, job, p, Phase::Finetune, model, sink);
     PhaseResult r = t.run(tl, vl, nullptr);
@@ -56,18 +57,24 @@ TEST(TrainOracle, FewStepsMatchSingleProcess) {
   };
   SelfCommunicator self;
   auto [ref, ref_r] = run(Comms{&self, &self}, default_placements(m, 1));
-  auto [dist, dist_r] = run(w.comms(), default_placements(m, w.size()));
-
-  EXPECT_NEAR(dist_r.train_loss, ref_r.train_loss, 1e-5 * std::abs(ref_r.train_loss));
-  EXPECT_NEAR(dist_r.val.loss, ref_r.val.loss, 1e-5 * std::abs(ref_r.val.loss));
-  auto rp = ref->named_parameters();
-  for (const auto& item : dist->named_parameters()) {
-    at::Tensor want = rp[item.key()];
-    if (item.key().find(".experts.") != std::string::npos) {
-      const auto& ids = dist->moe_layers()[0]->experts->expert_ids();
-      want = want.index_select(0, at::tensor(std::vector<int64_t>(ids.begin(), ids.end()), at::kLong));
+  // Expert-parallel over all ranks, then every smaller mesh W = D x N (D > 1): the
+  // experts' replicas average their gradients and clipping counts each expert once.
+  for (int N = w.size(); N >= 1; --N) {
+    if (w.size() % N != 0) continue;
+    SCOPED_TRACE(concat("mesh ", w.size() / N, " x ", N));
+    Mesh mesh(w.host_comm(), w.host_comm(), N);
+    auto [dist, dist_r] = run(N == w.size() ? w.comms() : mesh.comms(), default_placements(m, N));
+    EXPECT_NEAR(dist_r.train_loss, ref_r.train_loss, 1e-5 * std::abs(ref_r.train_loss));
+    EXPECT_NEAR(dist_r.val.loss, ref_r.val.loss, 1e-5 * std::abs(ref_r.val.loss));
+    auto rp = ref->named_parameters();
+    for (const auto& item : dist->named_parameters()) {
+      at::Tensor want = rp[item.key()];
+      if (item.key().find(".experts.") != std::string::npos) {
+        const auto& ids = dist->moe_layers()[0]->experts->expert_ids();
+        want = want.index_select(0, at::tensor(std::vector<int64_t>(ids.begin(), ids.end()), at::kLong));
+      }
+      EXPECT_LE(rel_err(item.value().detach(), want.detach()), 1e-5) << item.key();
     }
-    EXPECT_LE(rel_err(item.value().detach(), want.detach()), 1e-5) << item.key();
   }
   // Training moved the parameters (the comparison is not of untouched weights).
   at::manual_seed(job.seed);

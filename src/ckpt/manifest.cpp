@@ -31,7 +31,7 @@ void to_json(json& j, const Manifest& m) {
   json files = json::array();
   for (const auto& f : m.files) files.push_back({{"name", f.name}, {"bytes", f.bytes}, {"crc32", f.crc32}});
   j = {{"format", kCheckpointFormat}, {"version", m.version}, {"phase", m.phase},   {"step", m.step},
-       {"world_size", m.world_size},  {"expert_parallel", m.expert_parallel}, {"config", m.config_yaml},
+       {"world_size", m.world_size},  {"expert_parallel", m.expert_parallel > 0 ? m.expert_parallel : m.world_size}, {"config", m.config_yaml},
        {"state", m.state}, {"shards", shards}, {"files", files}};
 }
 
@@ -62,6 +62,7 @@ Manifest manifest_from_json(const json& j, const std::string& path) {
     m.step = j.at("step").get<int64_t>();
     m.world_size = j.at("world_size").get<int>();
     m.expert_parallel = j.contains("expert_parallel") ? j.at("expert_parallel").get<int>() : m.world_size;
+    if (m.expert_parallel == 0) m.expert_parallel = m.world_size;
     m.config_yaml = j.at("config").get<std::string>();
     m.state = j.at("state");
     require(m.state.is_object(), concat("checkpoint: '", path, "': 'state' must be an object"));

@@ -34,9 +34,9 @@ struct Manifest {
   int64_t step = 0;                // and its step
   int world_size = 1;
   // Ranks per expert-parallel group when saved: the ranks 0..expert_parallel-1 (group
-  // 0 of the mesh) wrote the expert shards, one each. Absent in older manifests:
-  // world_size.
-  int expert_parallel = 1;
+  // 0 of the mesh) wrote the expert shards, one each. 0 here, or absent in a
+  // manifest file: world_size (no replicas). Read manifests always hold the value.
+  int expert_parallel = 0;
   std::string config_yaml;         // the job config, resolved
   nlohmann::json state = nlohmann::json::object();  // state owner key -> its section
   std::vector<ExpertShard> shards;

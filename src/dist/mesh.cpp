@@ -7,12 +7,13 @@
 
 namespace moeprune {
 
-Mesh::Mesh(MpiCommunicator& world_host, Communicator& world_device, int expert_parallel, int cuda_device)
+Mesh::Mesh(MpiCommunicator& world_host, Communicator& world_device, int expert_parallel, int cuda_device,
+           bool always_split)
     : world_host_(&world_host), world_device_(&world_device), n_(expert_parallel) {
   const int W = world_host.size(), r = world_host.rank();
   require(n_ >= 1 && W % n_ == 0, concat("mesh: expert-parallel size ", n_, " does not divide the world size ", W));
   d_ = W / n_;
-  if (d_ == 1) return;  // one group: the world itself, no replicas
+  if (d_ == 1 && !always_split) return;  // one group: the world itself, no replicas
   MPI_Comm_split(world_host.handle(), r / n_, r % n_, &ep_);
   MPI_Comm_split(world_host.handle(), r % n_, r / n_, &edp_);
   MPI_Comm_set_errhandler(ep_, MPI_ERRORS_RETURN);
@@ -42,7 +43,7 @@ Mesh::~Mesh() {
 
 Comms Mesh::comms() const {
   Comms c{world_device_, world_host_};
-  if (d_ == 1) return c;
+  if (!ep_host_) return c;
   c.ep_host = ep_host_.get();
   c.edp_host = edp_host_.get();
   c.ep_device = ep_device_ ? ep_device_.get() : ep_host_.get();

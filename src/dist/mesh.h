@@ -25,8 +25,10 @@ class Mesh {
  public:
   // Collective over `world_host`. n must divide its size. cuda_device >= 0: the
   // device communicators are NCCL communicators on that device (CUDA builds),
-  // else the MPI ones.
-  Mesh(MpiCommunicator& world_host, Communicator& world_device, int expert_parallel, int cuda_device = -1);
+  // else the MPI ones. With one group (D = 1) the world's communicators serve
+  // unless always_split (tests: the sub-communicator path on one rank).
+  Mesh(MpiCommunicator& world_host, Communicator& world_device, int expert_parallel, int cuda_device = -1,
+       bool always_split = false);
   ~Mesh();
   Mesh(const Mesh&) = delete;
   Mesh& operator=(const Mesh&) = delete;

@@ -107,7 +107,7 @@ int run_prune_phase(World& world, const JobConfig& cfg, const RunOptions& opts, 
   CheckpointWriter ckpt(world.comms(), checkpoint_dir(cfg), cfg.checkpoint.keep, false);
   ckpt.save({&model_state, &pruned_opt, &progress}, str(Phase::Prune), 0, cfg.resolved_yaml);
 
-  const PruneReport report{&pc, world.size(), checkpoint_in, ckpt.last_saved(), &out, std::nullopt};
+  const PruneReport report{&pc, world.size(), world.ep_size(), checkpoint_in, ckpt.last_saved(), &out, std::nullopt};
   if (world.rank() == 0) {
     write_prune_report(report_path(cfg), report);
     print_prune_report(report, report_path(cfg));

@@ -60,6 +60,7 @@ json report_json(const PruneReport& r) {
           {"ratio", o.auto_ratio ? o.auto_ratio->chosen : pc.ratio},
           {"ratio_auto", auto_json(o, pc)},
           {"ranks", r.ranks},
+          {"expert_parallel", r.expert_parallel},
           {"checkpoint_in", r.checkpoint_in},
           {"checkpoint_out", r.checkpoint_out},
           {"plan_hash", std::to_string(o.plan.hash())},
@@ -105,8 +106,13 @@ void add_refinetune_to_report(const std::string& path, const RefinetuneResult& r
 void print_prune_report(const PruneReport& r, const std::string& path) {
   const PruneOutcome& o = *r.outcome;
   const PruneConfig& pc = *r.settings;
-  std::printf("\npruning report: %s, %s scope, %s routing, %d ranks\n", str(pc.criterion).c_str(),
-              str(pc.scope).c_str(), str(pc.routing).c_str(), r.ranks);
+  std::printf("\npruning report: %s, %s scope, %s routing, %d ranks%s\n", str(pc.criterion).c_str(),
+              str(pc.scope).c_str(), str(pc.routing).c_str(), r.ranks,
+              r.expert_parallel > 0 && r.expert_parallel != r.ranks
+                  ? concat(" (", r.ranks / r.expert_parallel, " groups x ", r.expert_parallel,
+                           " expert-parallel: placements below are within a group)")
+                        .c_str()
+                  : "");
   if (const auto& a = o.auto_ratio) {
     std::printf("  ratio auto: within %.2f pt of the unpruned %.2f%% on the %s split (masked evaluation)\n",
                 a->max_accuracy_drop, 100 * a->baseline, str(pc.calibration.split).c_str());

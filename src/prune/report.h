@@ -21,6 +21,7 @@ struct RefinetuneResult {
 struct PruneReport {
   const PruneConfig* settings = nullptr;
   int ranks = 0;
+  int expert_parallel = 0;  // N of the mesh (ranks per expert-parallel group); placements are over N
   std::string checkpoint_in, checkpoint_out;
   const PruneOutcome* outcome = nullptr;
   std::optional<RefinetuneResult> refinetune;
