@@ -72,8 +72,8 @@ int step(World& world, const Options& o) {
     at::Tensor loss = cross_entropy_sum(logits.to(at::kFloat), labels) / static_cast<double>(per_rank) +
                       ctx.aux_loss / static_cast<double>(groups);
     loss.backward();
-    opt.sync_gradients(*world.comms().device);
-    opt.step(*world.comms().device, 1e-3);
+    opt.sync_gradients(world.comms());
+    opt.step(world.comms(), 1e-3);
   };
   const Timing t = time_it(world, o.reps, train_step);
   profile_to(world, o.profile, 3, train_step);

@@ -88,9 +88,15 @@ TEST(Cli, ModelThatCannotFit) {
   expect_user_error("forward --set model.image_size=1000000", 2, "is too large to be built");
 }
 
-TEST(Cli, MoreRanksThanExperts) {
-  expect_user_error("forward --set model.moe.num_experts=2 --set finetune.batch_size=128", 4,
-                    "world size 4 is larger than model.moe.num_experts=2");
+// More ranks than experts run on a mesh (2 groups x 2 here, tests/ckpt_reshard.sh
+// and the MPI oracles check the results); an expert-parallel size that cannot work
+// is one line on every rank.
+TEST(Cli, ExpertParallelThatCannotWork) {
+  expect_user_error("forward --set model.moe.num_experts=2 --set parallel.expert_parallel=4", 4,
+                    "parallel.expert_parallel=4 exceeds the 2 experts of a MoE layer");
+  expect_user_error("forward --set parallel.expert_parallel=3", 4,
+                    "parallel.expert_parallel=3 does not divide the world size 4");
+  expect_user_error("forward --set parallel.expert_parallel=-1", 2, "parallel.expert_parallel=-1 must be >= 0");
 }
 
 TEST(Cli, WorldSizeDoesNotDivideGroups) {

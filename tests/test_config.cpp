@@ -356,8 +356,19 @@ TEST(Config, WorldSize) {
   } catch (const UserError& e) {
     EXPECT_NE(std::string(e.what()).find("does not divide the 8 routing groups"), std::string::npos) << e.what();
   }
+  // The mesh: auto picks the largest divisor of the world size that fits the experts.
+  EXPECT_EQ(validate_world(cfg, 4), 4);
   const JobConfig small = parse_config("", {"model.moe.num_experts=2", "finetune.batch_size=128", "pretrain.batch_size=128"});
-  EXPECT_THROW(validate_world(small, 4), UserError);
+  EXPECT_EQ(validate_world(small, 4), 2);
+  EXPECT_EQ(resolve_expert_parallel(0, 10, 8), 5);
+  EXPECT_EQ(resolve_expert_parallel(0, 16, 8), 8);
+  EXPECT_EQ(resolve_expert_parallel(0, 7, 4), 1);
+  EXPECT_EQ(resolve_expert_parallel(2, 16, 8), 2);
+  EXPECT_THROW(resolve_expert_parallel(3, 16, 8), UserError);   // does not divide
+  EXPECT_THROW(resolve_expert_parallel(16, 16, 8), UserError);  // more than the experts
+  const JobConfig two = parse_config("", {"parallel.expert_parallel=2"});
+  EXPECT_EQ(validate_world(two, 4), 2);
+  EXPECT_THROW(validate_world(two, 1), UserError);
 }
 
 TEST(Config, MoeBlocksEveryAndLast) {

@@ -43,7 +43,7 @@ TEST(Optimizer, SgdMomentumAndAdamWByHand) {
     Optimizer opt(p, {ParamSlot{"w", w, false, {}, {}, -1, {}}});
     for (int s = 0; s < 2; ++s) {
       w.mutable_grad() = at::tensor({0.5, 1.0}, at::kFloat);
-      opt.step(comm, 0.1);
+      opt.step(Comms{&comm, &comm}, 0.1);
     }
     if (kind == OptimizerKind::Sgd) {
       // buf1 = g, buf2 = 0.9 g + g -> w = w0 - 0.1 (g + 1.9 g)
@@ -66,7 +66,7 @@ TEST(Optimizer, ClipsTheGlobalNorm) {
   Optimizer opt(p, {ParamSlot{"a", a, false, {}, {}, -1, {}}, ParamSlot{"b", b, true, {}, {}, -1, {}}});
   a.mutable_grad() = at::tensor({3.0f});
   b.mutable_grad() = at::tensor({4.0f});
-  EXPECT_NEAR(opt.step(comm, 1.0), 5.0, 1e-9);
+  EXPECT_NEAR(opt.step(Comms{&comm, &comm}, 1.0), 5.0, 1e-9);
   EXPECT_NEAR(a.item<double>(), -0.6, 1e-5);
   EXPECT_NEAR(b.item<double>(), -0.8, 1e-5);
 }
@@ -81,7 +81,7 @@ TEST(Optimizer, NonFiniteGradientNormStopsBeforeTheUpdate) {
     Optimizer opt(p, {ParamSlot{"a", a, false, {}, {}, -1, {}}, ParamSlot{"b", b, true, {}, {}, -1, {}}});
     a.mutable_grad() = at::tensor({0.5f, 0.5f});
     b.mutable_grad() = at::tensor({bad});
-    EXPECT_THROW(opt.step(comm, 0.1), DivergedError);
+    EXPECT_THROW(opt.step(Comms{&comm, &comm}, 0.1), DivergedError);
     EXPECT_TRUE(at::equal(a, at::ones({2})));
     EXPECT_TRUE(at::equal(b, at::ones({1})));
     EXPECT_EQ(opt.steps_taken(), 0);
