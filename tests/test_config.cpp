@@ -53,6 +53,18 @@ TEST(Config, ShippedConfigsParse) {
     const JobConfig cfg = parse_config(e.path().string());
     EXPECT_EQ(cfg.model.name, e.path().stem().string()) << e.path();
     EXPECT_NO_THROW(validate_world(cfg, 2)) << e.path();
+    // launch/slurm.sbatch's example: 2 nodes x 8 GPUs = 16 ranks, more than the
+    // experts of a layer (8): a mesh of 16 / N groups.
+    // The E3 CIFAR-100 recipe keeps vmoe's groups of 128 images (8 per batch, vmoe's 8
+    // devices); its header says to lower model.moe.group_size for more ranks.
+    if (cfg.model.name != "vmoe-tiny") {
+      const JobConfig c16 = cfg.model.name == "e3-s32-cifar100"
+                                ? parse_config(e.path().string(), {"model.moe.group_size=32"})
+                                : cfg;
+      int n16 = 0;
+      EXPECT_NO_THROW(n16 = validate_world(c16, 16)) << e.path() << " on the Slurm template's 16 ranks";
+      EXPECT_EQ(n16, std::min(16, cfg.model.moe.num_experts)) << e.path();
+    }
     ++n;
   }
   EXPECT_GE(n, 19);
@@ -79,23 +91,23 @@ TEST(Config, RecipesResolveAsBeforeBases) {
   };
   const Want want[] = {
     {"e3-s32-cifar100.yaml", 32, 512, 8, 128, 100, 1.5, 1, 2, DatasetKind::Cifar100, 1024, "data/pretrained/eee_s32_last2_ilsvrc2012", 2000, true, 500, "runs/e3-s32-cifar100"},
-    {"e3-s32.yaml", 32, 512, 8, 224, 1000, 1.05, 1, 2, DatasetKind::Shards, 64, "", 10000, false, 0, "runs/e3-s32"},
+    {"e3-s32.yaml", 32, 512, 8, 224, 1000, 1.05, 1, 2, DatasetKind::Shards, 128, "", 10000, false, 0, "runs/e3-s32"},
     {"vmoe-b16-cifar10.yaml", 16, 768, 12, 128, 10, 1.5, 2, 1, DatasetKind::Cifar10, 1024, "data/pretrained/vmoe_b16_imagenet21k_randaug_strong", 1000, true, 500, "runs/vmoe-b16-cifar10"},
     {"vmoe-b16-cifar100.yaml", 16, 768, 12, 128, 100, 1.5, 2, 1, DatasetKind::Cifar100, 1024, "data/pretrained/vmoe_b16_imagenet21k_randaug_strong", 1000, true, 500, "runs/vmoe-b16-cifar100"},
     {"vmoe-b16-imagenet.yaml", 16, 768, 12, 384, 1000, 1.5, 2, 1, DatasetKind::Shards, 512, "data/pretrained/vmoe_b16_imagenet21k_randaug_strong", 10000, true, 500, "runs/vmoe-b16-imagenet"},
-    {"vmoe-b16.yaml", 16, 768, 12, 224, 1000, 1.05, 2, 1, DatasetKind::Shards, 64, "", 10000, false, 0, "runs/vmoe-b16"},
+    {"vmoe-b16.yaml", 16, 768, 12, 224, 1000, 1.05, 2, 1, DatasetKind::Shards, 128, "", 10000, false, 0, "runs/vmoe-b16"},
     {"vmoe-h14-cifar10.yaml", 14, 1280, 32, 224, 10, 1.5, 2, 1, DatasetKind::Cifar10, 512, "data/pretrained/vmoe-h14.safetensors", 10000, true, 500, "runs/vmoe-h14-cifar10"},
     {"vmoe-h14-cifar100.yaml", 14, 1280, 32, 224, 100, 1.5, 2, 1, DatasetKind::Cifar100, 512, "data/pretrained/vmoe-h14.safetensors", 10000, true, 500, "runs/vmoe-h14-cifar100"},
     {"vmoe-h14-imagenet.yaml", 14, 1280, 32, 378, 1000, 1.5, 2, 1, DatasetKind::Shards, 512, "data/pretrained/vmoe-h14.safetensors", 10000, true, 500, "runs/vmoe-h14-imagenet"},
-    {"vmoe-h14.yaml", 14, 1280, 32, 224, 1000, 1.05, 2, 1, DatasetKind::Shards, 64, "", 10000, false, 0, "runs/vmoe-h14"},
+    {"vmoe-h14.yaml", 14, 1280, 32, 224, 1000, 1.05, 2, 1, DatasetKind::Shards, 128, "", 10000, false, 0, "runs/vmoe-h14"},
     {"vmoe-l16-cifar10.yaml", 16, 1024, 24, 224, 10, 1.5, 2, 1, DatasetKind::Cifar10, 512, "data/pretrained/vmoe-l16.safetensors", 10000, true, 500, "runs/vmoe-l16-cifar10"},
     {"vmoe-l16-cifar100.yaml", 16, 1024, 24, 224, 100, 1.5, 2, 1, DatasetKind::Cifar100, 512, "data/pretrained/vmoe-l16.safetensors", 10000, true, 500, "runs/vmoe-l16-cifar100"},
     {"vmoe-l16-imagenet.yaml", 16, 1024, 24, 384, 1000, 1.5, 2, 1, DatasetKind::Shards, 512, "data/pretrained/vmoe-l16.safetensors", 10000, true, 500, "runs/vmoe-l16-imagenet"},
-    {"vmoe-l16.yaml", 16, 1024, 24, 224, 1000, 1.05, 2, 1, DatasetKind::Shards, 64, "", 10000, false, 0, "runs/vmoe-l16"},
+    {"vmoe-l16.yaml", 16, 1024, 24, 224, 1000, 1.05, 2, 1, DatasetKind::Shards, 128, "", 10000, false, 0, "runs/vmoe-l16"},
     {"vmoe-s32-cifar10.yaml", 32, 512, 8, 128, 10, 1.5, 2, 1, DatasetKind::Cifar10, 1024, "data/pretrained/vmoe_s32_last2_ilsvrc2012_randaug_light1", 1000, true, 500, "runs/vmoe-s32-cifar10"},
     {"vmoe-s32-cifar100.yaml", 32, 512, 8, 128, 100, 1.5, 2, 1, DatasetKind::Cifar100, 1024, "data/pretrained/vmoe_s32_last2_ilsvrc2012_randaug_light1", 1000, true, 500, "runs/vmoe-s32-cifar100"},
     {"vmoe-s32-imagenet.yaml", 32, 512, 8, 384, 1000, 1.5, 2, 1, DatasetKind::Shards, 512, "data/pretrained/vmoe_s32_last2_ilsvrc2012_randaug_light1", 10000, true, 500, "runs/vmoe-s32-imagenet"},
-    {"vmoe-s32.yaml", 32, 512, 8, 224, 1000, 1.05, 2, 1, DatasetKind::Shards, 64, "", 10000, false, 0, "runs/vmoe-s32"},
+    {"vmoe-s32.yaml", 32, 512, 8, 224, 1000, 1.05, 2, 1, DatasetKind::Shards, 128, "", 10000, false, 0, "runs/vmoe-s32"},
     {"vmoe-tiny.yaml", 4, 64, 6, 28, 10, 1.05, 2, 1, DatasetKind::FashionMnist, 256, "", 1500, true, 500, "runs/vmoe-tiny"},
   };
   ASSERT_EQ(recipes().size(), std::size(want)) << "a recipe was added or removed: extend this table";
