@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include "dist/mesh.h"
+#include "train/grad_buckets.h"
 #include "train/trainer.h"
 #include "test_world.h"
 #include "test_models.h"
@@ -59,27 +60,75 @@ TEST(TrainOracle, FewStepsMatchSingleProcess) {
   auto [ref, ref_r] = run(Comms{&self, &self}, default_placements(m, 1));
   // Expert-parallel over all ranks, then every smaller mesh W = D x N (D > 1): the
   // experts' replicas average their gradients and clipping counts each expert once.
+  // Dense gradients in buckets during backward (the default) and in one piece after it.
   for (int N = w.size(); N >= 1; --N) {
-    if (w.size() % N != 0) continue;
-    SCOPED_TRACE(concat("mesh ", w.size() / N, " x ", N));
-    Mesh mesh(w.host_comm(), w.host_comm(), N);
-    auto [dist, dist_r] = run(N == w.size() ? w.comms() : mesh.comms(), default_placements(m, N));
-    EXPECT_NEAR(dist_r.train_loss, ref_r.train_loss, 1e-5 * std::abs(ref_r.train_loss));
-    EXPECT_NEAR(dist_r.val.loss, ref_r.val.loss, 1e-5 * std::abs(ref_r.val.loss));
-    auto rp = ref->named_parameters();
-    for (const auto& item : dist->named_parameters()) {
-      at::Tensor want = rp[item.key()];
-      if (item.key().find(".experts.") != std::string::npos) {
-        const auto& ids = dist->moe_layers()[0]->experts->expert_ids();
-        want = want.index_select(0, at::tensor(std::vector<int64_t>(ids.begin(), ids.end()), at::kLong));
+    for (GradReduce mode : {GradReduce::Overlap, GradReduce::Flat}) {
+      if (w.size() % N != 0) continue;
+      job.parallel.grad_reduce = mode;
+      job.parallel.bucket_mb = 0.001;  // ~1 KiB: several buckets even for this small model
+      SCOPED_TRACE(concat("mesh ", w.size() / N, " x ", N, ", grad_reduce ", name_of(mode)));
+      Mesh mesh(w.host_comm(), w.host_comm(), N);
+      auto [dist, dist_r] = run(N == w.size() ? w.comms() : mesh.comms(), default_placements(m, N));
+      EXPECT_NEAR(dist_r.train_loss, ref_r.train_loss, 1e-5 * std::abs(ref_r.train_loss));
+      EXPECT_NEAR(dist_r.val.loss, ref_r.val.loss, 1e-5 * std::abs(ref_r.val.loss));
+      auto rp = ref->named_parameters();
+      for (const auto& item : dist->named_parameters()) {
+        at::Tensor want = rp[item.key()];
+        if (item.key().find(".experts.") != std::string::npos) {
+          const auto& ids = dist->moe_layers()[0]->experts->expert_ids();
+          want = want.index_select(0, at::tensor(std::vector<int64_t>(ids.begin(), ids.end()), at::kLong));
+        }
+        EXPECT_LE(rel_err(item.value().detach(), want.detach()), 1e-5) << item.key();
       }
-      EXPECT_LE(rel_err(item.value().detach(), want.detach()), 1e-5) << item.key();
     }
   }
   // Training moved the parameters (the comparison is not of untouched weights).
   at::manual_seed(job.seed);
   VisionTransformer fresh(m, default_placements(m, 1), self, job.seed);
   EXPECT_GT(rel_err(fresh->head->weight, ref->head->weight), 1e-3);
+}
+
+// The buckets start during backward (not all at finish()), in bucket order on every
+// rank, and their sums equal the flat all-reduce's, step after step.
+TEST(GradBuckets, StartDuringBackwardAndSumLikeFlat) {
+  World& w = *g_world;
+  const ModelConfig m = small_vit(2, 4, 2);
+  at::manual_seed(4);
+  VisionTransformer model(m, default_placements(m, w.size()), w.host_comm(), 4);
+  auto backward = [&] {
+    ForwardContext ctx;
+    ctx.in.train = true;
+    ctx.in.first_group = w.rank();
+    ctx.in.total_groups = w.size();
+    at::manual_seed(100 + w.rank());
+    at::Tensor logits = model->forward(at::randn({m.moe.group_size, m.channels, m.image_size, m.image_size}), ctx);
+    (logits.pow(2).sum() + ctx.aux_loss).backward();
+  };
+  PhaseConfig pc;
+  Optimizer flat_opt(pc, param_slots(model));
+  flat_opt.zero_grad();
+  backward();
+  flat_opt.sync_gradients(w.comms());
+  std::vector<at::Tensor> want;
+  for (const auto& s : flat_opt.slots()) want.push_back(s.param.grad().defined() ? s.param.grad().clone() : at::Tensor());
+
+  Optimizer opt(pc, param_slots(model));
+  GradBuckets buckets(opt.slots(), w.host_comm(), 2048);
+  ASSERT_GT(buckets.size(), 2u);
+  for (int round = 0; round < 2; ++round) {  // twice: the state resets between steps
+    opt.zero_grad();
+    buckets.arm();
+    backward();
+    if (w.size() > 1) {
+      EXPECT_GT(buckets.started_in_backward(), 0) << "nothing overlapped backward";
+    }
+    buckets.finish();
+    for (size_t i = 0; i < opt.slots().size(); ++i) {
+      const ParamSlot& s = opt.slots()[i];
+      if (s.expert || !want[i].defined()) continue;
+      EXPECT_LE(rel_err(s.param.grad(), want[i]), 1e-6) << s.name;
+    }
+  }
 }
 
 }  // namespace

@@ -29,6 +29,9 @@ enum class Precision { Fp32, Bf16 };
 enum class DispatcherKind { Auto, Torch, Kernels };
 // How the expert bank computes: one GEMM pair per local expert, or one grouped GEMM per side.
 enum class ExpertGemm { Auto, Loop, Grouped };  // Auto: grouped on GPUs, loop on CPUs
+// How dense gradients are summed over ranks: buckets started during backward, or one
+// flat all-reduce after it (train/grad_buckets.h).
+enum class GradReduce { Overlap, Flat };
 
 template <class E>
 struct ChoiceNames;  // specialised below: static constexpr std::array<std::pair<E, std::string_view>, N> table
@@ -53,6 +56,7 @@ MOEPRUNE_CHOICES(OptimizerKind, {OptimizerKind::Sgd, "sgd"}, {OptimizerKind::Ada
 MOEPRUNE_CHOICES(Precision, {Precision::Fp32, "fp32"}, {Precision::Bf16, "bf16"});
 MOEPRUNE_CHOICES(DispatcherKind, {DispatcherKind::Auto, "auto"}, {DispatcherKind::Torch, "torch"},
                  {DispatcherKind::Kernels, "kernels"});
+MOEPRUNE_CHOICES(GradReduce, {GradReduce::Overlap, "overlap"}, {GradReduce::Flat, "flat"});
 MOEPRUNE_CHOICES(ExpertGemm, {ExpertGemm::Auto, "auto"}, {ExpertGemm::Loop, "loop"}, {ExpertGemm::Grouped, "grouped"});
 #undef MOEPRUNE_CHOICES
 

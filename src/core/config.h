@@ -163,6 +163,8 @@ struct ParallelConfig {
   // N, ranks per expert-parallel group; W / N groups hold replicas of the experts.
   // 0 = auto: the largest divisor of the world size that is at most the experts of a layer.
   int expert_parallel = 0;
+  GradReduce grad_reduce = GradReduce::Overlap;  // dense gradients: overlap (buckets during backward) | flat
+  double bucket_mb = 25.0;                         // bucket size of overlap, MiB
 };
 
 struct JobConfig {

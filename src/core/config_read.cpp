@@ -247,6 +247,8 @@ JobConfig from_tree(YAML::Node root, const std::string& source_name, const std::
   read_runtime(top.sub("runtime"), cfg.runtime);
   MapReader par = top.sub("parallel");
   par.get("expert_parallel", cfg.parallel.expert_parallel);
+  par.choice("grad_reduce", cfg.parallel.grad_reduce);
+  par.get("bucket_mb", cfg.parallel.bucket_mb);
   par.finish();
   top.finish();
   apply_env_overrides(cfg.runtime);

@@ -51,6 +51,8 @@ void validate(const JobConfig& cfg) {
   require(cfg.parallel.expert_parallel >= 0,
           concat("config: parallel.expert_parallel=", cfg.parallel.expert_parallel,
                  " must be >= 0 (0 = auto: the largest divisor of the world size that fits the experts)"));
+  require(cfg.parallel.bucket_mb > 0 && cfg.parallel.bucket_mb <= 4096,
+          concat("config: parallel.bucket_mb=", cfg.parallel.bucket_mb, " must be in (0, 4096] (MiB)"));
   auto positive = [](int v, const char* key) {
     require(v > 0, concat("config: ", key, "=", v, " must be a positive integer"));
   };

@@ -238,6 +238,51 @@ void MpiCommunicator::all_reduce(at::Tensor& t, ReduceOp op) {
   }
 }
 
+namespace {
+struct Done final : PendingCollective {
+  void wait() override {}
+};
+
+// MPI_Iallreduce requests over the chunks of one tensor.
+struct MpiPending final : PendingCollective {
+  at::Tensor keep;  // the buffer, alive until the requests complete
+  std::vector<MPI_Request> requests;
+  ~MpiPending() override {
+    if (!requests.empty()) MPI_Waitall(static_cast<int>(requests.size()), requests.data(), MPI_STATUSES_IGNORE);
+  }
+  void wait() override {
+    if (requests.empty()) return;
+    const int rc = MPI_Waitall(static_cast<int>(requests.size()), requests.data(), MPI_STATUSES_IGNORE);
+    requests.clear();
+    mpi_check(rc, "Waitall (Iallreduce)");
+  }
+};
+}  // namespace
+
+std::unique_ptr<PendingCollective> Communicator::all_reduce_start(at::Tensor& t, ReduceOp op) {
+  all_reduce(t, op);
+  return std::make_unique<Done>();
+}
+
+std::unique_ptr<PendingCollective> MpiCommunicator::all_reduce_start(at::Tensor& t, ReduceOp op) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "MpiCommunicator::all_reduce_start needs a contiguous CPU tensor");
+  const MPI_Datatype dt = mpi_type(t.scalar_type());
+  if (dt == MPI_DATATYPE_NULL) return Communicator::all_reduce_start(t, op);  // bf16 / fp16: blocking, in float32
+  auto p = std::make_unique<MpiPending>();
+  p->keep = t;
+  const MPI_Op mop = op == ReduceOp::Sum ? MPI_SUM : MPI_MAX;
+  const int64_t n = t.numel();
+  const int64_t step = INT_MAX / 2;
+  auto* base = static_cast<char*>(t.data_ptr());
+  for (int64_t off = 0; off < n; off += step) {
+    MPI_Request req;
+    const int cnt = static_cast<int>(std::min(step, n - off));
+    mpi_check(MPI_Iallreduce(MPI_IN_PLACE, base + off * t.element_size(), cnt, dt, mop, comm_, &req), "Iallreduce");
+    p->requests.push_back(req);
+  }
+  return p;
+}
+
 void MpiCommunicator::broadcast(at::Tensor& t, int root) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "MpiCommunicator::broadcast needs a contiguous CPU tensor");
   auto* base = static_cast<char*>(t.data_ptr());

@@ -22,6 +22,15 @@ struct RowBlock {
   int64_t rows = 0;
 };
 
+// A collective started by Communicator::all_reduce_start; wait() completes it (the
+// tensor then holds the result; on a GPU: for work queued after wait() on the
+// current stream).
+class PendingCollective {
+ public:
+  virtual ~PendingCollective() = default;
+  virtual void wait() = 0;
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -45,6 +54,12 @@ class Communicator {
   // Always a host-side exchange: split sizes are needed on the host.
   virtual std::vector<int64_t> exchange_counts(const std::vector<int64_t>& send, int block) = 0;
   virtual void all_reduce(at::Tensor& t, ReduceOp op) = 0;  // in place
+  // Starts an in-place all-reduce of the contiguous t and returns at once where the
+  // backend can (MPI: MPI_Iallreduce; NCCL: on a side stream after the work queued
+  // so far on the current one), so that computation overlaps it. t must stay alive
+  // and unchanged until wait(). Every rank starts the same collectives in the same
+  // order. The default runs all_reduce now.
+  virtual std::unique_ptr<PendingCollective> all_reduce_start(at::Tensor& t, ReduceOp op);
   virtual void broadcast(at::Tensor& t, int root) = 0;       // in place
   virtual at::Tensor all_gather(const at::Tensor& t) = 0;    // returns [size(), ...t.sizes()]
   virtual void send(const at::Tensor& t, int dst, int tag) = 0;
@@ -91,6 +106,7 @@ class MpiCommunicator final : public Communicator {
                                const std::vector<RowBlock>& recv_blocks) override;
   std::vector<int64_t> exchange_counts(const std::vector<int64_t>& send, int block) override;
   void all_reduce(at::Tensor& t, ReduceOp op) override;
+  std::unique_ptr<PendingCollective> all_reduce_start(at::Tensor& t, ReduceOp op) override;
   void broadcast(at::Tensor& t, int root) override;
   at::Tensor all_gather(const at::Tensor& t) override;
   void send(const at::Tensor& t, int dst, int tag) override;

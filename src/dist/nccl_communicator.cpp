@@ -1,9 +1,12 @@
 #include "dist/nccl_communicator.h"
 
+#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 #include <nccl.h>
+
+#include <optional>
 
 #include "core/error.h"
 
@@ -31,6 +34,14 @@ ncclDataType_t nccl_type(at::ScalarType t) {
     default: throw std::invalid_argument(concat("NCCL: unsupported dtype ", t));
   }
 }
+
+// An all-reduce queued on the communicator's side stream: wait() makes the current
+// stream wait for it (no host synchronisation).
+struct NcclPending final : PendingCollective {
+  at::cuda::CUDAEvent done;
+  c10::DeviceIndex device = 0;
+  void wait() override { done.block(c10::cuda::getCurrentCUDAStream(device)); }
+};
 
 class NcclCommunicator final : public Communicator {
  public:
@@ -112,6 +123,24 @@ class NcclCommunicator final : public Communicator {
                "AllReduce");
   }
 
+  std::unique_ptr<PendingCollective> all_reduce_start(at::Tensor& t, ReduceOp op) override {
+    check_device(t);
+    TORCH_CHECK(t.is_contiguous(), "NCCL all_reduce_start needs a contiguous tensor");
+    const auto dev = static_cast<c10::DeviceIndex>(device_);
+    const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(dev);
+    if (!side_) side_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, dev);
+    at::cuda::CUDAEvent ready;
+    ready.record(current);  // the gradient is written by work queued so far
+    ready.block(*side_);
+    nccl_check(ncclAllReduce(t.data_ptr(), t.data_ptr(), t.numel(), nccl_type(t.scalar_type()),
+                             op == ReduceOp::Sum ? ncclSum : ncclMax, comm_, side_->stream()),
+               "AllReduce (side stream)");
+    t.record_stream(*side_);  // the allocator keeps t until the side stream is done with it
+    auto p = std::make_unique<NcclPending>();
+    p->device = dev;
+    p->done.record(*side_);
+    return p;
+  }
   void broadcast(at::Tensor& t, int root) override {
     check_device(t);
     TORCH_CHECK(t.is_contiguous(), "NCCL broadcast needs a contiguous tensor");
@@ -162,6 +191,7 @@ class NcclCommunicator final : public Communicator {
   MpiCommunicator& mpi_;
   int device_;
   ncclComm_t comm_ = nullptr;
+  std::optional<c10::cuda::CUDAStream> side_;  // all_reduce_start's stream
 };
 
 }  // namespace

@@ -38,8 +38,8 @@ void sum_gradients(std::vector<ParamSlot>& slots, bool expert, Communicator& com
 }
 }  // namespace
 
-void Optimizer::sync_gradients(const Comms& comms) {
-  sum_gradients(slots_, /*expert=*/false, *comms.device);
+void Optimizer::sync_gradients(const Comms& comms, bool dense) {
+  if (dense) sum_gradients(slots_, /*expert=*/false, *comms.device);
   // An expert's gradient on one rank covers the tokens of its expert-parallel group;
   // its replicas in the other groups hold the rest.
   if (comms.edp_device) sum_gradients(slots_, /*expert=*/true, *comms.edp_device);

@@ -35,7 +35,8 @@ class Optimizer final : public StateOwner {
   Optimizer(const PhaseConfig& cfg, std::vector<ParamSlot> params);
   // Sums dense gradients over all ranks (one flat all-reduce) and expert gradients
   // over the expert-data-parallel group (the ranks holding the same experts). Collective.
-  void sync_gradients(const Comms& comms);
+  // dense = false: the dense gradients were summed already (GradBuckets).
+  void sync_gradients(const Comms& comms, bool dense = true);
   // Global gradient norm: replicated parameters counted once, expert parameters once
   // on the rank of `ep` (an expert-parallel group) holding them (all-reduce of their
   // squares). Collective over ep.

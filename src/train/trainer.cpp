@@ -1,5 +1,7 @@
 #include "train/trainer.h"
 
+#include "train/grad_buckets.h"
+
 #include <unistd.h>
 
 #include <chrono>
@@ -89,6 +91,14 @@ PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader
   int64_t w_steps = 0, epoch = 0;
   const uint64_t phase_salt = phase_info(phase_id_).seed_salt;
 
+  // Dense gradients: all-reduced in buckets during the last micro-batch's backward
+  // (parallel.grad_reduce: overlap), or in one piece after it (flat).
+  std::unique_ptr<GradBuckets> buckets;
+  if (job_.parallel.grad_reduce == GradReduce::Overlap && W > 1)
+    buckets = std::make_unique<GradBuckets>(opt_.slots(), *comms_.device,
+                                            static_cast<int64_t>(job_.parallel.bucket_mb * (1 << 20)));
+  double w_sync = 0;
+
   int64_t steps_done = start_step;
   for (int64_t step = start_step; step < phase_.steps; ++step) {
     const auto t0 = Clock::now();
@@ -116,12 +126,16 @@ PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader
       at::Tensor ce = cross_entropy_sum(logits, b.labels);
       at::Tensor loss = ce / static_cast<double>(micro * accum) +
                         ctx.aux_loss / static_cast<double>(M * groups * accum);
+      if (buckets && a == accum - 1) buckets->arm();
       loss.backward();
       w_loss += ce.item<double>();
       w_correct += (ensemble_log_probs(logits.detach()).argmax(1) == b.labels).sum().item<double>();
       w_count += static_cast<double>(b.labels.size(0));
     }
-    opt_.sync_gradients(comms_);
+    const auto t_sync = Clock::now();
+    if (buckets) buckets->finish();
+    opt_.sync_gradients(comms_, /*dense=*/!buckets);
+    w_sync += since(t_sync);
     try {
       w_norm += opt_.step(comms_, lr);
     } catch (const DivergedError& e) {
@@ -158,14 +172,17 @@ PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader
             {"dispatch", w_timers.dispatch / w_steps},
             {"experts", w_timers.experts / w_steps},
             {"combine", w_timers.combine / w_steps},
-            {"rest", (w_time - w_timers.router - w_timers.dispatch - w_timers.experts - w_timers.combine) / w_steps}}},
+            {"grad_sync", w_sync / w_steps},
+            {"rest", (w_time - w_timers.router - w_timers.dispatch - w_timers.experts - w_timers.combine - w_sync) /
+                         w_steps}}},
+          {"grad_reduce", buckets ? concat("overlap (", buckets->size(), " buckets)") : std::string("flat")},
           {"peak_rss_mib", tm[1].item<double>()}, {"moe_layers", layer_json(w_stats)}};
       metrics_.write(rec);
       if (!::isatty(2) || last)
         log::info(concat(name_, " step ", step + 1, "/", phase_.steps, " epoch ", epoch, " loss ", loss, " acc ", acc,
                          " lr ", lr, " ", static_cast<int>(ips), " img/s"));
       progress.update(step + 1, concat("loss ", loss, " acc ", acc));
-      w_loss = w_correct = w_count = w_time = w_norm = 0;
+      w_loss = w_correct = w_count = w_time = w_norm = w_sync = 0;
       w_timers = {};
       w_stats.clear();
       w_steps = 0;
