@@ -90,6 +90,10 @@ step info 60 bash -c "nvidia-smi | head -12; nvidia-smi --query-gpu=name,driver_
   python3 -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name(0))'; \
   nproc; ldd '$M' | grep -E 'not found|nccl|cudart|libtorch_cuda|libmpi.so'"
 step gpu_tests 120 "$T" --gtest_filter='Gpu.*'
+# The multi-rank test binary on one rank with the GPU visible: the mesh's NCCL
+# sub-communicators (split even for one group), started all-reduces on the side
+# stream, the gradient buckets on the device.
+step mpi_np1 150 bash -c "mpirun -np 1 '$BUILD/tests/moeprune_mpi_tests' 2>&1 | grep -E 'OK \]|FAILED|PASSED|Failure' | tail -60; exit \${PIPESTATUS[0]}"
 step forward_cpu 90 env CUDA_VISIBLE_DEVICES= "$M" forward
 step forward_gpu 90 "$M" forward
 step kernels 120 "$B" kernels --repeat 20

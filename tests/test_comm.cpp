@@ -199,6 +199,17 @@ TEST(Mesh, SubCommunicatorsOnTheDevice) {
     at::Tensor send = (at::arange(N, at::TensorOptions().dtype(at::kFloat)) + 100.f * p).reshape({N, 1}).to(dev);
     at::Tensor got = c.ep().all_to_all(send, one, one).cpu();
     for (int s = 0; s < N; ++s) EXPECT_EQ(got[s][0].item<float>(), 100.f * s + p);
+    // A started all-reduce (NCCL: on a side stream) completes on wait(), after the
+    // work queued before it, while other work is queued meanwhile.
+    at::Tensor z = at::full({1 << 16}, 1.0, at::TensorOptions().dtype(at::kFloat).device(dev)) * (r + 1);
+    auto pending = c.edp_device->all_reduce_start(z, ReduceOp::Sum);
+    at::Tensor other = at::ones({256, 256}, at::TensorOptions().device(dev))
+                           .matmul(at::ones({256, 256}, at::TensorOptions().device(dev)));
+    pending->wait();
+    const double want = D * (p + 1) + N * D * (D - 1) / 2.0;  // sum over g of (g*N + p + 1)
+    EXPECT_EQ(z.min().cpu().item<float>(), want);
+    EXPECT_EQ(z.max().cpu().item<float>(), want);
+    EXPECT_EQ(other[0][0].cpu().item<float>(), 256.f);
   }
 }
 

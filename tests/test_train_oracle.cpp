@@ -92,41 +92,52 @@ TEST(TrainOracle, FewStepsMatchSingleProcess) {
 // rank, and their sums equal the flat all-reduce's, step after step.
 TEST(GradBuckets, StartDuringBackwardAndSumLikeFlat) {
   World& w = *g_world;
-  const ModelConfig m = small_vit(2, 4, 2);
-  at::manual_seed(4);
-  VisionTransformer model(m, default_placements(m, w.size()), w.host_comm(), 4);
-  auto backward = [&] {
-    ForwardContext ctx;
-    ctx.in.train = true;
-    ctx.in.first_group = w.rank();
-    ctx.in.total_groups = w.size();
-    at::manual_seed(100 + w.rank());
-    at::Tensor logits = model->forward(at::randn({m.moe.group_size, m.channels, m.image_size, m.image_size}), ctx);
-    (logits.pow(2).sum() + ctx.aux_loss).backward();
-  };
-  PhaseConfig pc;
-  Optimizer flat_opt(pc, param_slots(model));
-  flat_opt.zero_grad();
-  backward();
-  flat_opt.sync_gradients(w.comms());
-  std::vector<at::Tensor> want;
-  for (const auto& s : flat_opt.slots()) want.push_back(s.param.grad().defined() ? s.param.grad().clone() : at::Tensor());
-
-  Optimizer opt(pc, param_slots(model));
-  GradBuckets buckets(opt.slots(), w.host_comm(), 2048);
-  ASSERT_GT(buckets.size(), 2u);
-  for (int round = 0; round < 2; ++round) {  // twice: the state resets between steps
-    opt.zero_grad();
-    buckets.arm();
+  // On CPUs over MPI; on a GPU machine also on the device over NCCL (hooks on
+  // autograd's device thread, all-reduces on the side stream).
+  std::vector<std::pair<c10::Device, Communicator*>> where{{c10::Device(c10::kCPU), &w.host_comm()}};
+  if (w.device().is_cuda()) where.emplace_back(w.device(), &w.comm());
+  for (auto [dev, comm] : where) {
+    SCOPED_TRACE(dev.str());
+    const ModelConfig m = small_vit(2, 4, 2);
+    at::manual_seed(4);
+    VisionTransformer model(m, default_placements(m, w.size()), *comm, 4);
+    model->to(dev);
+    Comms comms{comm, &w.host_comm()};
+    auto backward = [&] {
+      ForwardContext ctx;
+      ctx.in.train = true;
+      ctx.in.first_group = w.rank();
+      ctx.in.total_groups = w.size();
+      at::manual_seed(100 + w.rank());
+      at::Tensor logits =
+          model->forward(at::randn({m.moe.group_size, m.channels, m.image_size, m.image_size}).to(dev), ctx);
+      (logits.pow(2).sum() + ctx.aux_loss).backward();
+    };
+    PhaseConfig pc;
+    Optimizer flat_opt(pc, param_slots(model));
+    flat_opt.zero_grad();
     backward();
-    if (w.size() > 1) {
-      EXPECT_GT(buckets.started_in_backward(), 0) << "nothing overlapped backward";
-    }
-    buckets.finish();
-    for (size_t i = 0; i < opt.slots().size(); ++i) {
-      const ParamSlot& s = opt.slots()[i];
-      if (s.expert || !want[i].defined()) continue;
-      EXPECT_LE(rel_err(s.param.grad(), want[i]), 1e-6) << s.name;
+    flat_opt.sync_gradients(comms);
+    std::vector<at::Tensor> want;
+    for (const auto& s : flat_opt.slots())
+      want.push_back(s.param.grad().defined() ? s.param.grad().clone() : at::Tensor());
+
+    Optimizer opt(pc, param_slots(model));
+    GradBuckets buckets(opt.slots(), *comm, 2048);
+    ASSERT_GT(buckets.size(), 2u);
+    for (int round = 0; round < 2; ++round) {  // twice: the state resets between steps
+      opt.zero_grad();
+      buckets.arm();
+      backward();
+      if (w.size() > 1) {
+        EXPECT_GT(buckets.started_in_backward(), 0) << "nothing overlapped backward";
+      }
+      buckets.finish();
+      for (size_t i = 0; i < opt.slots().size(); ++i) {
+        const ParamSlot& s = opt.slots()[i];
+        if (s.expert || !want[i].defined()) continue;
+        EXPECT_LE(rel_err(s.param.grad(), want[i]), 1e-6) << s.name;
+      }
     }
   }
 }
