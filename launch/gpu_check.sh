@@ -93,7 +93,8 @@ step gpu_tests 120 "$T" --gtest_filter='Gpu.*'
 # The multi-rank test binary on one rank with the GPU visible: the mesh's NCCL
 # sub-communicators (split even for one group), started all-reduces on the side
 # stream, the gradient buckets on the device.
-step mpi_np1 150 bash -c "mpirun -np 1 '$BUILD/tests/moeprune_mpi_tests' 2>&1 | grep -E 'OK \]|FAILED|PASSED|Failure' | tail -60; exit \${PIPESTATUS[0]}"
+step mpi_np1 150 bash -c "mpirun -np 1 '$BUILD/tests/moeprune_mpi_tests' 2>&1 | grep -E 'FAILED|PASSED|Failure' | tail -20; exit \${PIPESTATUS[0]}"
+step mpi_np1_gpu 60 bash -c "mpirun -np 1 -x MOEPRUNE_TEST_GPUS=1 '$BUILD/tests/moeprune_mpi_tests' --gtest_filter='Mesh.*:GradBuckets.*' 2>&1 | grep -E 'OK \]|FAILED|PASSED|Failure|cuda' | tail -20; exit \${PIPESTATUS[0]}"
 step forward_cpu 90 env CUDA_VISIBLE_DEVICES= "$M" forward
 step forward_gpu 90 "$M" forward
 step kernels 120 "$B" kernels --repeat 20

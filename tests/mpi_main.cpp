@@ -3,6 +3,9 @@
 #include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "test_world.h"
 
 namespace moeprune::test {
@@ -10,7 +13,11 @@ World* g_world = nullptr;
 }
 
 int main(int argc, char** argv) {
-  moeprune::World world(&argc, &argv, /*use_gpus=*/false);
+  // The suite runs on CPUs (its oracles build models on host tensors); with
+  // MOEPRUNE_TEST_GPUS=1 the World takes the GPU (NCCL device communicator) for
+  // the tests that exercise the device path (Mesh.*, GradBuckets.*; launch/gpu_check.sh).
+  const char* gpus = std::getenv("MOEPRUNE_TEST_GPUS");
+  moeprune::World world(&argc, &argv, /*use_gpus=*/gpus != nullptr && std::string(gpus) == "1");
   moeprune::test::g_world = &world;
   if (world.rank() != 0) GTEST_FLAG_SET(brief, true);  // before InitGoogleTest, which picks the printer
   ::testing::InitGoogleTest(&argc, argv);

@@ -252,7 +252,11 @@ TEST(Checkpoint, RandomCorruptionsAreNeverLoaded) {
         const auto a = nlohmann::json::parse(bytes, nullptr, false), b = nlohmann::json::parse(bad, nullptr, false);
         return !b.is_discarded() && a == b;
       };
-      EXPECT_TRUE(same_json()) << "trial " << trial << ": corrupted " << path << " was loaded";
+      size_t at = 0;
+      while (at < bad.size() && at < bytes.size() && bad[at] == bytes[at]) ++at;
+      EXPECT_TRUE(same_json()) << "trial " << trial << ": corrupted " << path << " was loaded (first change at byte "
+                               << at << ": '" << bytes.substr(at > 30 ? at - 30 : 0, 60) << "' -> '"
+                               << bad.substr(at > 30 ? at - 30 : 0, 60) << "')";
     }
     std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;
   }

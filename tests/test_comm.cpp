@@ -174,6 +174,8 @@ TEST(Mesh, SubCommunicatorsOnTheDevice) {
   World& w = *g_world;
   const int W = w.size(), r = w.rank();
   const auto dev = w.device();
+  RecordProperty("device", dev.str());
+  if (w.rank() == 0) std::printf("mesh sub-communicators on %s\n", dev.str().c_str());
   for (int N = 1; N <= W; ++N) {
     if (W % N != 0) continue;
     SCOPED_TRACE(concat("mesh ", W / N, " x ", N, " on ", dev.str()));

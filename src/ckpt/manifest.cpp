@@ -121,10 +121,11 @@ Manifest read_manifest(const std::string& dir) {
   const std::string path = dir + "/manifest.json";
   require(std::filesystem::exists(path),
           concat("checkpoint: '", path, "' does not exist (expected a checkpoint directory)"));
-  std::ifstream in(path);
+  std::ifstream in(path, std::ios::binary);
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   json j;
   try {
-    in >> j;
+    j = json::parse(text);  // the whole file: anything after the object is corruption too
   } catch (const std::exception& e) {
     throw UserError(concat("checkpoint: '", path, "' is not valid JSON (", e.what(), ")"));
   }
