@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "core/config.h"
 #include "dist/world.h"
@@ -21,6 +22,7 @@ struct Options {
   bool verbose = false;      // dispatch: where the time goes
   int per_rank = 64;         // step: images per rank
   std::string profile;       // moe, step: write a profiler trace of a few extra runs here
+  std::vector<std::string> overrides;  // step: config overrides (a.b=c), e.g. parallel.expert_parallel=2
 };
 
 // Sharded checkpoint save and load MB/s against a plain copy of the same files.

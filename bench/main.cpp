@@ -44,6 +44,9 @@ int main(int argc, char** argv) {
   reps(stp, 5);
   stp->add_option("--profile", o.profile, "also write a profiler trace (Chrome JSON) of 3 extra steps here");
   stp->add_option("--per-rank-batch", o.per_rank, "images per rank per step")->check(CLI::PositiveNumber);
+  stp->add_option("--set", o.overrides,
+                  "config override a.b=c (repeatable): parallel.expert_parallel=N (the mesh), "
+                  "parallel.grad_reduce=overlap|flat, parallel.bucket_mb=M");
   config(stp, "model config (default: the embedded tiny default)");
   stp->add_option("--precision", o.precision, "fp32 | bf16 (default: the config's finetune.precision)");
   try {

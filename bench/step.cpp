@@ -1,7 +1,9 @@
 // moeprune-bench step: one training step (forward, backward, gradient sync,
 // optimiser) of a model at a fixed per-rank batch; run on 1, 2, 4 ranks it is weak
 // scaling (launch/bench_scaling.sh reads its JSON lines).
+#include <chrono>
 #include <cstdio>
+#include <memory>
 
 #ifdef MOEPRUNE_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -12,6 +14,7 @@
 #include "core/precision.h"
 #include "harness.h"
 #include "pipeline/job.h"
+#include "train/grad_buckets.h"
 #include "train/trainer.h"
 
 namespace moeprune::bench {
@@ -40,16 +43,25 @@ double peak_memory_gib(const c10::Device& dev) {
 }  // namespace
 
 int step(World& world, const Options& o) {
-  JobConfig cfg = parse_config(o.config);
+  JobConfig cfg = parse_config(o.config, o.overrides);
   if (!o.precision.empty()) cfg.finetune.precision = parse_choice<Precision>(o.precision, "--precision");
   const ModelConfig& mc = cfg.model;
+  int min_experts = mc.moe.num_experts;
+  for (int b : mc.moe_blocks()) min_experts = std::min(min_experts, static_cast<int>(mc.layer_experts(b).size()));
+  world.set_mesh(resolve_expert_parallel(cfg.parallel.expert_parallel, world.size(), min_experts));
+  const Comms comms = world.comms();
   const int per_rank = o.per_rank;
   require(per_rank % mc.moe.group_size == 0,
           concat("bench step: --per-rank-batch ", per_rank, " must be a multiple of group_size ", mc.moe.group_size));
   const c10::Device dev = world.device();
-  VisionTransformer model = build_job_model(cfg, mc, default_placements(mc, world.size()), world);
+  VisionTransformer model = build_job_model(cfg, mc, default_placements(mc, world.ep_size()), world);
   model->train();
   Optimizer opt(cfg.finetune, param_slots(model));
+  std::unique_ptr<GradBuckets> buckets;
+  if (cfg.parallel.grad_reduce == GradReduce::Overlap && world.size() > 1)
+    buckets = std::make_unique<GradBuckets>(opt.slots(), *comms.device,
+                                            static_cast<int64_t>(cfg.parallel.bucket_mb * (1 << 20)));
+  double sync_s = 0;  // time after backward until the gradients are summed (the exposed reduction)
   at::manual_seed(100 + world.rank());
   const auto t_opt = at::TensorOptions().device(dev);
   at::Tensor images = at::randn({per_rank, mc.channels, mc.image_size, mc.image_size}, t_opt);
@@ -71,22 +83,32 @@ int step(World& world, const Options& o) {
     }
     at::Tensor loss = cross_entropy_sum(logits.to(at::kFloat), labels) / static_cast<double>(per_rank) +
                       ctx.aux_loss / static_cast<double>(groups);
+    if (buckets) buckets->arm();
     loss.backward();
-    opt.sync_gradients(world.comms());
-    opt.step(world.comms(), 1e-3);
+    const auto t0 = std::chrono::steady_clock::now();
+    if (buckets) buckets->finish();
+    opt.sync_gradients(comms, /*dense=*/!buckets);
+    sync_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    opt.step(comms, 1e-3);
   };
   const Timing t = time_it(world, o.reps, train_step);
+  const double sync_ms = 1e3 * sync_s / (o.reps + 1);  // warm-up included
   profile_to(world, o.profile, 3, train_step);
   const double ips = per_rank * world.size() / t.median;
   const double peak_gib = peak_memory_gib(dev);
   if (world.rank() == 0)
-    std::printf("training step, %s, %d rank(s) on %s, %s, %d images per rank, %d threads per rank, median of %d: "
-                "%.1f ms/step (spread %.0f%%), %.1f images/s (%.1f per rank), peak GPU memory %.2f GiB\n",
-                mc.name.c_str(), world.size(), dev.str().c_str(), str(cfg.finetune.precision).c_str(), per_rank,
-                at::get_num_threads(), o.reps, 1e3 * t.median, 100 * t.spread(), ips, ips / world.size(), peak_gib);
+    std::printf("training step, %s, %d rank(s) = %d x %d expert-parallel on %s, %s, %d images per rank, %d threads "
+                "per rank, median of %d: %.1f ms/step (spread %.0f%%), %.1f images/s (%.1f per rank), gradient sync "
+                "after backward %.2f ms (%s), peak GPU memory %.2f GiB\n",
+                mc.name.c_str(), world.size(), comms.groups(), comms.ep_size(), dev.str().c_str(),
+                str(cfg.finetune.precision).c_str(), per_rank, at::get_num_threads(), o.reps, 1e3 * t.median,
+                100 * t.spread(), ips, ips / world.size(), sync_ms,
+                buckets ? concat("overlap, ", buckets->size(), " buckets").c_str() : "flat", peak_gib);
   nlohmann::json row = {{"model", mc.name}, {"precision", str(cfg.finetune.precision)},
                         {"threads_per_rank", at::get_num_threads()}, {"per_rank_batch", per_rank},
-                        {"images_per_s", ips}, {"peak_gpu_gib", peak_gib}};
+                        {"images_per_s", ips}, {"peak_gpu_gib", peak_gib}, {"expert_parallel", comms.ep_size()},
+                        {"groups", comms.groups()}, {"grad_reduce", buckets ? "overlap" : "flat"},
+                        {"grad_sync_ms", sync_ms}};
   row.update(timing_json("step", t));
   json_row(world, "step", row);
   return 0;
