@@ -59,7 +59,7 @@ int step(World& world, const Options& o) {
   Optimizer opt(cfg.finetune, param_slots(model));
   std::unique_ptr<GradBuckets> buckets;
   if (cfg.parallel.grad_reduce == GradReduce::Overlap && world.size() > 1)
-    buckets = std::make_unique<GradBuckets>(opt.slots(), *comms.device,
+    buckets = std::make_unique<GradBuckets>(opt.slots(), comms.grad(),
                                             static_cast<int64_t>(cfg.parallel.bucket_mb * (1 << 20)));
   double sync_s = 0;  // time after backward until the gradients are summed (the exposed reduction)
   at::manual_seed(100 + world.rank());

@@ -212,6 +212,15 @@ TEST(Mesh, SubCommunicatorsOnTheDevice) {
     EXPECT_EQ(z.min().cpu().item<float>(), want);
     EXPECT_EQ(z.max().cpu().item<float>(), want);
     EXPECT_EQ(other[0][0].cpu().item<float>(), 256.f);
+    // The dense-gradient communicator: all W ranks, a communicator of its own.
+    if (W > 1) {
+      ASSERT_NE(c.grad_device, nullptr);
+      EXPECT_NE(c.grad_device, c.device);
+      EXPECT_EQ(c.grad().size(), W);
+      at::Tensor q = at::full({4}, 1.0, at::TensorOptions().dtype(at::kFloat).device(dev));
+      c.grad().all_reduce_start(q, ReduceOp::Sum)->wait();
+      EXPECT_EQ(q.cpu()[3].item<float>(), static_cast<float>(W));
+    }
   }
 }
 

@@ -132,76 +132,17 @@ INSTANTIATE_TEST_SUITE_P(Cases, MoeLayerOracle,
                                                               LayerCase{8, 1, 2, false, false}),
                                             ::testing::Values(DispatcherKind::Torch, DispatcherKind::Kernels)));
 
-class ModelOracle : public ::testing::TestWithParam<int> {};
+
+// The whole model (V-MoE with BPR, and E3), expert-parallel over all ranks and on
+// every process mesh W = D x N (dist/mesh.h): each rank routes its own slice,
+// tokens move inside its expert-parallel group only, an expert's gradient is the
+// sum over its replicas (expert-data-parallel group). Parameters: N and the E3
+// members; the cases run are the divisors of the world size: (D, N) = (4,1), (2,2),
+// (1,4) on 4 ranks, (2,1), (1,2) on 2, (1,1) on 1. Experts are scattered over the
+// group's positions, so placement is exercised.
+class ModelOracle : public ::testing::TestWithParam<std::tuple<int, int>> {};
 
 TEST_P(ModelOracle, MatchesSingleProcess) {
-  World& w = *g_world;
-  const int W = w.size(), r = w.rank();
-  const int members = GetParam();
-  const ModelConfig cfg = small_config(8, members > 1 ? 1 : 2, members, false);
-  const int64_t B = W * 2 * cfg.moe.group_size, local_B = B / W;
-  const int64_t groups = B / cfg.moe.group_size;
-  at::Tensor images = fixed({B, cfg.channels, cfg.image_size, cfg.image_size}, 21);
-  at::Tensor labels = at::arange(B, at::kLong).remainder(cfg.num_classes);
-
-  auto run = [&](VisionTransformer& model, const at::Tensor& im, const at::Tensor& lb, int64_t first_group) {
-    ForwardContext ctx;
-    ctx.in.train = true;
-    ctx.in.noise_seed = 9;
-    ctx.in.first_group = first_group;
-    ctx.in.total_groups = groups;
-    at::Tensor logits = model->forward(im, ctx);
-    at::Tensor loss = cross_entropy_sum(logits, lb) / static_cast<double>(B) +
-                      ctx.aux_loss / static_cast<double>(members * groups);
-    loss.backward();
-    return std::pair{logits, loss};
-  };
-
-  SelfCommunicator self;
-  at::manual_seed(1);
-  VisionTransformer ref(cfg, default_placements(cfg, 1), self, 99);
-  at::manual_seed(1);
-  std::vector<Placement> pls;
-  for (size_t l = 0; l < cfg.moe_blocks().size(); ++l) pls.push_back(scattered(8, W));
-  VisionTransformer dist(cfg, pls, w.host_comm(), 99);
-
-  auto [ref_logits, ref_loss] = run(ref, images, labels, 0);
-  auto [logits, loss] =
-      run(dist, images.narrow(0, r * local_B, local_B), labels.narrow(0, r * local_B, local_B), r * 2);
-
-  EXPECT_LE(rel_err(logits, ref_logits.narrow(1, r * local_B, local_B)), kTol) << "logits";
-  at::Tensor l = loss.detach().reshape({1}).clone();
-  w.host_comm().all_reduce(l, ReduceOp::Sum);
-  EXPECT_LE(rel_err(l, ref_loss.detach().reshape({1})), kTol) << "loss";
-
-  auto dn = dist->named_parameters();
-  auto rn = ref->named_parameters();
-  for (const auto& item : dn) {
-    const std::string& name = item.key();
-    at::Tensor g = item.value().grad();
-    at::Tensor rg = rn[name].grad();
-    if (name.find(".experts.") == std::string::npos) {
-      g = g.clone();
-      w.host_comm().all_reduce(g, ReduceOp::Sum);  // dense gradients: sum of the ranks' parts
-      EXPECT_LE(rel_err(g, rg), kTol) << name;
-    } else {
-      const auto& ids = pls[0].local_experts(r);
-      at::Tensor idx = at::tensor(std::vector<int64_t>(ids.begin(), ids.end()), at::kLong);
-      EXPECT_LE(rel_err(g, rg.index_select(0, idx)), kTol) << name;
-    }
-  }
-}
-
-INSTANTIATE_TEST_SUITE_P(VmoeAndE3, ModelOracle, ::testing::Values(1, 2));
-
-// The same on a process mesh W = D x N (dist/mesh.h): each rank routes its own
-// slice, tokens move inside its expert-parallel group only, an expert's gradient is
-// the sum over its replicas (expert-data-parallel group). Parameter: N; the
-// cases run are the divisors of the world size: (D, N) = (4,1), (2,2), (1,4) on 4
-// ranks, (2,1), (1,2) on 2.
-class MeshOracle : public ::testing::TestWithParam<std::tuple<int, int>> {};
-
-TEST_P(MeshOracle, MatchesSingleProcess) {
   World& w = *g_world;
   const int W = w.size(), r = w.rank();
   const auto [N, members] = GetParam();
@@ -270,7 +211,7 @@ TEST_P(MeshOracle, MatchesSingleProcess) {
   EXPECT_GT(experts_checked, 0);
 }
 
-INSTANTIATE_TEST_SUITE_P(DxN, MeshOracle, ::testing::Combine(::testing::Values(1, 2, 4), ::testing::Values(1, 2)));
+INSTANTIATE_TEST_SUITE_P(DxN, ModelOracle, ::testing::Combine(::testing::Values(1, 2, 4), ::testing::Values(1, 2)));
 
 }  // namespace
 }  // namespace moeprune::test

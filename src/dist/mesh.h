@@ -26,7 +26,9 @@ class Mesh {
   // Collective over `world_host`. n must divide its size. cuda_device >= 0: the
   // device communicators are NCCL communicators on that device (CUDA builds),
   // else the MPI ones. With one group (D = 1) the world's communicators serve
-  // unless always_split (tests: the sub-communicator path on one rank).
+  // unless always_split (tests: the sub-communicator path on one rank). With more
+  // than one rank, the dense-gradient reduction gets its own world communicator
+  // (MPI_Comm_dup; on GPUs its own NCCL communicator).
   Mesh(MpiCommunicator& world_host, Communicator& world_device, int expert_parallel, int cuda_device = -1,
        bool always_split = false);
   ~Mesh();
@@ -41,9 +43,9 @@ class Mesh {
   MpiCommunicator* world_host_;
   Communicator* world_device_;
   int n_ = 1, d_ = 1;
-  MPI_Comm ep_ = MPI_COMM_NULL, edp_ = MPI_COMM_NULL;
-  std::unique_ptr<MpiCommunicator> ep_host_, edp_host_;
-  std::unique_ptr<Communicator> ep_device_, edp_device_;
+  MPI_Comm ep_ = MPI_COMM_NULL, edp_ = MPI_COMM_NULL, grad_ = MPI_COMM_NULL;
+  std::unique_ptr<MpiCommunicator> ep_host_, edp_host_, grad_host_;
+  std::unique_ptr<Communicator> ep_device_, edp_device_, grad_device_;
 };
 
 }  // namespace moeprune

@@ -32,7 +32,12 @@ struct Comms {
   Communicator* ep_host = nullptr;
   Communicator* edp_device = nullptr;
   Communicator* edp_host = nullptr;
+  // All W ranks, for the dense-gradient buckets that run while backward's all-to-alls
+  // use `device` (a communicator of their own, as DDP has: two NCCL streams must not
+  // share one communicator). Null: device.
+  Communicator* grad_device = nullptr;
   int rank() const { return host->rank(); }
+  Communicator& grad() const { return grad_device ? *grad_device : *device; }
   int size() const { return host->size(); }
   Communicator& ep() const { return ep_device ? *ep_device : *device; }
   Communicator& ep_h() const { return ep_host ? *ep_host : *host; }

@@ -95,7 +95,7 @@ PhaseResult Trainer::run(ShardedLoader& train, ShardedLoader& val, ShardedLoader
   // (parallel.grad_reduce: overlap), or in one piece after it (flat).
   std::unique_ptr<GradBuckets> buckets;
   if (job_.parallel.grad_reduce == GradReduce::Overlap && W > 1)
-    buckets = std::make_unique<GradBuckets>(opt_.slots(), *comms_.device,
+    buckets = std::make_unique<GradBuckets>(opt_.slots(), comms_.grad(),
                                             static_cast<int64_t>(job_.parallel.bucket_mb * (1 << 20)));
   double w_sync = 0;
 
