@@ -46,9 +46,7 @@ int step(World& world, const Options& o) {
   JobConfig cfg = parse_config(o.config, o.overrides);
   if (!o.precision.empty()) cfg.finetune.precision = parse_choice<Precision>(o.precision, "--precision");
   const ModelConfig& mc = cfg.model;
-  int min_experts = mc.moe.num_experts;
-  for (int b : mc.moe_blocks()) min_experts = std::min(min_experts, static_cast<int>(mc.layer_experts(b).size()));
-  world.set_mesh(resolve_expert_parallel(cfg.parallel.expert_parallel, world.size(), min_experts));
+  world.set_mesh(expert_parallel_of(cfg, world.size()));
   const Comms comms = world.comms();
   const int per_rank = o.per_rank;
   require(per_rank % mc.moe.group_size == 0,

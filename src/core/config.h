@@ -204,6 +204,9 @@ void validate(const JobConfig& cfg);
 // world_size that is at most min_experts. UserError naming what was wrong.
 int resolve_expert_parallel(int requested, int world_size, int min_experts);
 
+// resolve_expert_parallel for cfg's parallel.expert_parallel and its smallest MoE layer.
+int expert_parallel_of(const JobConfig& cfg, int world_size);
+
 // Checks that cfg can run on world_size ranks (process mesh, batch splits) and
 // returns the expert-parallel size N (parallel.expert_parallel, resolved).
 int validate_world(const JobConfig& cfg, int world_size);

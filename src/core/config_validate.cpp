@@ -153,12 +153,16 @@ int resolve_expert_parallel(int requested, int world_size, int min_experts) {
   return best;
 }
 
-int validate_world(const JobConfig& cfg, int world_size) {
-  const MoeConfig& e = cfg.model.moe;
-  int min_experts = e.num_experts;
+int expert_parallel_of(const JobConfig& cfg, int world_size) {
+  int min_experts = cfg.model.moe.num_experts;
   for (int b : cfg.model.moe_blocks())
     min_experts = std::min(min_experts, static_cast<int>(cfg.model.layer_experts(b).size()));
-  const int n = resolve_expert_parallel(cfg.parallel.expert_parallel, world_size, min_experts);
+  return resolve_expert_parallel(cfg.parallel.expert_parallel, world_size, min_experts);
+}
+
+int validate_world(const JobConfig& cfg, int world_size) {
+  const MoeConfig& e = cfg.model.moe;
+  const int n = expert_parallel_of(cfg, world_size);
   auto check = [&](int images, const std::string& what) {
     const int groups = images / e.group_size;
     require(groups % world_size == 0,
