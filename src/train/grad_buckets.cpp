@@ -22,14 +22,12 @@ GradBuckets::GradBuckets(std::vector<ParamSlot>& slots, Communicator& comm, int6
       seen_(slots.size(), false) {
   // Reverse parameter order: roughly the order backward finishes them.
   Bucket cur;
-  int64_t bytes = 0;
   auto close = [&] {
     if (cur.slots.empty()) return;
     cur.flat = at::empty({cur.offset.back() + slots[cur.slots.back()].param.numel()},
                          slots[cur.slots.front()].param.options());
     buckets_.push_back(std::move(cur));
     cur = Bucket{};
-    bytes = 0;
   };
   for (size_t i = slots.size(); i-- > 0;) {
     const ParamSlot& s = slots[i];
@@ -40,8 +38,7 @@ GradBuckets::GradBuckets(std::vector<ParamSlot>& slots, Communicator& comm, int6
     slot_pos_[i] = static_cast<int>(cur.slots.size());
     cur.slots.push_back(i);
     cur.offset.push_back(off);
-    bytes += s.param.numel() * static_cast<int64_t>(s.param.element_size());
-    if (bytes >= bucket_bytes) close();
+    if ((off + s.param.numel()) * static_cast<int64_t>(s.param.element_size()) >= bucket_bytes) close();
   }
   close();
   for (size_t i = 0; i < slots.size(); ++i)
@@ -76,15 +73,19 @@ void GradBuckets::arm() {
 void GradBuckets::on_gradient(size_t slot) {
   if (!armed_ || bucket_of_[slot] < 0) return;
   if (seen_[slot]) return;  // AccumulateGrad runs once per parameter and backward
+  fill(slot);
+  const size_t before = next_;
+  start_ready();
+  started_early_ += static_cast<int>(next_ - before);
+}
+
+void GradBuckets::fill(size_t slot) {
   Bucket& b = buckets_[static_cast<size_t>(bucket_of_[slot])];
   const at::Tensor& p = (*slots_)[slot].param;
   at::NoGradGuard ng;
   b.flat.narrow(0, b.offset[static_cast<size_t>(slot_pos_[slot])], p.numel()).copy_(p.grad().reshape({-1}));
   seen_[slot] = true;
   --b.pending;
-  const size_t before = next_;
-  start_ready();
-  started_early_ += static_cast<int>(next_ - before);
 }
 
 void GradBuckets::start_ready() {
@@ -102,10 +103,7 @@ double GradBuckets::finish() {
     if (bucket_of_[i] < 0 || seen_[i]) continue;
     ParamSlot& s = (*slots_)[i];
     if (!s.param.grad().defined()) s.param.mutable_grad() = at::zeros_like(s.param);
-    Bucket& b = buckets_[static_cast<size_t>(bucket_of_[i])];
-    b.flat.narrow(0, b.offset[static_cast<size_t>(slot_pos_[i])], s.param.numel()).copy_(s.param.grad().reshape({-1}));
-    seen_[i] = true;
-    --b.pending;
+    fill(i);
   }
   start_ready();
   for (auto& b : buckets_) {

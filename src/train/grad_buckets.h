@@ -51,6 +51,8 @@ class GradBuckets {
     int pending = 0;
     std::unique_ptr<PendingCollective> op;
   };
+  // Copies slot's gradient into its bucket and counts it in.
+  void fill(size_t slot);
   void start_ready();
   void reset();
 
