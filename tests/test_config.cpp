@@ -37,6 +37,17 @@ TEST(Config, EmbeddedDefaultParses) {
   EXPECT_EQ(cfg.model.tokens_per_image(), 50);
 }
 
+TEST(Config, DomainsAreCheckedWhenRead) {
+  EXPECT_EQ(parse_config_text("data: {domains: [identity, fold, 'bands:1,0r']}\n", "d.yaml").data.domains,
+            (std::vector<std::string>{"identity", "fold", "bands:1,0r"}));
+  EXPECT_NE(error_of("data: {domains: [identity, 'bands:0,0']}\n").find("data.domains has code 'bands:0,0'"),
+            std::string::npos);
+  EXPECT_NE(error_of("data: {domains: [swirl]}\n").find("expected identity, invert, fold or bands:SPEC"),
+            std::string::npos);
+  EXPECT_NE(error_of("data: {dataset: planted, domains: [invert]}\n").find("not to the synthetic planted task"),
+            std::string::npos);
+}
+
 // The recipes (configs/*.yaml; configs/base/ holds the files they build on).
 std::vector<std::filesystem::path> recipes() {
   std::vector<std::filesystem::path> out;

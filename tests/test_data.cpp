@@ -10,6 +10,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "core/pixel_code.h"
 #include "core/safetensors.h"
 #include "data/loader.h"
 #include "test_tmp.h"
@@ -174,6 +175,59 @@ TEST(Data, SplitsClassSubsetAndLabelMap) {
   task.classes = {3, 11};
   task.label_map.clear();
   EXPECT_NE(user_error([&] { make_split(ds, task, "t", SplitPart::Train, 0.1); }).find("class 11"), std::string::npos);
+}
+
+TEST(Data, PixelCodes) {
+  const PixelCode id = pixel_code("identity"), inv = pixel_code("invert"), fold = pixel_code("fold");
+  const PixelCode bands = pixel_code("bands:2,0r,3,1r");
+  std::set<int> seen_fold, seen_bands;
+  for (int v = 0; v < 256; ++v) {
+    EXPECT_EQ(id[v], v);
+    EXPECT_EQ(inv[v], 255 - v);
+    seen_fold.insert(fold[v]);
+    seen_bands.insert(bands[v]);
+  }
+  EXPECT_EQ(seen_bands.size(), 256u);  // a permutation of the levels
+  EXPECT_EQ(seen_fold.size(), 128u);   // every other level
+  EXPECT_EQ(fold[0], 128);             // background -> mid-grey
+  EXPECT_EQ(fold[255], 0);             // the brightest band folds below grey
+  EXPECT_EQ(fold[32], 111);            // second band: below grey
+  // band 0 -> band 2 (kept order), band 1 -> band 0 reversed
+  EXPECT_EQ(bands[0], 128);
+  EXPECT_EQ(bands[63], 191);
+  EXPECT_EQ(bands[64], 63);
+  EXPECT_EQ(bands[127], 0);
+  for (const char* bad : {"bands:0,0", "bands:1", "bands:0,1,2", "bands:0,x", "bands:", "swirl", "bands:0,5"})
+    EXPECT_NE(user_error([&] { pixel_code(bad); }).find("data.domains has code"), std::string::npos) << bad;
+}
+
+TEST(Data, DomainsInterleaveCodesAndLabels) {
+  test::TempDir tmp("domains");
+  write_idx(tmp.path(), 20, false);
+  JobConfig cfg;
+  cfg.data.dataset = DatasetKind::Mnist;
+  cfg.data.root = tmp.path();
+  auto base = load_dataset(cfg, SplitPart::Train);
+  cfg.data.domains = {"identity", "invert", "fold"};
+  auto ds = load_dataset(cfg, SplitPart::Train);
+  ASSERT_EQ(ds->size(), 60);
+  EXPECT_EQ(ds->num_classes(), 30);
+  EXPECT_EQ(ds->shape(), base->shape());
+  const PixelCode fold = pixel_code("fold");
+  for (int64_t i : {0, 1, 2, 31, 59}) {
+    const int64_t b = i / 3, d = i % 3;
+    EXPECT_EQ(ds->labels()[i], d * 10 + base->labels()[b]) << i;
+    const at::Tensor px = ds->images({i});
+    const int64_t v = base->images({b}).flatten()[0].item<int64_t>();  // every pixel of image b is b
+    const int64_t want = d == 0 ? v : d == 1 ? 255 - v : fold[v];
+    EXPECT_TRUE(px.eq(want).all().item<bool>()) << i;
+  }
+  // Interleaved: the last 10% of a task spanning two domains holds both.
+  PhaseConfig task;
+  task.classes = {3, 13};  // class 3 as it is and inverted
+  Split va = make_split(ds, task, "t", SplitPart::Val, 0.5);
+  std::set<int64_t> labels(va.label.begin(), va.label.end());
+  EXPECT_EQ(labels, (std::set<int64_t>{0, 1}));
 }
 
 std::vector<int64_t> ids_of(const Batch& b) {

@@ -81,6 +81,9 @@ struct DataConfig {
   int planted_test = 1024;
   int planted_patches = 2;        // patches that carry the label feature
   double planted_noise = 0.5;     // std of the noise in every patch
+  // Pixel codes (core/pixel_code.h): K codes turn the data set into K domains of its
+  // C classes; class d * C + c is class c seen through code d (empty = the data set as is).
+  std::vector<std::string> domains;
 };
 
 // One training phase (pretrain, finetune or refinetune): its task and its optimisation.

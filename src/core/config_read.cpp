@@ -157,6 +157,7 @@ void read_data(MapReader r, DataConfig& d) {
   r.get("planted_test", d.planted_test);
   r.get("planted_patches", d.planted_patches);
   r.get("planted_noise", d.planted_noise);
+  r.get("domains", d.domains);
   MapReader a = r.sub("augment");
   a.get("crop_padding", d.augment.crop_padding);
   a.get("flip", d.augment.flip);

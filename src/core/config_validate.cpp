@@ -6,6 +6,7 @@
 #include "core/config.h"
 #include "core/error.h"
 #include "core/phase.h"
+#include "core/pixel_code.h"
 
 namespace moeprune {
 namespace {
@@ -110,6 +111,9 @@ void validate(const JobConfig& cfg) {
               (d.augment.mean.size() == 1 || static_cast<int>(d.augment.mean.size()) == m.channels),
           concat("config: data.augment.mean and std need 1 or model.channels=", m.channels, " values each"));
   for (double s : d.augment.std) require(s > 0, "config: data.augment.std values must be > 0");
+  for (const std::string& code : d.domains) pixel_code(code);  // throws naming a malformed code
+  require(d.domains.empty() || d.dataset != DatasetKind::Planted,
+          "config: data.domains applies to image data sets, not to the synthetic planted task");
   require(d.planted_train > 0 && d.planted_test > 0 && d.planted_patches > 0 && d.planted_noise >= 0,
           "config: data.planted_* must be positive (noise >= 0)");
   require(cfg.checkpoint.every >= 0, concat("config: checkpoint.every=", cfg.checkpoint.every, " must be >= 0"));

@@ -10,6 +10,7 @@
 #include <fstream>
 
 #include "core/error.h"
+#include "core/pixel_code.h"
 #include "core/safetensors.h"
 
 namespace moeprune {
@@ -235,9 +236,51 @@ class ShardDataset final : public Dataset {
   int classes_ = 0;
 };
 
-}  // namespace
+// The base data set through K pixel codes, interleaved: example i is base example
+// i / K under code i % K, so that every contiguous run of examples (the last
+// val_fraction of a task, a training batch in file order) holds every domain alike.
+class DomainDataset final : public Dataset {
+ public:
+  DomainDataset(std::shared_ptr<Dataset> base, const std::vector<std::string>& codes)
+      : base_(std::move(base)), k_(static_cast<int64_t>(codes.size())) {
+    const int C = base_->num_classes();
+    name = concat(base_->name, " x ", k_, " domains");
+    for (const auto& code : codes) {
+      const PixelCode t = pixel_code(code);
+      tables_.push_back(at::tensor(std::vector<uint8_t>(t.begin(), t.end()), at::kByte));
+    }
+    labels_.reserve(static_cast<size_t>(base_->size() * k_));
+    for (int64_t i = 0; i < base_->size(); ++i)
+      for (int64_t d = 0; d < k_; ++d) labels_.push_back(d * C + base_->labels()[static_cast<size_t>(i)]);
+  }
+  int64_t size() const override { return base_->size() * k_; }
+  int num_classes() const override { return static_cast<int>(k_) * base_->num_classes(); }
+  std::vector<int64_t> shape() const override { return base_->shape(); }
+  const std::vector<int64_t>& labels() const override { return labels_; }
+  at::Tensor images(const std::vector<int64_t>& idx) const override {
+    std::vector<int64_t> base_idx(idx.size());
+    for (size_t j = 0; j < idx.size(); ++j) base_idx[j] = idx[j] / k_;
+    at::Tensor img = base_->images(base_idx);
+    at::Tensor out = at::empty_like(img);
+    for (int64_t d = 0; d < k_; ++d) {  // one table look-up per domain present
+      std::vector<int64_t> rows;
+      for (size_t j = 0; j < idx.size(); ++j)
+        if (idx[j] % k_ == d) rows.push_back(static_cast<int64_t>(j));
+      if (rows.empty()) continue;
+      const at::Tensor r = at::tensor(rows, at::kLong);
+      out.index_copy_(0, r, tables_[static_cast<size_t>(d)].index({img.index_select(0, r).to(at::kLong)}));
+    }
+    return out;
+  }
 
-std::shared_ptr<Dataset> load_dataset(const JobConfig& cfg, SplitPart part) {
+ private:
+  std::shared_ptr<Dataset> base_;
+  int64_t k_;
+  std::vector<at::Tensor> tables_;  // one uint8 [256] table per domain
+  std::vector<int64_t> labels_;
+};
+
+std::shared_ptr<Dataset> base_dataset(const JobConfig& cfg, SplitPart part) {
   const DataConfig& d = cfg.data;
   const bool train = part != SplitPart::Test;  // train and val share the training file
   const std::string split = train ? "train" : "test";
@@ -257,6 +300,14 @@ std::shared_ptr<Dataset> load_dataset(const JobConfig& cfg, SplitPart part) {
   // planted: test uses another seed than train.
   return make_planted(train ? d.planted_train : d.planted_test, cfg.model.image_size, cfg.model.patch_size,
                       d.planted_patches, d.planted_noise, cfg.seed * 2 + (train ? 1 : 2), cfg.model.channels);
+}
+
+}  // namespace
+
+std::shared_ptr<Dataset> load_dataset(const JobConfig& cfg, SplitPart part) {
+  std::shared_ptr<Dataset> base = base_dataset(cfg, part);
+  if (cfg.data.domains.empty()) return base;
+  return std::make_shared<DomainDataset>(std::move(base), cfg.data.domains);
 }
 
 Split make_split(std::shared_ptr<const Dataset> data, const PhaseConfig& task, const std::string& phase,
