@@ -197,7 +197,8 @@ TEST(Data, PixelCodes) {
   EXPECT_EQ(bands[63], 191);
   EXPECT_EQ(bands[64], 63);
   EXPECT_EQ(bands[127], 0);
-  for (const char* bad : {"bands:0,0", "bands:1", "bands:0,1,2", "bands:0,x", "bands:", "swirl", "bands:0,5"})
+  for (const char* bad :
+       {"bands:0,0", "bands:1", "bands:0,1,2", "bands:0,x", "bands:", "swirl", "bands:0,5", "bands:0,1,", "bands:0,,1"})
     EXPECT_NE(user_error([&] { pixel_code(bad); }).find("data.domains has code"), std::string::npos) << bad;
 }
 

@@ -28,9 +28,9 @@ PixelCode pixel_code(const std::string& code) {
   if (code.compare(0, prefix.size(), prefix) != 0) bad(code, "unknown code");
   std::vector<int> to;
   std::vector<bool> rev;
-  std::string spec = code.substr(prefix.size());
+  const std::string spec = code.substr(prefix.size());
   size_t pos = 0;
-  while (pos <= spec.size()) {
+  for (;;) {  // one comma-separated entry per pass; an empty entry (",," or a trailing comma) is refused
     const size_t comma = spec.find(',', pos);
     std::string item = spec.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
     const bool r = !item.empty() && item.back() == 'r';
