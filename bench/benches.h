@@ -18,6 +18,7 @@ struct Options {
   std::string from;          // prune: fine-tuning checkpoint or root
   std::string precision;     // moe, step: fp32 | bf16 ("" = the bench's default)
   int hidden = 0, experts = 0;  // moe: only this hidden size / expert count (0 = all)
+  int top_k = 0;                // moe: only this k (0 = 1 and 2)
   int64_t tokens = 0;        // moe: only this many tokens; dispatch: tokens per rank
   bool verbose = false;      // dispatch: where the time goes
   int per_rank = 64;         // step: images per rank

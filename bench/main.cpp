@@ -27,6 +27,7 @@ int main(int argc, char** argv) {
   moe->add_option("--hidden", o.hidden, "only this hidden size (128 or 768)");
   moe->add_option("--experts", o.experts, "only this number of experts (8 or 32)");
   moe->add_option("--tokens", o.tokens, "only this number of tokens (4096 or 16384)");
+  moe->add_option("--top-k", o.top_k, "only this number of experts per token (1 or 2)");
   moe->add_option("--profile", o.profile, "also write a profiler trace (Chrome JSON) of 3 extra runs of each row here");
   auto* prn = app.add_subcommand("prune", "inference images/s and expert memory before and after pruning 50%");
   o.from = "runs/vmoe-tiny/checkpoints";

@@ -29,7 +29,8 @@ int moe(World& world, const Options& o) {
       for (int E : {8, 32})
         for (int k : {1, 2}) {
           if (E < world.size()) continue;
-          if ((o.hidden && hidden != o.hidden) || (o.experts && E != o.experts) || (o.tokens && tokens != o.tokens))
+          if ((o.hidden && hidden != o.hidden) || (o.experts && E != o.experts) || (o.tokens && tokens != o.tokens) ||
+              (o.top_k && k != o.top_k))
             continue;
           ModelConfig mc;
           mc.hidden = hidden;

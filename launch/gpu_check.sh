@@ -99,6 +99,15 @@ step forward_cpu 90 env CUDA_VISIBLE_DEVICES= "$M" forward
 step forward_gpu 90 "$M" forward
 step kernels 120 "$B" kernels --repeat 20
 step moe 150 "$B" moe --precision bf16 --repeat 5
+# The peers (bench/peers: torchtitan, DeepSpeed, an einsum layer) against moeprune's layer,
+# alternated, bf16; their wheels travel in .peers/wheels (bench/peers/setup.sh wheels);
+# GPUKIT_PEERS picks some of them.
+if [ -d "$ROOT/.peers/wheels" ]; then
+  step peers 300 bash -c "python3 -m pip install -q --no-index --no-deps --no-compile --target '$SCRATCH/site' '$ROOT'/.peers/wheels/*.whl \
+    && PYTHONPATH='$SCRATCH/site' python3 '$ROOT/bench/peers/run.py' --bench '$B' --device cuda --precision bf16 --rounds 1 \
+       --repeat 10 --busy-max 99 --impls ${GPUKIT_PEERS:-titan_grouped,titan_shipped,titan_loop,deepspeed,einsum} \
+       --shapes 16384x768x8,16384x768x32,4096x768x8,4096x768x32"
+fi
 step moe_loop 150 env MOEPRUNE_EXPERT_GEMM=loop "$B" moe --precision bf16 --repeat 5
 step dispatch 90 "$B" dispatch --repeat 10
 step step_s32_bf16 120 "$B" step --config "$ROOT/configs/vmoe-s32.yaml" --precision bf16 --repeat 10
