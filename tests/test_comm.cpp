@@ -201,6 +201,25 @@ TEST(Mesh, SubCommunicatorsOnTheDevice) {
     at::Tensor send = (at::arange(N, at::TensorOptions().dtype(at::kFloat)) + 100.f * p).reshape({N, 1}).to(dev);
     at::Tensor got = c.ep().all_to_all(send, one, one).cpu();
     for (int s = 0; s < N; ++s) EXPECT_EQ(got[s][0].item<float>(), 100.f * s + p);
+    // Blocks inside the group (two per peer, the rank's own ones as device copies):
+    // position p sends peer q the rows 10*p + q (block 0) and 10*p + q + 0.5 (block 1);
+    // it receives them in reverse block order, peers in order.
+    {
+      std::vector<RowBlock> sb, rb;
+      std::vector<float> v;
+      for (int q = 0; q < N; ++q)
+        for (int i = 0; i < 2; ++i) {
+          sb.push_back({q, static_cast<int64_t>(v.size()), 1});
+          v.push_back(10.f * p + q + 0.5f * i);
+        }
+      for (int q = 0; q < N; ++q)
+        for (int i = 0; i < 2; ++i) rb.push_back({q, 2 * q + 1 - i, 1});
+      at::Tensor blocks = c.ep().all_to_all_blocks(at::tensor(v).reshape({-1, 1}).to(dev), sb, 2 * N, rb).cpu();
+      for (int q = 0; q < N; ++q) {
+        EXPECT_EQ(blocks[2 * q + 1][0].item<float>(), 10.f * q + p) << "from " << q;
+        EXPECT_EQ(blocks[2 * q][0].item<float>(), 10.f * q + p + 0.5f) << "from " << q;
+      }
+    }
     // A started all-reduce (NCCL: on a side stream) completes on wait(), after the
     // work queued before it, while other work is queued meanwhile.
     at::Tensor z = at::full({1 << 16}, 1.0, at::TensorOptions().dtype(at::kFloat).device(dev)) * (r + 1);

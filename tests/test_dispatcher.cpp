@@ -8,6 +8,7 @@
 
 #include <set>
 
+#include "dist/communicator.h"
 #include "model/dispatcher.h"
 
 namespace moeprune {
@@ -112,6 +113,25 @@ TEST(Placement, ContiguousAndErrors) {
   EXPECT_EQ(s.send_order(), (std::vector<int>{1, 3, 0, 2}));
   EXPECT_EQ(s.send_slot(0), 2);
   EXPECT_THROW(Placement({0, 2}, 2), UserError);
+}
+
+TEST(Comm, SelfBlocksPairInOrderAndMergeAdjacentRuns) {
+  // Rank 1 of 3 sends itself blocks {0..1}, {2..4}, {7}: the first two are adjacent on both
+  // sides (one copy), the third lands elsewhere (a second copy); blocks to others are left.
+  at::Tensor send = at::arange(8, at::kFloat).reshape({8, 1});
+  at::Tensor recv = at::full({9, 1}, -1.f);
+  const std::vector<RowBlock> sb{{1, 0, 2}, {0, 5, 2}, {1, 2, 3}, {2, 9, 0}, {1, 7, 1}};
+  const std::vector<RowBlock> rb{{1, 3, 2}, {2, 0, 3}, {1, 5, 3}, {1, 8, 1}};
+  EXPECT_EQ(copy_self_blocks(send, sb, recv, rb, 1), 2);
+  const std::vector<float> want{-1, -1, -1, 0, 1, 2, 3, 4, 7};
+  for (int i = 0; i < 9; ++i) EXPECT_EQ(recv[i][0].item<float>(), want[i]) << "row " << i;
+  // Self blocks that do not pair up are refused with the counts named.
+  EXPECT_THROW(copy_self_blocks(send, sb, recv, {{1, 3, 2}}, 1), std::invalid_argument);
+  EXPECT_THROW(copy_self_blocks(send, {{1, 0, 2}}, recv, {{1, 0, 3}}, 1), std::invalid_argument);
+  // SelfCommunicator goes through it: the same pairing, one process.
+  SelfCommunicator self;
+  at::Tensor got = self.all_to_all_blocks(send, {{0, 4, 2}, {0, 0, 3}}, 5, {{0, 0, 2}, {0, 2, 3}});
+  EXPECT_TRUE(at::equal(got.flatten(), at::tensor(std::vector<float>{4, 5, 0, 1, 2})));
 }
 
 }  // namespace

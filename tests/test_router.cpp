@@ -1,5 +1,7 @@
 // Router: capacity formula, top-1-before-top-2 priority, BPR order, dropping,
 // and the auxiliary losses against values computed by hand.
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -98,6 +100,31 @@ TEST(Router, ForwardShapesAndGatesAreProbabilities) {
   Routing a = r->forward(x, true, {1, 2, 3}, TorchSelector());
   Routing b = r->forward(x.narrow(0, 1, 1), true, {2}, TorchSelector());
   EXPECT_TRUE(at::equal(a.expert.narrow(0, 10, 10), b.expert));
+}
+
+TEST(Router, NoiseIsTheSameOnAnyNumberOfThreads) {
+  // The groups' noise is drawn in parallel, each group from its own generator: the
+  // result must equal drawing them one by one (randn with the group's generator).
+  at::manual_seed(0);
+  const int E = 8;
+  Router r(16, RouterOptions{E, 2, 1.0, 1.0, false});
+  at::Tensor x = at::randn({6, 20, 16});
+  const std::vector<uint64_t> seeds{11, 12, 13, 14, 15, 16};
+  const int threads = at::get_num_threads();
+  at::set_num_threads(1);
+  Routing one = r->forward(x, true, seeds, TorchSelector());
+  at::set_num_threads(std::max(threads, 3));
+  Routing many = r->forward(x, true, seeds, TorchSelector());
+  at::set_num_threads(threads);
+  EXPECT_TRUE(at::equal(one.probs, many.probs));
+  EXPECT_TRUE(at::equal(one.load_loss, many.load_loss));
+  // Against the definition: softmax(logits + randn(S, E, gen(seed)) / E) per group.
+  at::Tensor logits = at::matmul(x, r->weight).detach();
+  for (int64_t g = 0; g < 6; ++g) {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(seeds[g]);
+    at::Tensor expect = at::softmax(logits[g] + at::randn({20, E}, gen) / E, -1);
+    EXPECT_TRUE(at::allclose(many.probs.narrow(0, g * 20, 20), expect, 0, 1e-6)) << "group " << g;
+  }
 }
 
 }  // namespace

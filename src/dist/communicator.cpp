@@ -85,20 +85,48 @@ at::Tensor check_blocks_alloc(const Communicator& comm, const at::Tensor& send, 
   return covered < recv_rows ? at::zeros(shape, send.options()) : at::empty(shape, send.options());
 }
 
+int copy_self_blocks(const at::Tensor& send, const std::vector<RowBlock>& send_blocks, at::Tensor& recv,
+                     const std::vector<RowBlock>& recv_blocks, int self) {
+  std::vector<const RowBlock*> out, in;
+  for (const RowBlock& b : send_blocks)
+    if (b.peer == self) out.push_back(&b);
+  for (const RowBlock& b : recv_blocks)
+    if (b.peer == self) in.push_back(&b);
+  if (out.size() != in.size())
+    throw std::invalid_argument(concat("all_to_all_blocks: rank ", self, " sends itself ", out.size(),
+                                       " blocks but receives ", in.size()));
+  int copies = 0;
+  int64_t so = 0, ro = 0, rows = 0;  // the run being collected
+  const auto flush = [&] {
+    if (rows) {
+      recv.narrow(0, ro, rows).copy_(send.narrow(0, so, rows));
+      ++copies;
+    }
+    rows = 0;
+  };
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (out[i]->rows != in[i]->rows)
+      throw std::invalid_argument(concat("all_to_all_blocks: rank ", self, "'s block ", i, " to itself sends ",
+                                         out[i]->rows, " rows but receives ", in[i]->rows));
+    if (!out[i]->rows) continue;
+    if (rows && out[i]->offset == so + rows && in[i]->offset == ro + rows) {
+      rows += out[i]->rows;
+      continue;
+    }
+    flush();
+    so = out[i]->offset;
+    ro = in[i]->offset;
+    rows = out[i]->rows;
+  }
+  flush();
+  return copies;
+}
+
 // ---------------------------------------------------------------------------
 at::Tensor SelfCommunicator::all_to_all_blocks(const at::Tensor& send, const std::vector<RowBlock>& send_blocks,
                                                int64_t recv_rows, const std::vector<RowBlock>& recv_blocks) {
   at::Tensor recv = check_blocks_alloc(*this, send, send_blocks, recv_rows, recv_blocks);
-  if (send_blocks.size() != recv_blocks.size())
-    throw std::invalid_argument("all_to_all_blocks: a single process pairs as many send as receive blocks");
-  for (size_t i = 0; i < send_blocks.size(); ++i) {
-    if (send_blocks[i].rows != recv_blocks[i].rows)
-      throw std::invalid_argument(concat("all_to_all_blocks: block ", i, " sends ", send_blocks[i].rows,
-                                         " rows but receives ", recv_blocks[i].rows));
-    if (send_blocks[i].rows)
-      recv.narrow(0, recv_blocks[i].offset, recv_blocks[i].rows)
-          .copy_(send.narrow(0, send_blocks[i].offset, send_blocks[i].rows));
-  }
+  copy_self_blocks(send, send_blocks, recv, recv_blocks, 0);
   return recv;
 }
 

@@ -126,6 +126,13 @@ at::Tensor check_blocks_alloc(const Communicator& comm, const at::Tensor& send, 
 
 // Bytes of one row (dim 0) of t: the unit all-to-alls move.
 int64_t row_bytes(const at::Tensor& t);
+// Copies the blocks a rank sends to itself (peer == self) into recv: the i-th send
+// block to self fills the i-th receive block from self (the order in which MPI and
+// NCCL match messages between one pair of ranks); runs of blocks that are adjacent
+// on both sides are copied at once. Throws when the self blocks do not pair up.
+// Returns the number of copies made.
+int copy_self_blocks(const at::Tensor& send, const std::vector<RowBlock>& send_blocks, at::Tensor& recv,
+                     const std::vector<RowBlock>& recv_blocks, int self);
 
 // Checks split vectors against the communicator size and the tensor's rows.
 void check_splits(const Communicator& comm, const at::Tensor& send, const std::vector<int64_t>& send_splits,

@@ -1,6 +1,7 @@
 #include "model/router.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
 
 #include "core/precision.h"
 
@@ -101,13 +102,18 @@ Routing RouterImpl::forward(const at::Tensor& x, bool train, const std::vector<u
     TORCH_CHECK(static_cast<int64_t>(noise_seeds.size()) == G, "router: need one noise seed per group");
     // One host buffer (pinned when it goes to a GPU, so that the copy does not stall
     // the host), each group's block drawn from its own generator exactly as
-    // randn({S, E}, gen) would, then one copy.
+    // randn({S, E}, gen) would, then one copy. The groups are drawn in parallel on the
+    // intra-op threads: each has its own generator, so the noise does not depend on the
+    // thread count. (Serial, this was the largest host cost of a layer on GPUs: ~20 ns
+    // per normal, 10 ms for 16k tokens x 32 experts.)
     const bool to_gpu = logits.is_cuda();
     at::Tensor noise = at::empty({G, S, E}, at::TensorOptions().dtype(at::kFloat).pinned_memory(to_gpu));
-    for (int64_t g = 0; g < G; ++g) {
-      auto gen = at::make_generator<at::CPUGeneratorImpl>(noise_seeds[g]);
-      noise[g].normal_(0.0, 1.0, gen);
-    }
+    at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        auto gen = at::make_generator<at::CPUGeneratorImpl>(noise_seeds[g]);
+        noise[g].normal_(0.0, 1.0, gen);
+      }
+    });
     noisy = logits + noise.to(logits.device(), /*non_blocking=*/to_gpu) * std_noise;
   }
   at::Tensor probs = at::softmax(noisy, -1);
