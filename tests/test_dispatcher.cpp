@@ -117,10 +117,11 @@ TEST(Placement, ContiguousAndErrors) {
 
 TEST(Comm, SelfBlocksPairInOrderAndMergeAdjacentRuns) {
   // Rank 1 of 3 sends itself blocks {0..1}, {2..4}, {7}: the first two are adjacent on both
-  // sides (one copy), the third lands elsewhere (a second copy); blocks to others are left.
+  // sides (one copy), the third lands elsewhere (a second copy); blocks to others are left,
+  // empty blocks pair with nothing.
   at::Tensor send = at::arange(8, at::kFloat).reshape({8, 1});
   at::Tensor recv = at::full({9, 1}, -1.f);
-  const std::vector<RowBlock> sb{{1, 0, 2}, {0, 5, 2}, {1, 2, 3}, {2, 9, 0}, {1, 7, 1}};
+  const std::vector<RowBlock> sb{{1, 0, 2}, {0, 5, 2}, {1, 6, 0}, {1, 2, 3}, {2, 9, 0}, {1, 7, 1}};  // one empty
   const std::vector<RowBlock> rb{{1, 3, 2}, {2, 0, 3}, {1, 5, 3}, {1, 8, 1}};
   EXPECT_EQ(copy_self_blocks(send, sb, recv, rb, 1), 2);
   const std::vector<float> want{-1, -1, -1, 0, 1, 2, 3, 4, 7};

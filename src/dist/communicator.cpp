@@ -1,7 +1,7 @@
 #include "dist/communicator.h"
 
 #include <climits>
-#include <cstring>
+#include <exception>
 #include <numeric>
 
 #include "core/error.h"
@@ -88,10 +88,10 @@ at::Tensor check_blocks_alloc(const Communicator& comm, const at::Tensor& send, 
 int copy_self_blocks(const at::Tensor& send, const std::vector<RowBlock>& send_blocks, at::Tensor& recv,
                      const std::vector<RowBlock>& recv_blocks, int self) {
   std::vector<const RowBlock*> out, in;
-  for (const RowBlock& b : send_blocks)
-    if (b.peer == self) out.push_back(&b);
+  for (const RowBlock& b : send_blocks)  // empty blocks carry nothing and pair with nothing (as over MPI)
+    if (b.peer == self && b.rows) out.push_back(&b);
   for (const RowBlock& b : recv_blocks)
-    if (b.peer == self) in.push_back(&b);
+    if (b.peer == self && b.rows) in.push_back(&b);
   if (out.size() != in.size())
     throw std::invalid_argument(concat("all_to_all_blocks: rank ", self, " sends itself ", out.size(),
                                        " blocks but receives ", in.size()));
@@ -108,7 +108,6 @@ int copy_self_blocks(const at::Tensor& send, const std::vector<RowBlock>& send_b
     if (out[i]->rows != in[i]->rows)
       throw std::invalid_argument(concat("all_to_all_blocks: rank ", self, "'s block ", i, " to itself sends ",
                                          out[i]->rows, " rows but receives ", in[i]->rows));
-    if (!out[i]->rows) continue;
     if (rows && out[i]->offset == so + rows && in[i]->offset == ro + rows) {
       rows += out[i]->rows;
       continue;
@@ -203,38 +202,32 @@ at::Tensor MpiCommunicator::all_to_all_blocks(const at::Tensor& send_in, const s
   auto* rbase = static_cast<char*>(recv.data_ptr());
   std::vector<MPI_Request> req;
   req.reserve(send_blocks.size() + recv_blocks.size());
+  for (const auto* blocks : {&send_blocks, &recv_blocks})
+    for (const RowBlock& b : *blocks)
+      if (b.rows > INT_MAX) throw std::runtime_error("all_to_all_blocks: more than 2^31 rows in one block");
   int rc = MPI_SUCCESS;
-  std::vector<const RowBlock*> self_recv;
   for (const RowBlock& b : recv_blocks) {
-    if (b.rows == 0) continue;
-    if (b.rows > INT_MAX) throw std::runtime_error("all_to_all_blocks: more than 2^31 rows in one block");
-    if (b.peer == rank_) {
-      self_recv.push_back(&b);
-      continue;
-    }
+    if (b.rows == 0 || b.peer == rank_) continue;
     req.emplace_back();
     rc = MPI_Irecv(rbase + b.offset * rb, static_cast<int>(b.rows), row, b.peer, kTag, comm_, &req.back());
     if (rc != MPI_SUCCESS) break;
   }
-  size_t self_i = 0;
   for (const RowBlock& b : send_blocks) {
-    if (rc != MPI_SUCCESS || b.rows == 0) continue;
-    if (b.rows > INT_MAX) throw std::runtime_error("all_to_all_blocks: more than 2^31 rows in one block");
-    if (b.peer == rank_) {
-      if (self_i >= self_recv.size() || self_recv[self_i]->rows != b.rows)
-        throw std::invalid_argument("all_to_all_blocks: send and receive blocks to self do not pair up");
-      std::memcpy(rbase + self_recv[self_i]->offset * rb, sbase + b.offset * rb, static_cast<size_t>(b.rows * rb));
-      ++self_i;
-      continue;
-    }
+    if (rc != MPI_SUCCESS || b.rows == 0 || b.peer == rank_) continue;
     req.emplace_back();
     rc = MPI_Isend(sbase + b.offset * rb, static_cast<int>(b.rows), row, b.peer, kTag, comm_, &req.back());
+  }
+  // The rank's own blocks are copied while the others' are in flight.
+  std::exception_ptr self_error;
+  try {
+    if (rc == MPI_SUCCESS) copy_self_blocks(send, send_blocks, recv, recv_blocks, rank_);
+  } catch (...) {
+    self_error = std::current_exception();  // after the wait: no request is left pending
   }
   if (rc == MPI_SUCCESS) rc = MPI_Waitall(static_cast<int>(req.size()), req.data(), MPI_STATUSES_IGNORE);
   MPI_Type_free(&row);
   mpi_check(rc, "all_to_all_blocks (Isend/Irecv/Waitall)");
-  if (self_i != self_recv.size())
-    throw std::invalid_argument("all_to_all_blocks: send and receive blocks to self do not pair up");
+  if (self_error) std::rethrow_exception(self_error);
   return recv;
 }
 

@@ -126,9 +126,9 @@ at::Tensor check_blocks_alloc(const Communicator& comm, const at::Tensor& send, 
 
 // Bytes of one row (dim 0) of t: the unit all-to-alls move.
 int64_t row_bytes(const at::Tensor& t);
-// Copies the blocks a rank sends to itself (peer == self) into recv: the i-th send
-// block to self fills the i-th receive block from self (the order in which MPI and
-// NCCL match messages between one pair of ranks); runs of blocks that are adjacent
+// Copies the blocks a rank sends to itself (peer == self) into recv: the i-th non-empty
+// send block to self fills the i-th non-empty receive block from self (the order in which
+// MPI and NCCL match messages between one pair of ranks); runs of blocks that are adjacent
 // on both sides are copied at once. Throws when the self blocks do not pair up.
 // Returns the number of copies made.
 int copy_self_blocks(const at::Tensor& send, const std::vector<RowBlock>& send_blocks, at::Tensor& recv,
