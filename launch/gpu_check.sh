@@ -114,7 +114,7 @@ step step_s32_bf16 120 "$B" step --config "$ROOT/configs/vmoe-s32.yaml" --precis
 step step_s32_fp32 120 "$B" step --config "$ROOT/configs/vmoe-s32.yaml" --precision fp32 --repeat 10
 step step_b16_bf16 120 "$B" step --config "$ROOT/configs/vmoe-b16.yaml" --precision bf16 --repeat 10 \
   --profile "$SCRATCH/step_b16_bf16.json"
-gzip -c "$SCRATCH/step_b16_bf16.json" >"$OUTD/step_b16_bf16.json.gz" 2>/dev/null
+[ -s "$SCRATCH/step_b16_bf16.json" ] && gzip -c "$SCRATCH/step_b16_bf16.json" >"$OUTD/step_b16_bf16.json.gz"
 step step_b16_bf16_256 120 "$B" step --config "$ROOT/configs/vmoe-b16.yaml" --precision bf16 --repeat 10 \
   --per-rank-batch 256
 step step_b16_fp32 120 "$B" step --config "$ROOT/configs/vmoe-b16.yaml" --precision fp32 --repeat 10
