@@ -104,8 +104,8 @@ Routing RouterImpl::forward(const at::Tensor& x, bool train, const std::vector<u
     // the host), each group's block drawn from its own generator exactly as
     // randn({S, E}, gen) would, then one copy. The groups are drawn in parallel on the
     // intra-op threads: each has its own generator, so the noise does not depend on the
-    // thread count. (Serial, this was the largest host cost of a layer on GPUs: ~20 ns
-    // per normal, 10 ms for 16k tokens x 32 experts.)
+    // thread count. (Serial, it was ~4 ns of host time per normal: 0.39 ms per layer
+    // forward of V-MoE B/16 at 64 images, growing with tokens x experts.)
     const bool to_gpu = logits.is_cuda();
     at::Tensor noise = at::empty({G, S, E}, at::TensorOptions().dtype(at::kFloat).pinned_memory(to_gpu));
     at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
