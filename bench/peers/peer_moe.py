@@ -30,9 +30,7 @@ Precision: fp32, or bf16 under autocast with float32 master weights (as moeprune
 import argparse
 import json
 import math
-import os
 import statistics
-import sys
 import time
 
 import torch
@@ -42,6 +40,11 @@ import torch.nn.functional as F
 
 def gelu(x):
     return F.gelu(x, approximate="tanh")
+
+
+def compute_dtype(x):
+    """The dtype autocast would compute in here (ops outside autocast's lists are cast by hand)."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 class Einsum(nn.Module):
@@ -81,7 +84,7 @@ class Einsum(nn.Module):
             load = choice.sum((1, 2)).to(gates.dtype)
             cv2 = lambda v: (v.var(-1, unbiased=False) / v.mean(-1).pow(2).clamp_min(1e-9)).mean()
             aux = 0.5 * cv2(importance) + 0.5 * cv2(load)
-        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dt = compute_dtype(x)
         xe = torch.einsum("gsec,gsm->egcm", dispatch.to(dt), xg.to(dt)).reshape(E, G * C, H)
         h = gelu(torch.baddbmm(self.b1, xe, self.w1))
         ye = torch.baddbmm(self.b2, h, self.w2).view(E, G, C, H)
@@ -100,7 +103,7 @@ class GeluExperts(nn.Module):
         self.w2 = nn.Parameter(torch.randn(E, H, 4 * H) * (4 * H) ** -0.5)
 
     def forward(self, x, counts):
-        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dt = compute_dtype(x)
         if self.grouped:
             offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
             h = gelu(torch._grouped_mm(x.to(dt), self.w1.to(dt).transpose(-2, -1), offs=offs))

@@ -16,7 +16,6 @@ which others used more than --busy-max cores are reported but left out of the ta
   (bench/peers/setup.sh installs the peers into .peers/; see docs/performance.md)
 """
 import argparse
-import itertools
 import json
 import os
 import resource
