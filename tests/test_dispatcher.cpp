@@ -115,6 +115,32 @@ TEST(Placement, ContiguousAndErrors) {
   EXPECT_THROW(Placement({0, 2}, 2), UserError);
 }
 
+TEST(Placement, ReplicasAreCopySlots) {
+  // Expert 0 on ranks 1 (primary) and 0, expert 1 on 0, expert 2 on 1, 0 and 2.
+  Placement p(std::vector<std::vector<int>>{{1, 0}, {0}, {1, 0, 2}}, 3);
+  EXPECT_TRUE(p.has_replicas());
+  EXPECT_EQ(p.num_experts(), 3);
+  EXPECT_EQ(p.num_copies(), 6);
+  EXPECT_EQ(p.rank_of(0), 1);
+  EXPECT_EQ(p.replicas(2), 3);
+  EXPECT_EQ(p.local_experts(0), (std::vector<int>{0, 1, 2}));
+  EXPECT_EQ(p.local_experts(2), (std::vector<int>{2}));
+  EXPECT_EQ(p.first_copy(1), 2);
+  EXPECT_EQ(p.copy_expert(5), 2);
+  const Placement& c = p.copies();  // copy slots 0..5 on ranks 1,0,0,1,0,2
+  EXPECT_EQ(c.num_experts(), 6);
+  EXPECT_FALSE(c.has_replicas());
+  EXPECT_EQ(c.expert_rank(), (std::vector<int>{1, 0, 0, 1, 0, 2}));
+  // A rank's copies in copy-slot order are its experts in id order (its bank's rows).
+  std::vector<int> ids;
+  for (int s : c.local_experts(0)) ids.push_back(p.copy_expert(s));
+  EXPECT_EQ(ids, p.local_experts(0));
+  const Placement plain = Placement::contiguous(4, 2);
+  EXPECT_EQ(&plain.copies(), &plain);
+  EXPECT_THROW(Placement(std::vector<std::vector<int>>{{0, 0}}, 2), UserError);  // two copies on one rank
+  EXPECT_THROW(Placement(std::vector<std::vector<int>>{{}}, 2), UserError);      // on no rank
+}
+
 TEST(Comm, SelfBlocksPairInOrderAndMergeAdjacentRuns) {
   // Rank 1 of 3 sends itself blocks {0..1}, {2..4}, {7}: the first two are adjacent on both
   // sides (one copy), the third lands elsewhere (a second copy); blocks to others are left,

@@ -6,9 +6,13 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 
+#include <map>
+
 #include "core/config.h"
 #include "dist/mesh.h"
 #include "model/vit.h"
+#include "train/trainer.h"
+#include "test_models.h"
 #include "test_world.h"
 
 namespace moeprune::test {
@@ -212,6 +216,83 @@ TEST_P(ModelOracle, MatchesSingleProcess) {
 }
 
 INSTANTIATE_TEST_SUITE_P(DxN, ModelOracle, ::testing::Combine(::testing::Values(1, 2, 4), ::testing::Values(1, 2)));
+
+// Hot-expert replicas (prune.replicate): a replicated expert's tokens are split among
+// its copies, so the outputs and loss are one process's; after the optimiser's
+// gradient sum every copy holds the expert's whole gradient. (N, members); meshes
+// with D > 1 where N < W.
+class ReplicaOracle : public ::testing::TestWithParam<std::tuple<int, int>> {};
+
+TEST_P(ReplicaOracle, CopiesSplitTokensAndSumGradients) {
+  World& w = *g_world;
+  const int W = w.size(), r = w.rank();
+  const auto [N, members] = GetParam();
+  if (W % N != 0) GTEST_SKIP() << N << " does not divide " << W;
+  Mesh mesh(w.host_comm(), w.host_comm(), N);
+  const Comms c = mesh.comms();
+  const ModelConfig cfg = small_config(8, members > 1 ? 1 : 2, members, members == 1);
+  const int64_t B = W * 2 * cfg.moe.group_size, local_B = B / W;
+  const int64_t groups = B / cfg.moe.group_size;
+  at::Tensor images = fixed({B, cfg.channels, cfg.image_size, cfg.image_size}, 37);
+  at::Tensor labels = at::arange(B, at::kLong).remainder(cfg.num_classes);
+  auto run = [&](VisionTransformer& model, const at::Tensor& im, const at::Tensor& lb, int64_t first_group) {
+    ForwardContext ctx;
+    ctx.in.train = true;
+    ctx.in.noise_seed = 6;
+    ctx.in.first_group = first_group;
+    ctx.in.total_groups = groups;
+    at::Tensor logits = model->forward(im, ctx);
+    at::Tensor loss = cross_entropy_sum(logits, lb) / static_cast<double>(B) +
+                      ctx.aux_loss / static_cast<double>(members * groups);
+    loss.backward();
+    return std::pair{logits, loss};
+  };
+  SelfCommunicator self;
+  at::manual_seed(2);
+  VisionTransformer ref(cfg, default_placements(cfg, 1), self, 7);
+  at::manual_seed(2);
+  std::vector<Placement> pls;
+  for (size_t l = 0; l < cfg.moe_blocks().size(); ++l) pls.push_back(replicated(8, N));
+  ASSERT_TRUE(pls[0].has_replicas());
+  VisionTransformer dist(cfg, pls, c.ep(), 7);
+  auto [ref_logits, ref_loss] = run(ref, images, labels, 0);
+  auto [logits, loss] =
+      run(dist, images.narrow(0, r * local_B, local_B), labels.narrow(0, r * local_B, local_B), r * 2);
+  EXPECT_LE(rel_err(logits, ref_logits.narrow(1, r * local_B, local_B)), kTol) << "logits";
+  at::Tensor l = loss.detach().reshape({1}).clone();
+  w.host_comm().all_reduce(l, ReduceOp::Sum);
+  EXPECT_LE(rel_err(l, ref_loss.detach().reshape({1})), kTol) << "loss";
+
+  // The copies of expert 0 (on every rank) each computed part of its tokens only.
+  std::map<std::string, at::Tensor> own;
+  for (const auto& item : dist->named_parameters())
+    if (item.value().grad().defined()) own[item.key()] = item.value().grad().clone();
+  Optimizer opt(PhaseConfig{}, param_slots(dist));
+  opt.sync_gradients(c);
+  auto rn = ref->named_parameters();
+  int64_t split_rows = 0;
+  for (const auto& item : dist->named_parameters()) {
+    const std::string& name = item.key();
+    at::Tensor g = item.value().grad();
+    at::Tensor rg = rn[name].grad();
+    if (name.find(".experts.") == std::string::npos) {
+      EXPECT_LE(rel_err(g, rg), kTol) << name;
+      continue;
+    }
+    const auto& ids = local_expert_ids(dist, block_of_param(name));
+    for (size_t i = 0; i < ids.size(); ++i) {
+      const int64_t row = static_cast<int64_t>(i);
+      EXPECT_LE(rel_err(g[row], rg[ids[i]]), kTol) << name << " expert " << ids[i];
+      // A copy of expert 0 that computed only part of its tokens (the sum mattered).
+      if (ids[i] == 0 && rel_err(own.at(name)[row], g[row]) > 1e-3) ++split_rows;
+    }
+  }
+  at::Tensor split = at::tensor({split_rows}, at::kLong);
+  w.host_comm().all_reduce(split, ReduceOp::Sum);
+  EXPECT_GT(split.item<int64_t>(), 0) << "no copy of expert 0 computed part of its tokens: the test cannot fail";
+}
+
+INSTANTIATE_TEST_SUITE_P(DxN, ReplicaOracle, ::testing::Combine(::testing::Values(2, 4), ::testing::Values(1, 2)));
 
 }  // namespace
 }  // namespace moeprune::test

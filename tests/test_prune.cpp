@@ -218,5 +218,55 @@ TEST(Rebalance, EvenMemoryLowLoadFewMoves) {
   EXPECT_NE(few[0], few[1]);
 }
 
+// Checks a replicated placement: every expert on >= 1 distinct ranks, at most
+// max_copies per rank; returns its imbalance.
+double checked(const std::vector<std::vector<int>>& p, const std::vector<double>& loads, int W, int max_copies) {
+  std::vector<int> count(static_cast<size_t>(W), 0);
+  EXPECT_EQ(p.size(), loads.size());
+  for (const auto& rs : p) {
+    EXPECT_FALSE(rs.empty());
+    for (size_t i = 0; i < rs.size(); ++i) {
+      EXPECT_TRUE(rs[i] >= 0 && rs[i] < W);
+      EXPECT_EQ(std::count(rs.begin(), rs.end(), rs[i]), 1) << "two copies on rank " << rs[i];
+      ++count[static_cast<size_t>(rs[i])];
+    }
+  }
+  for (int c : count) EXPECT_LE(c, max_copies);
+  return load_imbalance(loads, p, W);
+}
+
+TEST(Rebalance, ReplicasOfHotExpertsMeetTheTarget) {
+  // 3 survivors on 2 ranks (a layer that kept an odd count): without replicas the
+  // best is 60 | 25 + 15 = 1.2; a rank held 4 experts before pruning, so 4 copies fit.
+  const std::vector<double> loads{60, 25, 15};
+  EXPECT_NEAR(load_imbalance(loads, balanced_placement(loads, {0, 1, 0}, 2), 2), 60.0 / 50.0, 1e-12);
+  const auto p = replicated_placement(loads, {0, 1, 0}, 2, 4, 1.05);
+  EXPECT_LE(checked(p, loads, 2, 4), 1.05);
+  EXPECT_EQ(p[0].size(), 2u) << "the hottest expert is the one replicated";
+  EXPECT_EQ(p[1].front(), 1) << "a primary stays on its current rank";
+  // A replica's load counts by share: expert 0 on both ranks = 30 each.
+  EXPECT_NEAR(load_imbalance(loads, std::vector<std::vector<int>>{{0, 1}, {1}, {0}}, 2), 55.0 / 50.0, 1e-12);
+
+  // Fewer survivors than ranks: copies fill the empty ranks.
+  const std::vector<double> two{30, 10};
+  const auto q = replicated_placement(two, {0, 1}, 4, 2, 1.05);
+  EXPECT_LE(checked(q, two, 4, 2), 1.10);
+  EXPECT_NEAR(load_imbalance(two, balanced_placement(two, {0, 1}, 4), 4), 30.0 / 10.0, 1e-12);
+
+  // No room (as many copies per rank as survivors need): balanced_placement's result.
+  const std::vector<double> four{40, 10, 10, 10};
+  const auto none = replicated_placement(four, {0, 0, 1, 1}, 2, 2, 1.0);
+  const auto plain = balanced_placement(four, {0, 0, 1, 1}, 2);
+  for (size_t e = 0; e < four.size(); ++e) EXPECT_EQ(none[e], std::vector<int>{plain[e]});
+  // Balanced already: no replica is added.
+  const auto flat = replicated_placement({5, 5, 5, 5}, {0, 0, 1, 1}, 2, 4, 1.05);
+  for (const auto& rs : flat) EXPECT_EQ(rs.size(), 1u);
+
+  // Memory: what pruning freed (8 experts on 2 ranks before: 4 per rank), or the bound.
+  EXPECT_EQ(replica_copies_per_rank(8, 3, 2, 0, 4, 16, 24), 4);
+  const double copy_mib = expert_copy_bytes(16, 24) / (1 << 20);
+  EXPECT_EQ(replica_copies_per_rank(8, 3, 2, 4 * 3.5 * copy_mib, 4, 16, 24), 2 + 3);
+}
+
 }  // namespace
 }  // namespace moeprune

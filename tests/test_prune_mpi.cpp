@@ -91,6 +91,18 @@ TEST(PruneMpi, PlacementInvarianceAndSingleProcessOracle) {
       Migration moved = replace_experts(pruned.model, pruned.slots, scattered, c, 3);
       const at::Tensor out2 = run(moved.model, mine);
       EXPECT_TRUE(at::equal(out1, out2)) << name_of(routing) << ": rebalancing changed the outputs";
+      if (N >= 2) {
+        // Replicas of the hottest experts (prune.replicate): the same outputs up to the
+        // rounding of the expert GEMMs (a copy multiplies a subset of its expert's rows,
+        // and the CPU GEMM's blocking, hence its rounding, depends on the row count:
+        // 4e-8..4e-7 measured); and bit-identical again without them.
+        std::vector<Placement> copies;
+        for (const auto& lp : plan.layers) copies.push_back(replicated(static_cast<int>(lp.kept.size()), N));
+        Migration rep = replace_experts(moved.model, moved.slots, copies, c, 3);
+        EXPECT_LE(rel_err(out1, run(rep.model, mine)), 1e-5) << name_of(routing) << ": replicas changed the outputs";
+        Migration back = replace_experts(rep.model, rep.slots, stay, c, 3);
+        EXPECT_TRUE(at::equal(out1, run(back.model, mine))) << name_of(routing) << ": leaving replicas changed them";
+      }
 
       // The same pruned model in one process.
       SelfCommunicator self;

@@ -40,7 +40,7 @@ TEST(Optimizer, SgdMomentumAndAdamWByHand) {
     p.clip_norm = 0;
     p.weight_decay = 0;
     at::Tensor w = at::tensor({1.0, -2.0}, at::kFloat).requires_grad_(true);
-    Optimizer opt(p, {ParamSlot{"w", w, false, {}, {}, -1, {}}});
+    Optimizer opt(p, {ParamSlot{"w", w, false, {}, {}, -1, {}, {}, {}, {}}});
     for (int s = 0; s < 2; ++s) {
       w.mutable_grad() = at::tensor({0.5, 1.0}, at::kFloat);
       opt.step(Comms{&comm, &comm}, 0.1);
@@ -63,7 +63,7 @@ TEST(Optimizer, ClipsTheGlobalNorm) {
   p.momentum = 0;
   p.clip_norm = 1.0;
   at::Tensor a = at::zeros({1}).requires_grad_(true), b = at::zeros({1}).requires_grad_(true);
-  Optimizer opt(p, {ParamSlot{"a", a, false, {}, {}, -1, {}}, ParamSlot{"b", b, true, {}, {}, -1, {}}});
+  Optimizer opt(p, {ParamSlot{"a", a, false, {}, {}, -1, {}, {}, {}, {}}, ParamSlot{"b", b, true, {}, {}, -1, {}, {}, {}, {}}});
   a.mutable_grad() = at::tensor({3.0f});
   b.mutable_grad() = at::tensor({4.0f});
   EXPECT_NEAR(opt.step(Comms{&comm, &comm}, 1.0), 5.0, 1e-9);
@@ -78,7 +78,7 @@ TEST(Optimizer, NonFiniteGradientNormStopsBeforeTheUpdate) {
   for (const float bad : {NAN, INFINITY}) {
     PhaseConfig p;  // AdamW
     at::Tensor a = at::ones({2}).requires_grad_(true), b = at::ones({1}).requires_grad_(true);
-    Optimizer opt(p, {ParamSlot{"a", a, false, {}, {}, -1, {}}, ParamSlot{"b", b, true, {}, {}, -1, {}}});
+    Optimizer opt(p, {ParamSlot{"a", a, false, {}, {}, -1, {}, {}, {}, {}}, ParamSlot{"b", b, true, {}, {}, -1, {}, {}, {}, {}}});
     a.mutable_grad() = at::tensor({0.5f, 0.5f});
     b.mutable_grad() = at::tensor({bad});
     EXPECT_THROW(opt.step(Comms{&comm, &comm}, 0.1), DivergedError);

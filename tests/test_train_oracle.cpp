@@ -61,14 +61,22 @@ TEST(TrainOracle, FewStepsMatchSingleProcess) {
   // Expert-parallel over all ranks, then every smaller mesh W = D x N (D > 1): the
   // experts' replicas average their gradients and clipping counts each expert once.
   // Dense gradients in buckets during backward (the default) and in one piece after it.
+  // With N >= 2, also with hot-expert replicas: their gradients are summed among
+  // the copies, clipping counts each expert once, and the copies stay identical.
   for (int N = w.size(); N >= 1; --N) {
-    for (GradReduce mode : {GradReduce::Overlap, GradReduce::Flat}) {
+    for (int variant = 0; variant < (N >= 2 ? 3 : 2); ++variant) {
       if (w.size() % N != 0) continue;
+      const GradReduce mode = variant == 1 ? GradReduce::Flat : GradReduce::Overlap;
+      const bool replicas = variant == 2;
       job.parallel.grad_reduce = mode;
       job.parallel.bucket_mb = 0.001;  // ~1 KiB: several buckets even for this small model
-      SCOPED_TRACE(concat("mesh ", w.size() / N, " x ", N, ", grad_reduce ", name_of(mode)));
+      SCOPED_TRACE(concat("mesh ", w.size() / N, " x ", N, ", grad_reduce ", name_of(mode),
+                          replicas ? ", replicas" : ""));
       Mesh mesh(w.host_comm(), w.host_comm(), N);
-      auto [dist, dist_r] = run(N == w.size() ? w.comms() : mesh.comms(), default_placements(m, N));
+      std::vector<Placement> pls = default_placements(m, N);
+      if (replicas)
+        for (auto& pl : pls) pl = replicated(m.moe.num_experts, N);
+      auto [dist, dist_r] = run(N == w.size() ? w.comms() : mesh.comms(), pls);
       EXPECT_NEAR(dist_r.train_loss, ref_r.train_loss, 1e-5 * std::abs(ref_r.train_loss));
       EXPECT_NEAR(dist_r.val.loss, ref_r.val.loss, 1e-5 * std::abs(ref_r.val.loss));
       auto rp = ref->named_parameters();

@@ -132,9 +132,18 @@ struct PruneConfig {
   std::vector<int> layers;        // eligible MoE blocks (empty = all)
   PrunedRouting routing = PrunedRouting::Drop;
   bool rebalance = true;          // re-place survivors for even expected load
+  bool replicate = false;         // rebalancing adds replicas of the hottest experts (prune/rebalance.h)
+  double replica_memory_mb = 0;   // expert copies' memory per rank for replicas, all layers (0: what pruning freed)
+  double replica_imbalance = 1.05;  // replicas are added while a layer's imbalance is above this
   int eval_top_k = 0;             // SEER-MoE: evaluate the re-fine-tuned model with this top-k (0 = model's)
   CalibrationConfig calibration;
 };
+
+// Bytes of one expert copy while training: 16 per parameter (weights, gradient,
+// two optimiser moments) of 2*hidden*mlp_dim + hidden + mlp_dim parameters.
+inline double expert_copy_bytes(int hidden, int mlp_dim) {
+  return 16.0 * (2.0 * hidden * mlp_dim + hidden + mlp_dim);
+}
 
 struct OutputConfig {
   std::string dir = "runs/vmoe-tiny";

@@ -207,6 +207,9 @@ void read_prune(MapReader r, PruneConfig& p) {
   r.get("layers", p.layers);
   r.choice("routing", p.routing);
   r.get("rebalance", p.rebalance);
+  r.get("replicate", p.replicate);
+  r.get("replica_memory_mb", p.replica_memory_mb);
+  r.get("replica_imbalance", p.replica_imbalance);
   r.get("eval_top_k", p.eval_top_k);
   MapReader c = r.sub("calibration");
   c.choice("split", p.calibration.split);

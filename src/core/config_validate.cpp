@@ -138,6 +138,21 @@ void validate(const JobConfig& cfg) {
     require(std::find(blocks.begin(), blocks.end(), b) != blocks.end(),
             concat("config: prune.layers lists block ", b, ", which is not an MoE block"));
   require(p.calibration.batches >= 0, "config: prune.calibration.batches must be >= 0");
+  require(!p.replicate || p.rebalance, "config: prune.replicate needs prune.rebalance: true (replicas are placed by "
+                                       "the rebalancer)");
+  require(p.replica_imbalance >= 1.0,
+          concat("config: prune.replica_imbalance=", p.replica_imbalance, " must be >= 1 (max / mean rank load)"));
+  require(p.replica_memory_mb >= 0,
+          concat("config: prune.replica_memory_mb=", p.replica_memory_mb, " must be >= 0 (0: the memory pruning freed)"));
+  if (p.replicate && p.replica_memory_mb > 0) {
+    const double layers = static_cast<double>(std::max<size_t>(1, blocks.size()));
+    const double need = expert_copy_bytes(m.hidden, m.mlp_dim) * layers / (1 << 20);
+    require(p.replica_memory_mb >= need,
+            concat("config: prune.replica_memory_mb=", p.replica_memory_mb, " holds no replica: one expert copy in each of ",
+                   blocks.size(), " MoE layers (hidden ", m.hidden, ", mlp_dim ", m.mlp_dim,
+                   ") with its gradient and optimiser state needs ", need,
+                   " MiB per rank; expected at least that, or 0 for the memory pruning freed"));
+  }
 }
 
 int resolve_expert_parallel(int requested, int world_size, int min_experts) {

@@ -52,7 +52,7 @@ struct DispatchPlan {
   at::Tensor gate;         // [A] float: its gate (differentiable)
   at::Tensor send_expert;  // [A] int64: its expert (layer slot)
   std::vector<int64_t> send_splits, recv_splits;  // rows per rank
-  std::vector<int64_t> send_counts;   // [E] kept choices per expert of the layer (all ranks' experts)
+  std::vector<int64_t> send_counts;   // kept choices per expert of the placement (all ranks' experts; copy slots)
   std::vector<RowBlock> send_blocks;  // one per (destination rank, its local expert), in send order
   // Receive side (rows for this rank's experts), expert-major: (local expert, source rank).
   std::vector<RowBlock> recv_blocks;  // one per (source rank, local expert), in each source's send order

@@ -1,5 +1,6 @@
 #include "model/model_state.h"
 
+#include <algorithm>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -13,14 +14,22 @@ ModelLayout layout_of(const VisionTransformer& model) {
   l.pruned_routing = model->config().pruned_routing;
   for (const auto& layer : model->moe_layers()) {
     l.world_size = layer->placement().world_size();
-    l.layers.push_back({layer->layer(), layer->expert_ids(), layer->placement().expert_rank()});
+    const Placement& pl = layer->placement();
+    ModelLayout::Layer x{layer->layer(), layer->expert_ids(), pl.expert_rank(), {}};
+    if (pl.has_replicas())
+      for (const auto& rs : pl.expert_ranks()) x.replicas.emplace_back(rs.begin() + 1, rs.end());
+    l.layers.push_back(std::move(x));
   }
   return l;
 }
 
 void to_json(json& j, const ModelLayout& l) {
   json layers = json::array();
-  for (const auto& x : l.layers) layers.push_back({{"block", x.block}, {"experts", x.experts}, {"rank", x.rank}});
+  for (const auto& x : l.layers) {
+    json one = {{"block", x.block}, {"experts", x.experts}, {"rank", x.rank}};
+    if (!x.replicas.empty()) one["replicas"] = x.replicas;
+    layers.push_back(std::move(one));
+  }
   j = {{"num_classes", l.num_classes}, {"pruned_routing", name_of(l.pruned_routing)}, {"world_size", l.world_size},
        {"moe_layers", layers}};
 }
@@ -34,7 +43,8 @@ ModelLayout layout_from_json(const json& j, const std::string& where) {
     l.world_size = j.at("world_size").get<int>();
     for (const auto& x : j.at("moe_layers"))
       l.layers.push_back({x.at("block").get<int>(), x.at("experts").get<std::vector<int>>(),
-                          x.at("rank").get<std::vector<int>>()});
+                          x.at("rank").get<std::vector<int>>(),
+                          x.value("replicas", std::vector<std::vector<int>>{})});
   } catch (const json::exception& e) {
     throw UserError(concat(where, ": the model layout lacks a field or has a wrong type: ", e.what()));
   }
@@ -50,6 +60,18 @@ ModelLayout layout_from_json(const json& j, const std::string& where) {
       require(x.experts[i] >= 0 && (i == 0 || x.experts[i] > x.experts[i - 1]),
               concat(where, ": MoE block ", x.block, " lists experts out of order or twice (expected ascending ids)"));
     }
+    require(x.replicas.empty() || x.replicas.size() == x.experts.size(),
+            concat(where, ": MoE block ", x.block, " lists replicas for ", x.replicas.size(), " of its ",
+                   x.experts.size(), " experts (expected all or none)"));
+    for (size_t i = 0; i < x.replicas.size(); ++i)
+      for (size_t j = 0; j < x.replicas[i].size(); ++j) {
+        const int r = x.replicas[i][j];
+        const bool seen = r == x.rank[i] || std::find(x.replicas[i].begin(), x.replicas[i].begin() + static_cast<std::ptrdiff_t>(j), r) !=
+                                                x.replicas[i].begin() + static_cast<std::ptrdiff_t>(j);
+        require(r >= 0 && r < l.world_size && !seen,
+                concat(where, ": MoE block ", x.block, " places a replica of expert ", x.experts[i], " on rank ", r,
+                       ", expected a rank in 0..", l.world_size - 1, " holding no other copy of it"));
+      }
   }
   return l;
 }
@@ -68,8 +90,16 @@ std::vector<Placement> placements_of(const ModelLayout& l, int world_size) {
   std::vector<Placement> out;
   for (const auto& x : l.layers) {
     const int n = static_cast<int>(x.experts.size());
-    out.push_back(l.world_size == world_size ? Placement(x.rank, world_size)
-                                             : Placement::contiguous(n, world_size, /*allow_empty=*/true));
+    if (l.world_size != world_size) {
+      out.push_back(Placement::contiguous(n, world_size, /*allow_empty=*/true));
+      continue;
+    }
+    std::vector<std::vector<int>> ranks;
+    for (size_t i = 0; i < x.rank.size(); ++i) {
+      ranks.push_back({x.rank[i]});
+      if (!x.replicas.empty()) ranks.back().insert(ranks.back().end(), x.replicas[i].begin(), x.replicas[i].end());
+    }
+    out.push_back(Placement(std::move(ranks), world_size));
   }
   return out;
 }
@@ -83,8 +113,11 @@ void ModelState::save_state(StateWriter& out) const {
       continue;
     }
     const int block = block_of_param(name);
-    const auto& ids = local_expert_ids(model_, block);
-    for (size_t i = 0; i < ids.size(); ++i) out.expert(name, block, ids[i], item.value()[static_cast<int64_t>(i)]);
+    const MoeLayer layer = moe_layer_of(model_, block);
+    const auto& ids = layer->experts->expert_ids();
+    const std::vector<bool> primary = layer->primary_copies();  // replicas are not written
+    for (size_t i = 0; i < ids.size(); ++i)
+      if (primary[i]) out.expert(name, block, ids[i], item.value()[static_cast<int64_t>(i)]);
   }
   to_json(out.meta(), layout_of(model_));
 }

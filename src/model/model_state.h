@@ -17,7 +17,10 @@ struct ModelLayout {
   struct Layer {
     int block = 0;            // MoE block index
     std::vector<int> experts;  // original expert ids held by the layer
-    std::vector<int> rank;     // rank[i] held experts[i] at save
+    std::vector<int> rank;     // rank[i] held experts[i] (its primary copy) at save
+    // replicas[i]: the ranks of experts[i]'s other copies (prune.replicate); empty
+    // when no expert of the layer has replicas.
+    std::vector<std::vector<int>> replicas;
   };
   int num_classes = 0;
   PrunedRouting pruned_routing = PrunedRouting::Drop;
@@ -32,8 +35,8 @@ ModelLayout layout_from_json(const nlohmann::json& j, const std::string& where);
 
 // The saved model's config: cfg with the layout's head size and surviving experts.
 ModelConfig model_config_of(const ModelConfig& cfg, const ModelLayout& l);
-// Placements for world_size ranks: the saved ones when the world size is the same,
-// else contiguous blocks of each layer's experts.
+// Placements for world_size ranks: the saved ones (replicas included) when the
+// world size is the same, else contiguous blocks of each layer's experts.
 std::vector<Placement> placements_of(const ModelLayout& l, int world_size);
 
 class ModelState final : public StateOwner {

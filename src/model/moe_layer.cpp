@@ -54,6 +54,12 @@ MoeLayerImpl::MoeLayerImpl(const ModelConfig& cfg, int layer, Placement placemen
                             ExpertBank(cfg.hidden, cfg.mlp_dim, local, layer, seed, runtime_.expert_gemm));
 }
 
+std::vector<bool> MoeLayerImpl::primary_copies() const {
+  std::vector<bool> out;
+  for (int e : placement_.local_experts(comm_->rank())) out.push_back(placement_.rank_of(e) == comm_->rank());
+  return out;
+}
+
 int MoeLayerImpl::routed_experts(int member) const {
   return static_cast<int>((column_slot_.at(member) >= 0).sum().item<int64_t>());
 }
@@ -80,7 +86,7 @@ void MoeLayerImpl::set_expert_mask(const std::vector<int>* kept_ids, PrunedRouti
 
 TokenDispatcher& MoeLayerImpl::dispatcher(c10::Device device) {
   if (!dispatcher_ || dispatcher_device_ != device) {
-    dispatcher_ = make_dispatcher(runtime_.dispatcher, device, *comm_, placement_);
+    dispatcher_ = make_dispatcher(runtime_.dispatcher, device, *comm_, placement_.copies());
     dispatcher_device_ = device;
   }
   return *dispatcher_;
@@ -116,9 +122,11 @@ struct MoeLayerImpl::Shape {
   at::Tensor choice_valid;  // [G*gs*T, 1] bool, or undefined
 };
 
-// What the routers of all members decided, in layer slots, ready for the dispatcher.
+// What the routers of all members decided, ready for the dispatcher: choices in
+// copy slots (layer slots when no expert has replicas).
 struct MoeLayerImpl::Routed {
   RoutedChoices choices;
+  at::Tensor slot;     // [N, k] int64: layer slot of each choice (statistics)
   at::Tensor counted;  // [N, k] bool: choices of valid tokens for surviving experts (statistics)
   at::Tensor soft;     // [E_l] double: router probability mass per slot (statistics)
 };
@@ -127,8 +135,18 @@ MoeLayerImpl::Routed MoeLayerImpl::route(const at::Tensor& x, const Shape& s, co
                                          ForwardContext& ctx) {
   const ForwardInputs& in = ctx.in;
   const bool stats = ctx.probes.stats != nullptr;
-  std::vector<at::Tensor> expert, gate, keep, group, position, soft, counted;
+  std::vector<at::Tensor> expert, layer_slot, gate, keep, group, position, soft, counted;
   Routed out;
+  const bool replicas = placement_.has_replicas();
+  if (replicas && (!first_copy_.defined() || first_copy_.device() != x.device())) {
+    std::vector<int64_t> first, count;
+    for (int e = 0; e < placement_.num_experts(); ++e) {
+      first.push_back(placement_.first_copy(e));
+      count.push_back(placement_.replicas(e));
+    }
+    first_copy_ = at::tensor(first, at::kLong).to(x.device());
+    replicas_ = at::tensor(count, at::kLong).to(x.device());
+  }
   for (int m = 0; m < s.M; ++m) {
     at::Tensor xm = x.narrow(0, m * s.B, s.B).reshape({s.G, s.gs * s.T, s.H});
     std::vector<uint64_t> seeds(s.G);
@@ -146,13 +164,28 @@ MoeLayerImpl::Routed MoeLayerImpl::route(const at::Tensor& x, const Shape& s, co
     at::Tensor slot = column_slot_[m].index_select(0, r.expert.reshape({-1})).view_as(r.expert);
     at::Tensor alive = slot >= 0;
     if (keep_col.defined()) alive = alive.logical_and(keep_col.index_select(0, r.expert.reshape({-1})).view_as(r.expert));
-    expert.push_back(slot.clamp_min(0));
+    slot = slot.clamp_min(0);
+    layer_slot.push_back(slot);
     gate.push_back(r.gate);
     keep.push_back(r.keep.logical_and(alive));
     // Groups of member m follow those of members < m in the dispatch order.
-    group.push_back(
-        (at::arange(s.G, r.expert.options()) + m * s.G).repeat_interleave(s.gs * s.T).unsqueeze(1).expand_as(r.expert));
+    const auto per_token = [&](int64_t first) {
+      return (at::arange(s.G, r.expert.options()) + first).repeat_interleave(s.gs * s.T).unsqueeze(1).expand_as(
+          r.expert);
+    };
+    group.push_back(per_token(m * s.G));
     position.push_back(r.position);
+    if (replicas) {
+      // A replicated expert's choices are split among its copies by their global
+      // routing group and capacity slot only: the copies hold the same weights, so
+      // the outputs do not depend on the split (invariant 2), and the split does not
+      // depend on the placement of the other experts.
+      const at::Tensor spread = per_token(m * in.total_groups + in.first_group) + r.position.clamp_min(0);
+      expert.push_back(first_copy_.index_select(0, slot.reshape({-1})).view_as(slot) +
+                       spread.remainder(replicas_.index_select(0, slot.reshape({-1})).view_as(slot)));
+    } else {
+      expert.push_back(slot);
+    }
     out.choices.capacity = r.capacity;
     if (!stats) continue;
     counted.push_back(s.choice_valid.defined() ? alive.logical_and(s.choice_valid) : alive);
@@ -169,6 +202,7 @@ MoeLayerImpl::Routed MoeLayerImpl::route(const at::Tensor& x, const Shape& s, co
   out.choices.group = cat_rows(group);
   out.choices.position = cat_rows(position);
   out.choices.num_groups = s.M * s.G;
+  out.slot = replicas ? cat_rows(layer_slot) : out.choices.expert;
   if (stats) {
     out.counted = cat_rows(counted);
     out.soft = soft[0];
@@ -182,10 +216,12 @@ void MoeLayerImpl::record(const Routed& r, const DispatchPlan& plan, const Shape
   if (!ctx.probes.stats) return;
   LayerStats st;
   const int64_t E = static_cast<int64_t>(ids_.size());
-  at::Tensor chosen = r.choices.expert.reshape({-1}).masked_select(r.counted.reshape({-1}));
+  at::Tensor chosen = r.slot.reshape({-1}).masked_select(r.counted.reshape({-1}));
   at::Tensor assigned = at::bincount(chosen.to(at::kCPU), {}, E);
   st.assigned.assign(assigned.data_ptr<int64_t>(), assigned.data_ptr<int64_t>() + E);
-  st.kept = plan.send_counts;
+  st.kept.assign(static_cast<size_t>(E), 0);  // plan counts are per copy slot
+  for (size_t c = 0; c < plan.send_counts.size(); ++c)
+    st.kept[static_cast<size_t>(placement_.copy_expert(static_cast<int>(c)))] += plan.send_counts[c];
   at::Tensor sf = r.soft.to(at::kCPU);
   st.soft.assign(sf.data_ptr<double>(), sf.data_ptr<double>() + E);
   st.tokens = ctx.in.image_valid.defined() ? s.M * s.T * ctx.in.image_valid.to(at::kBool).sum().item<int64_t>()

@@ -66,6 +66,9 @@ class MoeLayerImpl : public torch::nn::Module {
 
   int layer() const { return layer_; }
   const Placement& placement() const { return placement_; }
+  // Per row of this rank's expert bank: is it the expert's primary copy (the one
+  // checkpoints write and the gradient norm counts)? All true without replicas.
+  std::vector<bool> primary_copies() const;
   // Original ids of the layer's experts; slot s (placement index) is expert_ids()[s].
   const std::vector<int>& expert_ids() const { return ids_; }
   // Experts each router may send tokens to (top-k is taken among them).
@@ -101,6 +104,7 @@ class MoeLayerImpl : public torch::nn::Module {
   std::vector<at::Tensor> mask_keep_;  // per member: router column kept by the mask (empty: no mask)
   bool mask_columns_ = false;          // drop routing: mask the columns; zero: drop the choices
   Placement placement_;
+  at::Tensor first_copy_, replicas_;  // with replicas: per layer slot, on the device of the last call
   Communicator* comm_;
   MoeRuntime runtime_;
   std::unique_ptr<TokenDispatcher> dispatcher_;  // made on first use for its device

@@ -180,10 +180,14 @@ int block_of_param(const std::string& name) {
   return std::stoi(name.substr(a, b - a));
 }
 
-const std::vector<int>& local_expert_ids(const VisionTransformer& model, int block) {
+MoeLayer moe_layer_of(const VisionTransformer& model, int block) {
   for (const auto& l : model->moe_layers())
-    if (l->layer() == block) return l->experts->expert_ids();
+    if (l->layer() == block) return l;
   throw std::logic_error(concat("model: block ", block, " is not an MoE block"));
+}
+
+const std::vector<int>& local_expert_ids(const VisionTransformer& model, int block) {
+  return moe_layer_of(model, block)->experts->expert_ids();
 }
 
 double expert_flops_per_token(const ModelConfig& cfg, const RoutingStats& load) {

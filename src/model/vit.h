@@ -96,6 +96,8 @@ int block_of_param(const std::string& name);
 // The original ids of the experts this rank holds in MoE block `block` (the order of
 // the rows of its expert parameters).
 const std::vector<int>& local_expert_ids(const VisionTransformer& model, int block);
+// The MoE layer of block `block`.
+MoeLayer moe_layer_of(const VisionTransformer& model, int block);
 
 // Measured expert FLOPs per token per MoE layer: 4*H*F per kept choice, from the
 // routing statistics of an evaluation (LayerStats::kept / tokens).

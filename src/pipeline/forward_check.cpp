@@ -98,7 +98,7 @@ ForwardFigures forward_check(World& world, const JobConfig& cfg) {
     const Placement& pl = layers[l]->placement();
     std::vector<int64_t> all(pl.num_experts(), 0);
     const auto& mine = pl.local_experts(pos);
-    for (size_t i = 0; i < mine.size(); ++i) all[mine[i]] = expert_rows[l][i];
+    for (size_t i = 0; i < mine.size(); ++i) all[mine[i]] += expert_rows[l][i];
     at::Tensor t = at::tensor(all, at::kLong);
     world.host_comm().all_reduce(t, ReduceOp::Sum);
     std::string line = concat("layer ", layers[l]->layer(), ":");

@@ -169,23 +169,40 @@ PruneOutcome prune_job(PruneInputs in, const JobConfig& cfg, World& world) {
 
   // 3. Apply with survivors staying where they are, then measure their loads.
   std::vector<Placement> stay;
-  const auto layers = in.model->moe_layers();
-  for (size_t l = 0; l < layers.size(); ++l)
-    stay.push_back(Placement(current_ranks(*layers[l], out.plan.layers[l].kept), comms.ep_size()));
+  std::vector<int> experts_before;  // per MoE layer
+  {
+    const auto layers = in.model->moe_layers();  // released before the old model is
+    for (size_t l = 0; l < layers.size(); ++l) {
+      stay.push_back(Placement(current_ranks(*layers[l], out.plan.layers[l].kept), comms.ep_size()));
+      experts_before.push_back(static_cast<int>(layers[l]->expert_ids().size()));
+    }
+  }
   out.pruned = apply_plan(in.model, in.slots, out.plan, stay, comms, cfg.seed);
   in.model = VisionTransformer(nullptr);  // frees the pruned experts and their state
   in.slots.clear();
   const EvalResult cal_after = evaluate(out.pruned.model, *in.calibration, comms, pc.calibration.batches);
 
-  // 4. Rebalance by the measured loads.
-  for (const auto& l : out.pruned.model->moe_layers()) {
-    const LayerStats& s = cal_after.load.at(l->layer());
+  // 4. Rebalance by the measured loads (with replicas of the hottest experts when asked).
+  const int N = comms.ep_size();
+  const auto new_layers = out.pruned.model->moe_layers();
+  for (size_t l = 0; l < new_layers.size(); ++l) {
+    const MoeLayerImpl& layer = *new_layers[l];
+    const LayerStats& s = cal_after.load.at(layer.layer());
     const std::vector<double> loads(s.kept.begin(), s.kept.end());  // expected tokens per expert slot
-    const auto& cur = l->placement().expert_rank();
-    out.imbalance_before.push_back(load_imbalance(loads, cur, comms.ep_size()));
-    const std::vector<int> ranks = pc.rebalance ? balanced_placement(loads, cur, comms.ep_size()) : cur;
-    out.imbalance_after.push_back(load_imbalance(loads, ranks, comms.ep_size()));
-    out.placements.push_back(Placement(ranks, comms.ep_size()));
+    const auto& cur = layer.placement().expert_rank();
+    out.imbalance_before.push_back(load_imbalance(loads, cur, N));
+    std::vector<std::vector<int>> ranks;
+    if (pc.replicate) {
+      const ModelConfig& mc = out.pruned.model->config();
+      const int max_copies =
+          replica_copies_per_rank(experts_before[l], static_cast<int>(loads.size()), N, pc.replica_memory_mb,
+                                  static_cast<int>(new_layers.size()), mc.hidden, mc.mlp_dim);
+      ranks = replicated_placement(loads, cur, N, max_copies, pc.replica_imbalance);
+    } else {
+      for (int r : pc.rebalance ? balanced_placement(loads, cur, N) : cur) ranks.push_back({r});
+    }
+    out.imbalance_after.push_back(load_imbalance(loads, ranks, N));
+    out.placements.push_back(Placement(ranks, N));
   }
   out.bytes_moved = out.pruned.bytes_moved;
   if (pc.rebalance) {

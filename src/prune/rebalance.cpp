@@ -19,6 +19,101 @@ double load_imbalance(const std::vector<double>& loads, const std::vector<int>& 
   return mean > 0 ? *std::max_element(per.begin(), per.end()) / mean : 1.0;
 }
 
+double load_imbalance(const std::vector<double>& loads, const std::vector<std::vector<int>>& ranks, int W) {
+  std::vector<double> per(static_cast<size_t>(W), 0.0);
+  double total = 0;
+  for (size_t i = 0; i < loads.size(); ++i) {
+    for (int r : ranks[i]) per[static_cast<size_t>(r)] += loads[i] / static_cast<double>(ranks[i].size());
+    total += loads[i];
+  }
+  const double mean = total / W;
+  return mean > 0 ? *std::max_element(per.begin(), per.end()) / mean : 1.0;
+}
+
+namespace {
+constexpr double kMiB = 1 << 20;
+
+// Packs the copies (copies[e] of expert e) on W ranks, at most max_copies per rank,
+// largest load per copy first, each to the least loaded rank with room that holds
+// no copy of the expert (ties: the expert's current rank, then the lower rank).
+// Empty when they do not fit.
+std::vector<std::vector<int>> pack_copies(const std::vector<double>& loads, const std::vector<int>& copies,
+                                          const std::vector<int>& current_rank, int W, int max_copies) {
+  const int n = static_cast<int>(loads.size());
+  std::vector<std::pair<int, int>> units;  // (expert, copy)
+  for (int e = 0; e < n; ++e)
+    for (int c = 0; c < copies[e]; ++c) units.push_back({e, c});
+  std::stable_sort(units.begin(), units.end(), [&](const auto& a, const auto& b) {
+    return loads[a.first] / copies[a.first] > loads[b.first] / copies[b.first];
+  });
+  std::vector<std::vector<int>> out(static_cast<size_t>(n));
+  std::vector<double> load(static_cast<size_t>(W), 0.0);
+  std::vector<int> count(static_cast<size_t>(W), 0);
+  for (const auto& [e, c] : units) {
+    int best = -1;
+    for (int r = 0; r < W; ++r) {
+      if (count[r] >= max_copies || std::find(out[e].begin(), out[e].end(), r) != out[e].end()) continue;
+      if (best < 0 || load[r] < load[best] - 1e-12 ||
+          (std::abs(load[r] - load[best]) <= 1e-12 && r == current_rank[e] && best != current_rank[e]))
+        best = r;
+    }
+    if (best < 0) return {};
+    out[e].push_back(best);
+    load[best] += loads[e] / copies[e];
+    ++count[best];
+  }
+  return out;
+}
+
+double max_rank_load(const std::vector<double>& loads, const std::vector<std::vector<int>>& ranks, int W) {
+  std::vector<double> per(static_cast<size_t>(W), 0.0);
+  for (size_t i = 0; i < loads.size(); ++i)
+    for (int r : ranks[i]) per[static_cast<size_t>(r)] += loads[i] / static_cast<double>(ranks[i].size());
+  return *std::max_element(per.begin(), per.end());
+}
+}  // namespace
+
+std::vector<std::vector<int>> replicated_placement(const std::vector<double>& loads,
+                                                   const std::vector<int>& current_rank, int W, int max_copies,
+                                                   double target) {
+  const int n = static_cast<int>(loads.size());
+  std::vector<std::vector<int>> best;
+  for (int r : balanced_placement(loads, current_rank, W)) best.push_back({r});
+  double best_max = max_rank_load(loads, best, W);
+  std::vector<int> copies(static_cast<size_t>(n), 1);
+  int total = n;
+  while (load_imbalance(loads, best, W) > target && total < W * max_copies) {
+    // The expert with the largest load per copy that can take another copy.
+    int hot = -1;
+    for (int e = 0; e < n; ++e)
+      if (copies[e] < W && (hot < 0 || loads[e] / copies[e] > loads[hot] / copies[hot] + 1e-12)) hot = e;
+    if (hot < 0 || loads[hot] <= 0) break;
+    ++copies[hot];
+    ++total;
+    auto packed = pack_copies(loads, copies, current_rank, W, max_copies);
+    if (packed.empty()) break;
+    const double m = max_rank_load(loads, packed, W);
+    if (m < best_max - 1e-9 * std::max(1.0, best_max)) {
+      best = std::move(packed);
+      best_max = m;
+    }
+  }
+  // Primary copy: the expert's current rank when it holds one (nothing moves for it).
+  for (int e = 0; e < n; ++e) {
+    auto& rs = best[static_cast<size_t>(e)];
+    const auto it = std::find(rs.begin(), rs.end(), current_rank[e]);
+    if (it != rs.end()) std::rotate(rs.begin(), it, it + 1);
+  }
+  return best;
+}
+
+int replica_copies_per_rank(int experts_before, int survivors, int W, double memory_mb, int moe_layers, int hidden,
+                            int mlp_dim) {
+  if (memory_mb <= 0) return std::max((experts_before + W - 1) / W, (survivors + W - 1) / W);
+  const double per_layer = memory_mb * kMiB / std::max(1, moe_layers);
+  return (survivors + W - 1) / W + static_cast<int>(per_layer / expert_copy_bytes(hidden, mlp_dim));
+}
+
 std::vector<int> balanced_placement(const std::vector<double>& loads, const std::vector<int>& current_rank, int W) {
   const int n = static_cast<int>(loads.size());
   const int base = n / W, extra = n % W;  // `extra` ranks hold base + 1 experts
@@ -212,9 +307,10 @@ static Migration rebuild(const VisionTransformer& old_model, const std::vector<P
     const MoeLayerImpl& nl = *new_layers[l];
     const std::string prefix = concat("blocks.", ol.layer(), ".moe.experts.");
     const auto& new_ids = nl.expert_ids();
-    std::map<int, int> new_rank;  // kept id -> rank
-    for (size_t s2 = 0; s2 < new_ids.size(); ++s2) new_rank[new_ids[s2]] = nl.placement().rank_of(static_cast<int>(s2));
+    std::map<int, std::vector<int>> new_rank;  // kept id -> the ranks of its copies
+    for (size_t s2 = 0; s2 < new_ids.size(); ++s2) new_rank[new_ids[s2]] = nl.placement().ranks_of(static_cast<int>(s2));
     const auto& old_local = ol.experts->expert_ids();
+    const std::vector<bool> old_primary = ol.primary_copies();
     // Rows of this rank's surviving experts, grouped by destination.
     // Inside each expert-parallel group (every group moves its copies the same way).
     Communicator& ep = comms.ep();
@@ -224,6 +320,7 @@ static Migration rebuild(const VisionTransformer& old_model, const std::vector<P
     for (size_t i = 0; i < old_local.size(); ++i) {
       auto it = new_rank.find(old_local[i]);
       if (it == new_rank.end()) continue;  // pruned: freed with the old model
+      if (!old_primary[i]) continue;       // a replica: its primary sends the expert
       std::vector<at::Tensor> pieces;
       for (const char* p : parts) {
         const std::string name = prefix + p;
@@ -233,8 +330,11 @@ static Migration rebuild(const VisionTransformer& old_model, const std::vector<P
           if (old_state.at(name)->m2.defined()) pieces.push_back(old_state.at(name)->m2[static_cast<int64_t>(i)].reshape({-1}));
         }
       }
-      rows[it->second].push_back(at::cat(pieces));
-      row_ids[it->second].push_back(old_local[i]);
+      at::Tensor row = at::cat(pieces);
+      for (int dst : it->second) {  // to every copy of the expert
+        rows[dst].push_back(row);
+        row_ids[dst].push_back(old_local[i]);
+      }
     }
     std::vector<int64_t> send_splits(static_cast<size_t>(ep.size()));
     std::vector<at::Tensor> flat;

@@ -52,7 +52,13 @@ json report_json(const PruneReport& r) {
                                                  ? json(o.router_norm_change.at(lp.block)) : json(nullptr)},
                       {"imbalance_before", o.imbalance_before[l]},
                       {"imbalance_after", o.imbalance_after[l]},
-                      {"placement_after", l < o.placements.size() ? o.placements[l].expert_rank() : std::vector<int>{}}});
+                      {"placement_after", l < o.placements.size() ? o.placements[l].expert_rank() : std::vector<int>{}},
+                      // every expert's ranks, primary first (more than one: replicas)
+                      {"copies_after", l < o.placements.size() ? o.placements[l].expert_ranks()
+                                                                : std::vector<std::vector<int>>{}},
+                      {"replicas_after", l < o.placements.size() ? o.placements[l].num_copies() -
+                                                                       o.placements[l].num_experts()
+                                                                 : 0}});
   }
   return {{"criterion", name_of(pc.criterion)},
           {"scope", name_of(pc.scope)},
@@ -121,15 +127,16 @@ void print_prune_report(const PruneReport& r, const std::string& path) {
                   100 * (p.accuracy - a->baseline), p.ratio == a->chosen ? "  <- chosen" : "");
     if (a->chosen == 0) std::printf("    no candidate within the budget: nothing pruned\n");
   }
-  std::printf("  %-6s %8s %8s  %-26s %-22s %10s %10s\n", "block", "experts", "kept", "pruned ids", "kept ids",
-              "imb before", "imb after");
+  std::printf("  %-6s %8s %8s  %-26s %-22s %10s %10s %8s\n", "block", "experts", "kept", "pruned ids", "kept ids",
+              "imb before", "imb after", "replicas");
   for (size_t l = 0; l < o.plan.layers.size(); ++l) {
     const LayerPlan& lp = o.plan.layers[l];
     std::string pr, kp;
     for (int id : lp.pruned) pr += concat(pr.empty() ? "" : ",", id);
     for (int id : lp.kept) kp += concat(kp.empty() ? "" : ",", id);
-    std::printf("  %-6d %8zu %8zu  %-26s %-22s %10.3f %10.3f\n", lp.block, lp.kept.size() + lp.pruned.size(),
-                lp.kept.size(), pr.c_str(), kp.c_str(), o.imbalance_before[l], o.imbalance_after[l]);
+    const int replicas = l < o.placements.size() ? o.placements[l].num_copies() - o.placements[l].num_experts() : 0;
+    std::printf("  %-6d %8zu %8zu  %-26s %-22s %10.3f %10.3f %8d\n", lp.block, lp.kept.size() + lp.pruned.size(),
+                lp.kept.size(), pr.c_str(), kp.c_str(), o.imbalance_before[l], o.imbalance_after[l], replicas);
   }
   const ModelFigures &b = o.figures_before, &a = o.figures_after;
   std::printf("  %-34s %14s %14s\n", "", "before", "after");

@@ -1,5 +1,6 @@
 #include "train/optimizer.h"
 
+#include <algorithm>
 #include <cmath>
 #include <nlohmann/json.hpp>
 
@@ -36,10 +37,52 @@ void sum_gradients(std::vector<ParamSlot>& slots, bool expert, Communicator& com
     off += n;
   }
 }
+
+// Sums the gradients of replicated experts over the ranks of an expert-parallel
+// group (every rank takes part: a rank without a copy adds zeros), so that every
+// copy gets the gradient of all the expert's tokens and the copies stay identical.
+// One all-reduce of the replicated experts' rows; nothing when there are none.
+void sum_replicas(std::vector<ParamSlot>& slots, Communicator& ep) {
+  struct Row {
+    ParamSlot* slot;
+    int64_t row;  // in the slot's parameter, -1: not held here
+  };
+  std::vector<Row> rows;
+  std::vector<at::Tensor> pieces;
+  for (auto& s : slots) {
+    if (!s.expert || s.replicated_ids.empty()) continue;
+    if (!s.param.grad().defined()) s.param.mutable_grad() = at::zeros_like(s.param);
+    const int64_t width = s.param.numel() / std::max<int64_t>(1, s.param.size(0));
+    for (int id : s.replicated_ids) {
+      const auto it = std::find(s.expert_ids.begin(), s.expert_ids.end(), id);
+      const int64_t i = it == s.expert_ids.end() ? -1 : it - s.expert_ids.begin();
+      rows.push_back({&s, i});
+      pieces.push_back(i >= 0 ? s.param.grad()[i].reshape({-1}) : at::zeros({width}, s.param.grad().options()));
+    }
+  }
+  if (pieces.empty() || ep.size() == 1) return;
+  at::Tensor flat = at::cat(pieces);
+  ep.all_reduce(flat, ReduceOp::Sum);
+  int64_t off = 0;
+  for (size_t j = 0; j < rows.size(); ++j) {
+    const int64_t n = pieces[j].numel();
+    if (rows[j].row >= 0) {
+      at::Tensor g = rows[j].slot->param.mutable_grad()[rows[j].row];
+      g.copy_(flat.narrow(0, off, n).view_as(g));
+    }
+    off += n;
+  }
+}
+
+// The rows of an expert gradient that the norm counts on this rank.
+at::Tensor counted_rows(const ParamSlot& s) {
+  return s.primary_rows.defined() ? s.param.grad().index_select(0, s.primary_rows) : s.param.grad();
+}
 }  // namespace
 
 void Optimizer::sync_gradients(const Comms& comms, bool dense) {
   if (dense) sum_gradients(slots_, /*expert=*/false, *comms.device);
+  sum_replicas(slots_, comms.ep());
   // An expert's gradient on one rank covers the tokens of its expert-parallel group;
   // its replicas in the other groups hold the rest.
   if (comms.edp_device) sum_gradients(slots_, /*expert=*/true, *comms.edp_device);
@@ -57,13 +100,13 @@ double Optimizer::grad_norm(Communicator& comm) {
     // the host loop's only by the order of double additions.
     std::vector<at::Tensor> d, e;
     for (auto& s : slots_)
-      if (s.param.grad().defined()) (s.expert ? e : d).push_back(s.param.grad().reshape({-1}));
+      if (s.param.grad().defined()) (s.expert ? e : d).push_back((s.expert ? counted_rows(s) : s.param.grad()).reshape({-1}));
     if (!d.empty()) dense = at::cat(d).to(at::kDouble).square().sum();
     if (!e.empty()) expert = at::cat(e).to(at::kDouble).square().sum().reshape({1});
   } else {
     for (auto& s : slots_) {
       if (!s.param.grad().defined()) continue;
-      at::Tensor sq = s.param.grad().to(at::kDouble).pow(2).sum();
+      at::Tensor sq = (s.expert ? counted_rows(s) : s.param.grad()).to(at::kDouble).pow(2).sum();
       if (s.expert) expert += sq;
       else dense += sq;  // identical on every rank after sync_gradients
     }
@@ -133,7 +176,7 @@ void Optimizer::save_state(StateWriter& out) const {
         continue;
       }
       for (size_t i = 0; i < s.expert_ids.size(); ++i)
-        out.expert(name, s.block, s.expert_ids[i], (*m)[static_cast<int64_t>(i)]);
+        if (s.primary.empty() || s.primary[i]) out.expert(name, s.block, s.expert_ids[i], (*m)[static_cast<int64_t>(i)]);
     }
   }
   out.meta()["kind"] = name_of(cfg_.optimizer);

@@ -22,6 +22,13 @@ struct ParamSlot {
   at::Tensor m1, m2;          // momentum / Adam moments (undefined until the first step)
   int block = -1;             // expert parameters: the MoE block
   std::vector<int> expert_ids;  // expert parameters: the original id of each row
+  // Expert parameters with replicas in the layer (prune.replicate): which rows are
+  // this rank's primary copies (checkpoints write and the gradient norm counts only
+  // those; empty = all), their indices (undefined = all), and the ids of the
+  // layer's experts that have replicas (ascending; the same on every rank).
+  std::vector<bool> primary;
+  at::Tensor primary_rows;
+  std::vector<int> replicated_ids;
 };
 
 // lr at `step` (0-based): linear warmup from 0 over warmup_steps, then cosine to end_lr at `steps`.
@@ -34,12 +41,14 @@ class Optimizer final : public StateOwner {
  public:
   Optimizer(const PhaseConfig& cfg, std::vector<ParamSlot> params);
   // Sums dense gradients over all ranks (one flat all-reduce) and expert gradients
-  // over the expert-data-parallel group (the ranks holding the same experts). Collective.
+  // over every rank holding a copy of the expert: the other copies in its
+  // expert-parallel group (replicas, when there are any) and the
+  // expert-data-parallel group. Collective.
   // dense = false: the dense gradients were summed already (GradBuckets).
   void sync_gradients(const Comms& comms, bool dense = true);
   // Global gradient norm: replicated parameters counted once, expert parameters once
-  // on the rank of `ep` (an expert-parallel group) holding them (all-reduce of their
-  // squares). Collective over ep.
+  // on the rank of `ep` (an expert-parallel group) holding their primary copy
+  // (all-reduce of their squares). Collective over ep.
   double grad_norm(Communicator& ep);
   // Clips to cfg.clip_norm (when > 0) and applies one update with learning rate lr.
   // Returns the norm before clipping. Collective.

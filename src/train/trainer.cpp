@@ -47,7 +47,19 @@ std::vector<ParamSlot> param_slots(const VisionTransformer& model) {
     s.expert = is_expert_param(item.key());
     if (s.expert) {
       s.block = block_of_param(s.name);
-      s.expert_ids = local_expert_ids(model, s.block);
+      const MoeLayer layer = moe_layer_of(model, s.block);
+      s.expert_ids = layer->experts->expert_ids();
+      const Placement& pl = layer->placement();
+      if (pl.has_replicas()) {
+        s.primary = layer->primary_copies();
+        std::vector<int64_t> rows;
+        for (size_t i = 0; i < s.primary.size(); ++i)
+          if (s.primary[i]) rows.push_back(static_cast<int64_t>(i));
+        s.primary_rows = at::tensor(rows, at::kLong).to(s.param.device());
+        const auto& ids = layer->expert_ids();
+        for (int e = 0; e < pl.num_experts(); ++e)
+          if (pl.replicas(e) > 1) s.replicated_ids.push_back(ids[static_cast<size_t>(e)]);
+      }
     }
     out.push_back(std::move(s));
   }
