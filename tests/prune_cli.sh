@@ -5,7 +5,8 @@
 #     SEER-MoE's entropy regulariser and top-1 evaluation: report, checkpoint verifies;
 #  2. bad input gives exit code 2 and a clear message, and changes no checkpoint:
 #     a ratio that leaves fewer than top_k experts, an unknown criterion, an empty
-#     calibration split.
+#     calibration split, replica options that cannot hold;
+#  3. hot-expert replicas on 2 ranks (prune.replicate).
 # usage: prune_cli.sh BUILD/moeprune SOURCE_DIR
 set -u
 source "$(dirname "$0")/cli_common.sh" prune "$1" "$2"
@@ -34,6 +35,42 @@ expect_error "prune.max_accuracy_drop=-1 must be in" --set prune.ratio=auto --se
 expect_error "finetune/val split of planted is empty" --set data.val_fraction=0
 expect_error "was fine-tuned on planted classes all label map all, image size 8; this config's" \
   --set model.image_size=12
+expect_error "prune.replicate needs prune.rebalance: true" --set prune.replicate=true --set prune.rebalance=false
+expect_error "prune.replica_memory_mb=0.001 holds no replica: one expert copy in each of 2 MoE layers" \
+  --set prune.replicate=true --set prune.replica_memory_mb=0.001
+expect_error "prune.replica_imbalance=0.5 must be >= 1" --set prune.replicate=true --set prune.replica_imbalance=0.5
+
+# Hot-expert replicas: the same plan on 2 ranks without and with prune.replicate (room
+# for many copies): the same test accuracy (copies hold the same weights), every layer's
+# expected imbalance at most 1.10 and never above the plain rebalancer's; each expert
+# once in the checkpoint; the replicated model re-fine-tunes on 2 ranks.
+for rep in false true; do
+  "${MPI[@]}" -np 2 "$BIN" prune --config "$CFG" --set output.dir="$W/rep-$rep" --from "$OUT/checkpoints/$FT" \
+    --set prune.ratio=0.25 --set prune.replicate=$rep --set prune.replica_memory_mb=1 > "$W/rep-$rep.log" 2>&1 \
+    || { cat "$W/rep-$rep.log"; fail "prune replicate=$rep"; }
+done
+grep -q "imb after replicas" "$W/rep-true.log" || { cat "$W/rep-true.log"; fail "no replicas column"; }
+python3 - "$W/rep-false/prune_report.json" "$W/rep-true/prune_report.json" <<'PY' || { cat "$W/rep-true.log"; fail "replica report"; }
+import json, sys
+a, b = (json.load(open(p)) for p in sys.argv[1:])
+assert [l["kept"] for l in a["layers"]] == [l["kept"] for l in b["layers"]], "not the same plan"
+assert abs(a["test_accuracy_after"] - b["test_accuracy_after"]) <= 1 / 128 + 1e-12, (a["test_accuracy_after"], b["test_accuracy_after"])
+assert any(l["replicas_after"] > 0 for l in b["layers"]), b["layers"]
+for la, lb in zip(a["layers"], b["layers"]):
+    assert la["replicas_after"] == 0
+    assert lb["imbalance_after"] <= 1.10 + 1e-9 and lb["imbalance_after"] <= la["imbalance_after"] + 1e-9, (la, lb)
+    copies = lb["copies_after"]
+    assert len(copies) == lb["experts_after"] and all(len(set(c)) == len(c) >= 1 for c in copies), copies
+    assert lb["replicas_after"] == sum(len(c) - 1 for c in copies)
+    assert [c[0] for c in copies] == lb["placement_after"]
+print("replicas:", [(l["block"], l["experts_after"], round(la["imbalance_after"], 3), round(l["imbalance_after"], 3),
+                     l["replicas_after"]) for la, l in zip(a["layers"], b["layers"])])
+PY
+"$BIN" ckpt verify "$W/rep-true/checkpoints" > /dev/null || fail "replicated checkpoint does not verify"
+"${MPI[@]}" -np 2 "$BIN" refinetune --config "$CFG" --set output.dir="$W/rep-true" --set refinetune.steps=4 \
+  --set refinetune.batch_size=24 > "$W/rep-rf.log" 2>&1 || { cat "$W/rep-rf.log"; fail "refinetune with replicas"; }
+"$BIN" ckpt verify "$W/rep-true/checkpoints" > /dev/null || fail "re-fine-tuned replicated checkpoint does not verify"
+echo "ok: replicas: same accuracy, imbalance <= 1.10, each expert saved once, re-fine-tuned on 2 ranks"
 
 "${MPI[@]}" -np 4 "$BIN" prune --config "$CFG" --set output.dir="$OUT" --from "$OUT/checkpoints" \
   --set prune.ratio=0.5 --set "prune.layers=[1]" > "$W/ok.log" 2>&1 || { cat "$W/ok.log"; fail "prune on 4 ranks"; }
@@ -118,4 +155,4 @@ dups=$(echo "$names" | sed 's/^ckpt-[0-9]*-//' | sort | uniq -d)
   > "$W/again.log" 2>&1 || { cat "$W/again.log"; fail "prune --from ROOT after the whole job"; }
 grep -q "prune: loaded .*-finetune-step" "$W/again.log" || { cat "$W/again.log"; fail "prune --from ROOT: not the fine-tuning checkpoint"; }
 echo "ok: keep 1 keeps every phase's final checkpoint, no duplicate, prune --from ROOT after the job"
-echo "5 passed, 0 failed"
+echo "6 passed, 0 failed"

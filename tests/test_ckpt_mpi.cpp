@@ -3,11 +3,13 @@
 // bit-identical to the uninterrupted run.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <filesystem>
 
 #include "ckpt/manifest.h"
 #include "ckpt/reader.h"
 #include "ckpt/store.h"
+#include "ckpt/tools.h"
 #include "ckpt/writer.h"
 #include "model/model_state.h"
 #include "prune/router_history.h"
@@ -46,7 +48,8 @@ struct Run {
 };
 
 // init_seed: the model's initial weights (the job seed drives data order and noise).
-std::unique_ptr<Run> make_run(const JobConfig& job, uint64_t init_seed) {
+// replicas: hot-expert replicas in every MoE layer (replicated(), W >= 2).
+std::unique_ptr<Run> make_run(const JobConfig& job, uint64_t init_seed, bool replicas = false) {
   auto r = std::make_unique<Run>();
   auto data = load_dataset(job, SplitPart::Train);
   LoaderOptions lo;
@@ -61,9 +64,84 @@ std::unique_ptr<Run> make_run(const JobConfig& job, uint64_t init_seed) {
   lo.global_batch = 16;
   r->val = std::make_unique<ShardedLoader>(make_split(data, job.finetune, "finetune", SplitPart::Val, 0.25), lo);
   at::manual_seed(init_seed);
-  r->model = VisionTransformer(job.model, default_placements(job.model, g_world->size()), g_world->comm(), init_seed);
+  std::vector<Placement> pls = default_placements(job.model, g_world->size());
+  if (replicas)
+    for (auto& pl : pls) pl = replicated(job.model.moe.num_experts, g_world->size());
+  r->model = VisionTransformer(job.model, pls, g_world->comm(), init_seed);
   r->trainer = std::make_unique<Trainer>(g_world->comms(), job, job.finetune, Phase::Finetune, r->model, r->sink);
   return r;
+}
+
+// With hot-expert replicas: each expert is written once (by its primary copy), the
+// layout keeps the replicas, and the checkpoint loads on the same placement and on
+// one without replicas (every copy takes the expert's tensors).
+TEST(CheckpointMpi, ReplicasAreWrittenOnceAndLoadAnywhere) {
+  if (g_world->size() < 2) GTEST_SKIP() << "replicas need two ranks";
+  const JobConfig job = small_job();
+  test::TempDir tmp("mpi-ckpt-rep", g_world->host_comm());
+  const std::string root = tmp / "checkpoints";
+  auto a = make_run(job, job.seed, /*replicas=*/true);
+  a->trainer->run(*a->train, *a->val, nullptr);
+  CheckpointWriter w(g_world->comms(), root, 2, false);
+  ModelState a_state(a->model);
+  w.save({&a_state, &a->trainer->optimizer()}, "finetune", 8, job.resolved_yaml);
+  const Manifest m = read_manifest(latest_checkpoint(root));
+  EXPECT_NO_THROW(verify_checkpoint(m.dir));
+  for (int block : job.model.moe_blocks()) {
+    std::vector<int> listed;
+    for (const auto& s : m.shards)
+      if (s.experts.count(block)) listed.insert(listed.end(), s.experts.at(block).begin(), s.experts.at(block).end());
+    std::sort(listed.begin(), listed.end());
+    EXPECT_EQ(listed, (std::vector<int>{0, 1, 2, 3})) << "block " << block << ": every expert exactly once";
+  }
+  const ModelLayout layout = layout_from_json(m.section("model"), m.dir);
+  const auto pls = placements_of(layout, g_world->size());
+  EXPECT_EQ(pls[0].expert_ranks(), replicated(4, g_world->size()).expert_ranks());
+
+  auto expect_loaded = [&](test::Run& b) {
+    auto pa = a->model->named_parameters();
+    auto& sa = a->trainer->optimizer().slots();
+    auto& sb = b.trainer->optimizer().slots();
+    for (size_t i = 0; i < sb.size(); ++i) {
+      const std::string& name = sb[i].name;
+      at::Tensor want = pa[name], m1 = sa[i].m1, m2 = sa[i].m2;
+      if (sb[i].expert) {  // a's rows of the experts b holds (a's copies are identical)
+        std::vector<int64_t> rows;
+        int64_t held = 0;
+        for (int id : sb[i].expert_ids) {
+          const auto it = std::find(sa[i].expert_ids.begin(), sa[i].expert_ids.end(), id);
+          rows.push_back(it == sa[i].expert_ids.end() ? -1 : it - sa[i].expert_ids.begin());
+          held += rows.back() >= 0;
+        }
+        if (held != static_cast<int64_t>(rows.size())) continue;  // compared on the ranks holding them all
+        const at::Tensor idx = at::tensor(rows, at::kLong);
+        want = want.index_select(0, idx);
+        m1 = m1.index_select(0, idx);
+        m2 = m2.index_select(0, idx);
+      }
+      EXPECT_TRUE(at::equal(sb[i].param, want)) << name;
+      EXPECT_TRUE(at::equal(sb[i].m1, m1)) << name;
+      EXPECT_TRUE(at::equal(sb[i].m2, m2)) << name;
+    }
+  };
+  auto same = make_run(job, 99, /*replicas=*/true);
+  ModelState same_state(same->model);
+  load_checkpoint(m, {&same_state, &same->trainer->optimizer()});
+  expect_loaded(*same);
+  auto plain = make_run(job, 99);
+  ModelState plain_state(plain->model);
+  load_checkpoint(m, {&plain_state, &plain->trainer->optimizer()});
+  expect_loaded(*plain);
+  // Training kept the copies identical: each rank's copy of expert 0 equals rank 0's.
+  for (const auto& item : a->model->named_parameters()) {
+    if (!is_expert_param(item.key())) continue;
+    const auto& ids = local_expert_ids(a->model, block_of_param(item.key()));
+    const int64_t row = std::find(ids.begin(), ids.end(), 0) - ids.begin();
+    ASSERT_LT(row, static_cast<int64_t>(ids.size()));
+    at::Tensor mine = item.value()[row].detach().clone(), first = mine.clone();
+    g_world->host_comm().broadcast(first, 0);
+    EXPECT_TRUE(at::equal(mine, first)) << item.key() << ": the copies of expert 0 drifted apart";
+  }
 }
 
 TEST(CheckpointMpi, EveryTensorRoundTrips) {
