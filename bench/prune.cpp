@@ -1,6 +1,10 @@
 // moeprune-bench prune: inference images/s and expert memory of a fine-tuned model
 // (a checkpoint) before and after pruning 50% of its experts by router_norm_change
-// (global), with drop and zero routing, same run.
+// (global), with drop and zero routing, same run; then, for the drop-routed pruned
+// model, each layer's expected load imbalance over the ranks (loads measured on the
+// fine-tuning task's prune.calibration split, as the pruning phase measures them) with
+// the survivors placed contiguously, rebalanced, and rebalanced with hot-expert replicas
+// (prune.replicate with the config's replica settings; target <= 1.10).
 #include <cstdio>
 
 #include "benches.h"
@@ -11,11 +15,53 @@
 #include "harness.h"
 #include "model/model_state.h"
 #include "pipeline/job.h"
+#include "train/evaluator.h"
 #include "prune/plan.h"
 #include "prune/rebalance.h"
 #include "prune/router_history.h"
 
 namespace moeprune::bench {
+
+namespace {
+// The rebalancing table (see the top of the file) for a pruned model.
+void imbalance(World& world, const JobConfig& cfg, VisionTransformer& model, const PrunePlan& plan) {
+  const PruneConfig& pc = cfg.prune;
+  const PhaseData d = phase_data(cfg, cfg.finetune, "finetune");
+  const Split& split = pc.calibration.split == SplitPart::Train  ? d.train
+                       : pc.calibration.split == SplitPart::Test ? d.test
+                                                                 : d.val;
+  ShardedLoader calib(split, loader_options(cfg, world, cfg.data.eval_batch_size, false, cfg.seed));
+  const EvalResult r = evaluate(model, calib, world.comms(), pc.calibration.batches);
+  const int N = world.ep_size();
+  if (world.rank() == 0)
+    std::printf("  expected load imbalance (max / mean over %d ranks) after pruning 50%%, drop routing, loads of %lld "
+                "%s images:\n  %-6s %9s %10s %11s %14s %9s  %s\n",
+                N, static_cast<long long>(r.count), str(pc.calibration.split).c_str(), "block", "survivors",
+                "contiguous", "rebalanced", "with replicas", "replicas", "target: <= 1.10 with replicas");
+  const auto layers = model->moe_layers();
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const LayerStats& s = r.load.at(layers[l]->layer());
+    const std::vector<double> loads(s.kept.begin(), s.kept.end());
+    const std::vector<int>& cur = layers[l]->placement().expert_rank();
+    const int before = static_cast<int>(plan.layers[l].kept.size() + plan.layers[l].pruned.size());
+    const int max_copies = replica_copies_per_rank(before, static_cast<int>(loads.size()), N, pc.replica_memory_mb,
+                                                   static_cast<int>(layers.size()), model->config().hidden,
+                                                   model->config().mlp_dim);
+    const auto rep = replicated_placement(loads, cur, N, max_copies, pc.replica_imbalance);
+    int copies = 0;
+    for (const auto& c : rep) copies += static_cast<int>(c.size()) - 1;
+    const double in_place = load_imbalance(loads, cur, N);
+    const double plain = load_imbalance(loads, balanced_placement(loads, cur, N), N);
+    const double with = load_imbalance(loads, rep, N);
+    if (world.rank() == 0)
+      std::printf("  %-6d %9zu %10.3f %11.3f %14.3f %9d  %s\n", layers[l]->layer(), loads.size(), in_place, plain, with,
+                  copies, verdict(true, with <= 1.10 + 1e-9));
+    json_row(world, "prune_imbalance", {{"model", model->config().name}, {"block", layers[l]->layer()},
+                                        {"survivors", loads.size()}, {"ranks", N}, {"contiguous", in_place},
+                                        {"rebalanced", plain}, {"replicated", with}, {"replicas", copies}});
+  }
+}
+}  // namespace
 
 int prune(World& world, const Options& o) {
   const JobConfig cfg = parse_config(o.config);
@@ -80,6 +126,7 @@ int prune(World& world, const Options& o) {
     json_row(world, "prune", {{"model", mc.name}, {"variant", concat("pruned_50_", name_of(routing))},
                               {"images_per_s", ips}, {"speedup", ips / ips0}, {"expert_bytes", mem},
                               {"memory_ratio", static_cast<double>(mem) / mem0}, {"forward_spread", t.spread()}});
+    if (routing == PrunedRouting::Drop) imbalance(world, cfg, mg.model, plan);
   }
   return 0;
 }

@@ -60,7 +60,7 @@ int main(int argc, char** argv) {
     log::error(error.empty() ? std::string("another rank rejected the input") : error);
     return kExitUserError;
   }
-  world->set_mesh(expert_parallel);
+  world->set_mesh(expert_parallel, cfg.parallel.grad_reduce == GradReduce::Overlap);
   world->apply_runtime(cfg.runtime);
   install_stop_signals();
 

@@ -8,12 +8,12 @@
 namespace moeprune {
 
 Mesh::Mesh(MpiCommunicator& world_host, Communicator& world_device, int expert_parallel, int cuda_device,
-           bool always_split)
+           bool always_split, bool grad_comm)
     : world_host_(&world_host), world_device_(&world_device), n_(expert_parallel) {
   const int W = world_host.size(), r = world_host.rank();
   require(n_ >= 1 && W % n_ == 0, concat("mesh: expert-parallel size ", n_, " does not divide the world size ", W));
   d_ = W / n_;
-  if (W > 1) {
+  if (W > 1 && grad_comm) {
     MPI_Comm_dup(world_host.handle(), &grad_);
     MPI_Comm_set_errhandler(grad_, MPI_ERRORS_RETURN);
     grad_host_ = std::make_unique<MpiCommunicator>(grad_);

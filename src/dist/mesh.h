@@ -27,10 +27,11 @@ class Mesh {
   // device communicators are NCCL communicators on that device (CUDA builds),
   // else the MPI ones. With one group (D = 1) the world's communicators serve
   // unless always_split (tests: the sub-communicator path on one rank). With more
-  // than one rank, the dense-gradient reduction gets its own world communicator
-  // (MPI_Comm_dup; on GPUs its own NCCL communicator).
+  // than one rank and grad_comm (parallel.grad_reduce: overlap), the dense-gradient
+  // reduction gets its own world communicator (MPI_Comm_dup; on GPUs its own NCCL
+  // communicator), so that its buckets never interleave with the layers' exchanges.
   Mesh(MpiCommunicator& world_host, Communicator& world_device, int expert_parallel, int cuda_device = -1,
-       bool always_split = false);
+       bool always_split = false, bool grad_comm = true);
   ~Mesh();
   Mesh(const Mesh&) = delete;
   Mesh& operator=(const Mesh&) = delete;

@@ -90,10 +90,12 @@ World::~World() {
 
 Comms World::comms() { return mesh_ ? mesh_->comms() : Comms{&comm(), mpi_.get()}; }
 
-void World::set_mesh(int expert_parallel) {
-  if (mesh_ && mesh_->expert_parallel() == expert_parallel) return;
+void World::set_mesh(int expert_parallel, bool grad_comm) {
+  if (mesh_ && mesh_->expert_parallel() == expert_parallel && grad_comm_ == grad_comm) return;
   mesh_.reset();
-  mesh_ = std::make_unique<Mesh>(*mpi_, comm(), expert_parallel, device_.is_cuda() ? device_.index() : -1);
+  grad_comm_ = grad_comm;
+  mesh_ = std::make_unique<Mesh>(*mpi_, comm(), expert_parallel, device_.is_cuda() ? device_.index() : -1,
+                                 /*always_split=*/false, grad_comm);
   if (mesh_->groups() > 1)
     log::info(concat("mesh: ", size_, " ranks = ", mesh_->groups(), " expert-data-parallel groups x ", expert_parallel,
                      " expert-parallel ranks (this rank: group ", rank_ / expert_parallel, ", position ",

@@ -102,7 +102,9 @@ class World {
   Comms comms();
   // Collective: splits the ranks into W / n expert-parallel groups of n consecutive
   // ranks (dist/mesh.h). n must divide size(). Called once, after the config is read.
-  void set_mesh(int expert_parallel);
+  // grad_comm: a communicator of its own for the overlapped dense-gradient reduction
+  // (parallel.grad_reduce: overlap); without it Comms::grad() is the world's.
+  void set_mesh(int expert_parallel, bool grad_comm = true);
   int ep_size() const;  // N: ranks per expert-parallel group (size() before set_mesh)
 
   // Ends every rank with `code` after logging msg on this rank. Never returns.
@@ -119,6 +121,7 @@ class World {
   std::unique_ptr<MpiCommunicator> mpi_;
   std::unique_ptr<Communicator> device_comm_;
   std::unique_ptr<Mesh> mesh_;
+  bool grad_comm_ = true;
 };
 
 // Runs body on every rank. A UserError on every rank (all reached the check) is
