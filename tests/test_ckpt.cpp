@@ -286,6 +286,18 @@ TEST(Checkpoint, LayoutOutOfRangeNamesTheCheckpoint) {
   j = good;
   j["world_size"] = 0;
   refused(j, "model.world_size 0 must be >= 1");
+  // Hot-expert replicas: the other copies' ranks, per expert.
+  j = good;
+  j["moe_layers"][0]["replicas"] = nlohmann::json::parse("[[1], [], [], [0]]");
+  const ModelLayout with = layout_from_json(j, "ckpt-x");
+  EXPECT_EQ(placements_of(with, 2)[0].expert_ranks(), (std::vector<std::vector<int>>{{0, 1}, {0}, {1}, {1, 0}}));
+  EXPECT_FALSE(placements_of(with, 4)[0].has_replicas());  // another world size: contiguous, no replicas
+  j["moe_layers"][0]["replicas"] = nlohmann::json::parse("[[1], []]");
+  refused(j, "MoE block 1 lists replicas for 2 of its 4 experts");
+  j["moe_layers"][0]["replicas"] = nlohmann::json::parse("[[0], [], [], []]");
+  refused(j, "MoE block 1 places a replica of expert 0 on rank 0, expected a rank in 0..1 holding no other copy");
+  j["moe_layers"][0]["replicas"] = nlohmann::json::parse("[[2], [], [], []]");
+  refused(j, "MoE block 1 places a replica of expert 0 on rank 2");
 }
 
 TEST(Checkpoint, InterruptedSaveLeavesThePreviousLatest) {
