@@ -136,6 +136,45 @@ INSTANTIATE_TEST_SUITE_P(Cases, MoeLayerOracle,
                                                               LayerCase{8, 1, 2, false, false}),
                                             ::testing::Values(DispatcherKind::Torch, DispatcherKind::Kernels)));
 
+// One training forward + backward of the whole model: on every rank its slice of a
+// fixed global batch with placement `per_layer` in every MoE block (over the mesh's
+// N positions), and in one process on all of it (the reference, built on every rank
+// with a SelfCommunicator). Checks the logits and the summed loss; returns both
+// models for their gradients.
+std::pair<VisionTransformer, VisionTransformer> whole_model(const Comms& c, int members, const Placement& per_layer) {
+  World& w = *g_world;
+  const int W = w.size(), r = w.rank();
+  const ModelConfig cfg = small_config(8, members > 1 ? 1 : 2, members, members == 1);
+  const int64_t B = W * 2 * cfg.moe.group_size, local_B = B / W;
+  const int64_t groups = B / cfg.moe.group_size;
+  at::Tensor images = fixed({B, cfg.channels, cfg.image_size, cfg.image_size}, 31);
+  at::Tensor labels = at::arange(B, at::kLong).remainder(cfg.num_classes);
+  auto run = [&](VisionTransformer& model, const at::Tensor& im, const at::Tensor& lb, int64_t first_group) {
+    ForwardContext ctx;
+    ctx.in.train = true;
+    ctx.in.noise_seed = 4;
+    ctx.in.first_group = first_group;
+    ctx.in.total_groups = groups;
+    at::Tensor logits = model->forward(im, ctx);
+    at::Tensor loss = cross_entropy_sum(logits, lb) / static_cast<double>(B) +
+                      ctx.aux_loss / static_cast<double>(members * groups);
+    loss.backward();
+    return std::pair{logits, loss};
+  };
+  static SelfCommunicator self;
+  at::manual_seed(1);
+  VisionTransformer ref(cfg, default_placements(cfg, 1), self, 5);
+  at::manual_seed(1);
+  VisionTransformer dist(cfg, std::vector<Placement>(cfg.moe_blocks().size(), per_layer), c.ep(), 5);
+  auto [ref_logits, ref_loss] = run(ref, images, labels, 0);
+  auto [logits, loss] =
+      run(dist, images.narrow(0, r * local_B, local_B), labels.narrow(0, r * local_B, local_B), r * 2);
+  EXPECT_LE(rel_err(logits, ref_logits.narrow(1, r * local_B, local_B)), kTol) << "logits";
+  at::Tensor l = loss.detach().reshape({1}).clone();
+  w.host_comm().all_reduce(l, ReduceOp::Sum);
+  EXPECT_LE(rel_err(l, ref_loss.detach().reshape({1})), kTol) << "loss";
+  return {ref, dist};
+}
 
 // The whole model (V-MoE with BPR, and E3), expert-parallel over all ranks and on
 // every process mesh W = D x N (dist/mesh.h): each rank routes its own slice,
@@ -156,38 +195,8 @@ TEST_P(ModelOracle, MatchesSingleProcess) {
   ASSERT_EQ(c.ep_size(), N);
   ASSERT_EQ(c.groups(), W / N);
   ASSERT_EQ(c.ep_rank(), r % N);
-  const ModelConfig cfg = small_config(8, members > 1 ? 1 : 2, members, members == 1);
-  const int64_t B = W * 2 * cfg.moe.group_size, local_B = B / W;
-  const int64_t groups = B / cfg.moe.group_size;
-  at::Tensor images = fixed({B, cfg.channels, cfg.image_size, cfg.image_size}, 31);
-  at::Tensor labels = at::arange(B, at::kLong).remainder(cfg.num_classes);
-  auto run = [&](VisionTransformer& model, const at::Tensor& im, const at::Tensor& lb, int64_t first_group) {
-    ForwardContext ctx;
-    ctx.in.train = true;
-    ctx.in.noise_seed = 4;
-    ctx.in.first_group = first_group;
-    ctx.in.total_groups = groups;
-    at::Tensor logits = model->forward(im, ctx);
-    at::Tensor loss = cross_entropy_sum(logits, lb) / static_cast<double>(B) +
-                      ctx.aux_loss / static_cast<double>(members * groups);
-    loss.backward();
-    return std::pair{logits, loss};
-  };
-  SelfCommunicator self;
-  at::manual_seed(1);
-  VisionTransformer ref(cfg, default_placements(cfg, 1), self, 5);
-  at::manual_seed(1);
-  std::vector<Placement> pls;
-  for (size_t l = 0; l < cfg.moe_blocks().size(); ++l) pls.push_back(scattered(8, N));
-  VisionTransformer dist(cfg, pls, c.ep(), 5);
-  auto [ref_logits, ref_loss] = run(ref, images, labels, 0);
-  auto [logits, loss] =
-      run(dist, images.narrow(0, r * local_B, local_B), labels.narrow(0, r * local_B, local_B), r * 2);
-
-  EXPECT_LE(rel_err(logits, ref_logits.narrow(1, r * local_B, local_B)), kTol) << "logits";
-  at::Tensor l = loss.detach().reshape({1}).clone();
-  w.host_comm().all_reduce(l, ReduceOp::Sum);
-  EXPECT_LE(rel_err(l, ref_loss.detach().reshape({1})), kTol) << "loss";
+  const Placement pl = scattered(8, N);
+  auto [ref, dist] = whole_model(c, members, pl);
   auto rn = ref->named_parameters();
   int experts_checked = 0;
   for (const auto& item : dist->named_parameters()) {
@@ -207,7 +216,7 @@ TEST_P(ModelOracle, MatchesSingleProcess) {
         EXPECT_GT(rel_err(own, g), 1e-3) << name << ": the groups' parts are not all the same";
       }
     }
-    const auto& ids = pls[0].local_experts(c.ep_rank());
+    const auto& ids = pl.local_experts(c.ep_rank());
     at::Tensor idx = at::tensor(std::vector<int64_t>(ids.begin(), ids.end()), at::kLong);
     EXPECT_LE(rel_err(g, rg.index_select(0, idx)), kTol) << name;
     ++experts_checked;
@@ -225,43 +234,13 @@ class ReplicaOracle : public ::testing::TestWithParam<std::tuple<int, int>> {};
 
 TEST_P(ReplicaOracle, CopiesSplitTokensAndSumGradients) {
   World& w = *g_world;
-  const int W = w.size(), r = w.rank();
   const auto [N, members] = GetParam();
-  if (W % N != 0) GTEST_SKIP() << N << " does not divide " << W;
+  if (w.size() % N != 0) GTEST_SKIP() << N << " does not divide " << w.size();
   Mesh mesh(w.host_comm(), w.host_comm(), N);
   const Comms c = mesh.comms();
-  const ModelConfig cfg = small_config(8, members > 1 ? 1 : 2, members, members == 1);
-  const int64_t B = W * 2 * cfg.moe.group_size, local_B = B / W;
-  const int64_t groups = B / cfg.moe.group_size;
-  at::Tensor images = fixed({B, cfg.channels, cfg.image_size, cfg.image_size}, 37);
-  at::Tensor labels = at::arange(B, at::kLong).remainder(cfg.num_classes);
-  auto run = [&](VisionTransformer& model, const at::Tensor& im, const at::Tensor& lb, int64_t first_group) {
-    ForwardContext ctx;
-    ctx.in.train = true;
-    ctx.in.noise_seed = 6;
-    ctx.in.first_group = first_group;
-    ctx.in.total_groups = groups;
-    at::Tensor logits = model->forward(im, ctx);
-    at::Tensor loss = cross_entropy_sum(logits, lb) / static_cast<double>(B) +
-                      ctx.aux_loss / static_cast<double>(members * groups);
-    loss.backward();
-    return std::pair{logits, loss};
-  };
-  SelfCommunicator self;
-  at::manual_seed(2);
-  VisionTransformer ref(cfg, default_placements(cfg, 1), self, 7);
-  at::manual_seed(2);
-  std::vector<Placement> pls;
-  for (size_t l = 0; l < cfg.moe_blocks().size(); ++l) pls.push_back(replicated(8, N));
-  ASSERT_TRUE(pls[0].has_replicas());
-  VisionTransformer dist(cfg, pls, c.ep(), 7);
-  auto [ref_logits, ref_loss] = run(ref, images, labels, 0);
-  auto [logits, loss] =
-      run(dist, images.narrow(0, r * local_B, local_B), labels.narrow(0, r * local_B, local_B), r * 2);
-  EXPECT_LE(rel_err(logits, ref_logits.narrow(1, r * local_B, local_B)), kTol) << "logits";
-  at::Tensor l = loss.detach().reshape({1}).clone();
-  w.host_comm().all_reduce(l, ReduceOp::Sum);
-  EXPECT_LE(rel_err(l, ref_loss.detach().reshape({1})), kTol) << "loss";
+  const Placement pl = replicated(8, N);
+  ASSERT_TRUE(pl.has_replicas());
+  auto [ref, dist] = whole_model(c, members, pl);
 
   // The copies of expert 0 (on every rank) each computed part of its tokens only.
   std::map<std::string, at::Tensor> own;
