@@ -19,19 +19,16 @@ double load_imbalance(const std::vector<double>& loads, const std::vector<int>& 
   return mean > 0 ? *std::max_element(per.begin(), per.end()) / mean : 1.0;
 }
 
-double load_imbalance(const std::vector<double>& loads, const std::vector<std::vector<int>>& ranks, int W) {
-  std::vector<double> per(static_cast<size_t>(W), 0.0);
-  double total = 0;
-  for (size_t i = 0; i < loads.size(); ++i) {
-    for (int r : ranks[i]) per[static_cast<size_t>(r)] += loads[i] / static_cast<double>(ranks[i].size());
-    total += loads[i];
-  }
-  const double mean = total / W;
-  return mean > 0 ? *std::max_element(per.begin(), per.end()) / mean : 1.0;
-}
-
 namespace {
 constexpr double kMiB = 1 << 20;
+
+// The largest per-rank load, an expert's load split evenly among its copies.
+double max_rank_load(const std::vector<double>& loads, const std::vector<std::vector<int>>& ranks, int W) {
+  std::vector<double> per(static_cast<size_t>(W), 0.0);
+  for (size_t i = 0; i < loads.size(); ++i)
+    for (int r : ranks[i]) per[static_cast<size_t>(r)] += loads[i] / static_cast<double>(ranks[i].size());
+  return *std::max_element(per.begin(), per.end());
+}
 
 // Packs the copies (copies[e] of expert e) on W ranks, at most max_copies per rank,
 // largest load per copy first, each to the least loaded rank with room that holds
@@ -64,14 +61,14 @@ std::vector<std::vector<int>> pack_copies(const std::vector<double>& loads, cons
   }
   return out;
 }
-
-double max_rank_load(const std::vector<double>& loads, const std::vector<std::vector<int>>& ranks, int W) {
-  std::vector<double> per(static_cast<size_t>(W), 0.0);
-  for (size_t i = 0; i < loads.size(); ++i)
-    for (int r : ranks[i]) per[static_cast<size_t>(r)] += loads[i] / static_cast<double>(ranks[i].size());
-  return *std::max_element(per.begin(), per.end());
-}
 }  // namespace
+
+double load_imbalance(const std::vector<double>& loads, const std::vector<std::vector<int>>& ranks, int W) {
+  double total = 0;
+  for (double x : loads) total += x;
+  const double mean = total / W;
+  return mean > 0 ? max_rank_load(loads, ranks, W) / mean : 1.0;
+}
 
 std::vector<std::vector<int>> replicated_placement(const std::vector<double>& loads,
                                                    const std::vector<int>& current_rank, int W, int max_copies,
