@@ -74,7 +74,7 @@ TEST(Cli, BadKernelModeIsAUserError) {
 }
 
 TEST(Cli, TopKLargerThanExperts) {
-  expect_user_error("forward --set model.moe.top_k=9", 2, "model.moe.top_k=9 must be <=");
+  expect_user_error("forward --set model.moe.top_k=17", 2, "model.moe.top_k=17 must be <=");
 }
 
 TEST(Cli, ExpertsNotDivisibleByMembers) {
@@ -109,14 +109,16 @@ TEST(Cli, MissingConfigFile) {
 
 TEST(Cli, MissingDataFiles) {
   moeprune::test::TempDir out("cli");
-  expect_user_error("pretrain --set data.root=/nonexistent/fmnist --set output.dir=" + out.path(), 2,
+  expect_user_error(std::string("pretrain --config ") + MOEPRUNE_SOURCE_DIR +
+                        "/configs/vmoe-tiny-fmnist.yaml --set data.root=/nonexistent/fmnist --set output.dir=" + out.path(),
+                    2,
                     "found in '/nonexistent/fmnist'");
 }
 
 TEST(Cli, ClassOutsideTheDataset) {
   moeprune::test::TempDir out("cli");
   expect_user_error("pretrain --set pretrain.classes=[3,12] --set output.dir=" + out.path(), 2,
-                    "pretrain.classes has class 12, but fashion_mnist/train has classes 0..9");
+                    "pretrain.classes has class 12, but planted has classes 0..7");
 }
 
 TEST(Cli, BatchNotDivisibleByRanks) {

@@ -21,6 +21,9 @@ struct MoeConfig {
   int last = 0;                   // or: MoE in the last `last` odd blocks (0 = off)
   double capacity_factor = 1.05;  // capacity = ceil(S*k*cf/E) rounded up to a multiple of 4
   double noise_std = 1.0;         // router noise std is noise_std / E, training only
+  // Std of the router kernel's initial values; 0 = vmoe's (flax's default
+  // lecun_normal for the router Dense: 1/sqrt(hidden)).
+  double router_init_std = 0.0;
   bool bpr = false;               // Batch Prioritized Routing
   int group_size = 8;             // images per routing group
   double importance_loss_weight = 0.005;
@@ -81,6 +84,11 @@ struct DataConfig {
   int planted_test = 1024;
   int planted_patches = 2;        // patches that carry the label feature
   double planted_noise = 0.5;     // std of the noise in every patch
+  int planted_tasks = 1;          // binary tasks with their own label features: classes 2t, 2t+1
+  // > 0: each task is a lookup of K prototypes (random directions in a subspace of
+  // the task's own, each with a random label bit) instead of the signed label feature.
+  int planted_prototypes = 0;
+  int64_t planted_seed = -1;      // seed of the generated images (-1 = the job seed)
   // Pixel codes (core/pixel_code.h): K codes turn the data set into K domains of its
   // C classes; class d * C + c is class c seen through code d (empty = the data set as is).
   std::vector<std::string> domains;

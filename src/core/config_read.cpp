@@ -122,6 +122,7 @@ void read_moe(MapReader r, MoeConfig& m) {
   r.get("last", m.last);
   r.get("capacity_factor", m.capacity_factor);
   r.get("noise_std", m.noise_std);
+  r.get("router_init_std", m.router_init_std);
   r.get("bpr", m.bpr);
   r.get("group_size", m.group_size);
   r.get("importance_loss_weight", m.importance_loss_weight);
@@ -157,6 +158,9 @@ void read_data(MapReader r, DataConfig& d) {
   r.get("planted_test", d.planted_test);
   r.get("planted_patches", d.planted_patches);
   r.get("planted_noise", d.planted_noise);
+  r.get("planted_tasks", d.planted_tasks);
+  r.get("planted_prototypes", d.planted_prototypes);
+  r.get("planted_seed", d.planted_seed);
   r.get("domains", d.domains);
   MapReader a = r.sub("augment");
   a.get("crop_padding", d.augment.crop_padding);

@@ -95,6 +95,8 @@ void validate(const JobConfig& cfg) {
   require(e.capacity_factor > 0,
           concat("config: model.moe.capacity_factor=", e.capacity_factor, " must be > 0"));
   require(e.noise_std >= 0, concat("config: model.moe.noise_std=", e.noise_std, " must be >= 0"));
+  require(e.router_init_std >= 0,
+          concat("config: model.moe.router_init_std=", e.router_init_std, " must be >= 0 (0 = vmoe's 1/sqrt(hidden))"));
   require(e.importance_loss_weight >= 0 && e.load_loss_weight >= 0,
           "config: model.moe.importance_loss_weight and load_loss_weight must be >= 0");
   const DataConfig& d = cfg.data;
@@ -116,6 +118,13 @@ void validate(const JobConfig& cfg) {
           "config: data.domains applies to image data sets, not to the synthetic planted task");
   require(d.planted_train > 0 && d.planted_test > 0 && d.planted_patches > 0 && d.planted_noise >= 0,
           "config: data.planted_* must be positive (noise >= 0)");
+  require(d.dataset != DatasetKind::Planted ||
+              (d.planted_tasks >= 1 && 2 * d.planted_tasks + 2 <= m.patch_size * m.patch_size),
+          concat("config: data.planted_tasks=", d.planted_tasks, " needs 2 * tasks + 2 = ", 2 * d.planted_tasks + 2,
+                 " orthonormal features within a patch of model.patch_size^2 = ", m.patch_size * m.patch_size,
+                 " pixels (and tasks >= 1)"));
+  require(d.planted_prototypes >= 0,
+          concat("config: data.planted_prototypes=", d.planted_prototypes, " must be >= 0 (0 = the signed label feature)"));
   require(cfg.checkpoint.every >= 0, concat("config: checkpoint.every=", cfg.checkpoint.every, " must be >= 0"));
   require(cfg.checkpoint.keep >= 1, concat("config: checkpoint.keep=", cfg.checkpoint.keep, " must be >= 1"));
   require(cfg.runtime.threads >= 0, concat("config: runtime.threads=", cfg.runtime.threads, " must be >= 0"));

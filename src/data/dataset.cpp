@@ -142,27 +142,61 @@ std::shared_ptr<TensorDataset> read_cifar100(const std::string& root, const std:
 }
 
 std::shared_ptr<TensorDataset> make_planted(int64_t n, int image_size, int patch_size, int patches, double noise,
-                                            uint64_t seed, int channels) {
+                                            uint64_t seed, int channels, int tasks, int prototypes) {
   const int side = image_size / patch_size, P = side * side, D = patch_size * patch_size;
   TORCH_CHECK(patches <= P, "planted: more planted patches than patches");
-  // Features are fixed by a seed of their own: train and test share them.
+  TORCH_CHECK(tasks >= 1 && 2 * tasks + 2 <= D, "planted: ", tasks, " tasks need ", 2 * tasks + 2,
+              " orthonormal features, a patch has ", D, " pixels");
+  // Features are fixed by a seed of their own: train and test share them. Rows
+  // 0..2T-1: the label features (task t: 2t, 2t+1); 2T, 2T+1: the distractors.
   auto fgen = at::make_generator<at::CPUGeneratorImpl>(12345);
-  at::Tensor feats = std::get<0>(at::linalg_qr(at::randn({D, 4}, fgen))).t().contiguous();  // 4 orthonormal patterns: 2 label, 2 distractor
+  at::Tensor feats = std::get<0>(at::linalg_qr(at::randn({D, 2 * tasks + 2}, fgen))).t().contiguous();
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   at::Tensor x = at::randn({n, P, D}, gen) * noise;
   at::Tensor y = at::randint(2, {n}, gen, at::TensorOptions().dtype(at::kLong));
   at::Tensor distract = at::randint(2, {n, P}, gen, at::TensorOptions().dtype(at::kLong));  // which distractor
   at::Tensor on = at::rand({n, P}, gen) < 0.5;
-  x += (feats.index_select(0, distract.flatten() + 2).reshape({n, P, D}) * on.unsqueeze(2)) * 2.0;
+  x += (feats.index_select(0, distract.flatten() + 2 * tasks).reshape({n, P, D}) * on.unsqueeze(2)) * 2.0;
   // The label feature appears with a random sign, so no linear read-out of the
   // patches separates the classes: the nonlinear layers (the experts) must.
   at::Tensor sign = at::randint(2, {n}, gen, at::TensorOptions().dtype(at::kLong)) * 2 - 1;
-  for (int64_t i = 0; i < n; ++i) {
-    at::Tensor where = at::randperm(P, gen, at::TensorOptions().dtype(at::kLong)).narrow(0, 0, patches);
-    at::Tensor row = x[i];
-    row.index_copy_(0, where,
-                    feats[y[i].item<int64_t>()].unsqueeze(0).expand({patches, D}) * (4.0 * sign[i].item<double>()) +
-                        at::randn({patches, D}, gen) * noise);
+  // Several tasks: each image belongs to one, its label is 2 * task + y (drawn only
+  // when tasks > 1, so that one task is the same stream as before).
+  if (tasks > 1) y += at::randint(tasks, {n}, gen, at::TensorOptions().dtype(at::kLong)) * 2;
+  if (prototypes > 0) {
+    // The lookup task: task t's K prototypes are random unit vectors in a subspace of
+    // its own (d rows of an orthonormal basis, d = (D - 2) / T), each with a random
+    // label bit; an image carries one of its task's prototypes. The label of a
+    // prototype is a random function of its direction, so no linear read-out of the
+    // patch learns it: a per-token nonlinear lookup, the MLPs' (the experts') kind of
+    // work (attention alone learns it only in part: docs/results.md), and tasks live
+    // in separate subspaces a router can tell apart.
+    const int d = (D - 2) / tasks;
+    auto pgen = at::make_generator<at::CPUGeneratorImpl>(777);
+    at::Tensor basis = std::get<0>(at::linalg_qr(at::randn({D, D}, pgen))).t().contiguous();
+    at::Tensor coef = at::randn({tasks, prototypes, d}, pgen);
+    coef = coef / coef.norm(2, {2}, true);
+    at::Tensor bits = at::randint(2, {tasks, prototypes}, pgen, at::TensorOptions().dtype(at::kLong));
+    std::vector<at::Tensor> per_task;
+    for (int t = 0; t < tasks; ++t) per_task.push_back(at::matmul(coef[t], basis.narrow(0, d * t, d)));
+    const at::Tensor proto = at::stack(per_task);  // [T, K, D]
+    const at::Tensor task = y.div(2, "floor");
+    const at::Tensor which = at::randint(prototypes, {n}, gen, at::TensorOptions().dtype(at::kLong));
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t t = task[i].item<int64_t>(), k = which[i].item<int64_t>();
+      y[i] = 2 * t + bits[t][k].item<int64_t>();
+      at::Tensor where = at::randperm(P, gen, at::TensorOptions().dtype(at::kLong)).narrow(0, 0, patches);
+      x[i].index_copy_(0, where,
+                       proto[t][k].unsqueeze(0).expand({patches, D}) * 4.0 + at::randn({patches, D}, gen) * noise);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      at::Tensor where = at::randperm(P, gen, at::TensorOptions().dtype(at::kLong)).narrow(0, 0, patches);
+      at::Tensor row = x[i];
+      row.index_copy_(0, where,
+                      feats[y[i].item<int64_t>()].unsqueeze(0).expand({patches, D}) * (4.0 * sign[i].item<double>()) +
+                          at::randn({patches, D}, gen) * noise);
+    }
   }
   // [n, P, D] -> image [n, 1, S, S], quantised to uint8 around 128.
   at::Tensor img = x.reshape({n, side, side, patch_size, patch_size}).permute({0, 1, 3, 2, 4})
@@ -170,7 +204,7 @@ std::shared_ptr<TensorDataset> make_planted(int64_t n, int image_size, int patch
   img = (img * 24.0 + 128.0).round().clamp(0, 255).to(at::kByte);
   if (channels > 1) img = img.expand({n, channels, image_size, image_size});
   std::vector<int64_t> labels(y.data_ptr<int64_t>(), y.data_ptr<int64_t>() + n);
-  return std::make_shared<TensorDataset>(img.contiguous(), std::move(labels), 2, "planted");
+  return std::make_shared<TensorDataset>(img.contiguous(), std::move(labels), 2 * tasks, "planted");
 }
 
 namespace {
@@ -299,7 +333,8 @@ std::shared_ptr<Dataset> base_dataset(const JobConfig& cfg, SplitPart part) {
   }
   // planted: test uses another seed than train.
   return make_planted(train ? d.planted_train : d.planted_test, cfg.model.image_size, cfg.model.patch_size,
-                      d.planted_patches, d.planted_noise, cfg.seed * 2 + (train ? 1 : 2), cfg.model.channels);
+                      d.planted_patches, d.planted_noise, (d.planted_seed >= 0 ? static_cast<uint64_t>(d.planted_seed) : cfg.seed) * 2 + (train ? 1 : 2),
+                      cfg.model.channels, d.planted_tasks, d.planted_prototypes);
 }
 
 }  // namespace

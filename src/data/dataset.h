@@ -55,8 +55,13 @@ std::shared_ptr<TensorDataset> read_cifar100(const std::string& root, const std:
 // `patches` random patches; every patch also carries a shared distractor feature
 // half of the time, and Gaussian noise. Deterministic in seed. channels > 1: the grey
 // image repeated in every channel (for models with RGB patch embeddings).
+// tasks > 1: each image belongs to one of `tasks` binary tasks with label features
+// of their own, labelled 2 * task + class (2 * tasks classes): a broad source task
+// whose tasks a narrow downstream task (two of the classes) can be cut from.
+// prototypes > 0: each task is a lookup of that many prototypes (random directions
+// in a subspace of the task's own, each with a random label bit) instead.
 std::shared_ptr<TensorDataset> make_planted(int64_t n, int image_size, int patch_size, int patches, double noise,
-                                            uint64_t seed, int channels = 1);
+                                            uint64_t seed, int channels = 1, int tasks = 1, int prototypes = 0);
 // The dataset named by cfg.data holding `part`: the training file for train and val, the test file for test.
 std::shared_ptr<Dataset> load_dataset(const JobConfig& cfg, SplitPart part);
 

@@ -44,7 +44,7 @@ MoeLayerImpl::MoeLayerImpl(const ModelConfig& cfg, int layer, Placement placemen
     for (int64_t s2 : col_slot) alive += s2 >= 0;
     require(alive >= m.top_k, concat("MoE layer ", layer, ": E3 member ", mem, " keeps ", alive,
                                      " experts, fewer than top_k=", m.top_k));
-    RouterOptions ro{static_cast<int>(col_slot.size()), m.top_k, m.capacity_factor, m.noise_std, m.bpr};
+    RouterOptions ro{static_cast<int>(col_slot.size()), m.top_k, m.capacity_factor, m.noise_std, m.bpr, m.router_init_std};
     routers->push_back(Router(cfg.hidden, ro));
     column_slot_.push_back(register_buffer(concat("column_slot_", mem), at::tensor(col_slot, at::kLong)));
   }

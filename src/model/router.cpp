@@ -72,7 +72,9 @@ at::Tensor load_loss(const at::Tensor& logits, const at::Tensor& noisy_logits, d
 }
 
 RouterImpl::RouterImpl(int hidden, RouterOptions opts) : opts_(opts) {
-  weight = register_parameter("weight", at::randn({hidden, opts.num_experts}) * 0.02);
+  // vmoe's router is a flax Dense with its default kernel init, lecun_normal: std 1/sqrt(fan_in).
+  const double init_std = opts.init_std > 0 ? opts.init_std : 1.0 / std::sqrt(static_cast<double>(hidden));
+  weight = register_parameter("weight", at::randn({hidden, opts.num_experts}) * init_std);
 }
 
 Routing RouterImpl::forward(const at::Tensor& x, bool train, const std::vector<uint64_t>& noise_seeds,

@@ -19,6 +19,7 @@ struct RouterOptions {
   double capacity_factor = 1.05;
   double noise_std = 1.0;  // the noise std is noise_std / num_experts
   bool bpr = false;
+  double init_std = 0;  // std of the initial kernel; 0 = 1/sqrt(hidden) (vmoe: flax lecun_normal)
 };
 
 // What the router decided for N = G*S tokens (G groups of S tokens).
