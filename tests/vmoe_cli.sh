@@ -20,7 +20,9 @@ FX="$SRC/../shared/fixtures/vmoe"
 [ -f "$FX/vmoe-tiny-every2/ckpt.index" ] || fail "fixtures missing: $FX (shared/ must be beside the checkout)"
 # Routing settings of the fixtures (their config.json): capacity factor 1.5, groups of
 # 2 images (vmoe's group_size 34 tokens = 2 x 17; E3: 68 = 2 x 17 x 2 members).
-ROUTE=(--set model.moe.capacity_factor=1.5 --set model.moe.group_size=2)
+# vmoe's checkpoint files do not record k: it comes from the job config (top-2 here,
+# the embedded default's top-1 otherwise; E3's loop below sets 1).
+ROUTE=(--set model.moe.capacity_factor=1.5 --set model.moe.group_size=2 --set model.moe.top_k=2)
 TOL=1e-5   # float32 throughout; the smallest semantic mistake (erf-GELU) shows as 2.3e-4
 
 # 1. vmoe's logits on 1, 2 and 4 ranks.
