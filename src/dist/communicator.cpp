@@ -121,6 +121,37 @@ int copy_self_blocks(const at::Tensor& send, const std::vector<RowBlock>& send_b
   return copies;
 }
 
+bool check_exchange_blocks(const Communicator& comm, int64_t send_rows, const std::vector<RowBlock>& send_blocks,
+                           const at::Tensor& recv, const std::vector<RowBlock>& recv_blocks) {
+  bool any = false;
+  const auto check = [&](const std::vector<RowBlock>& blocks, int64_t rows, const char* side) {
+    for (const RowBlock& b : blocks) {
+      if (b.peer < 0 || b.peer >= comm.size() || b.peer == comm.rank() || b.rows < 0 || b.offset < 0 ||
+          b.offset + b.rows > rows || b.rows > INT_MAX)
+        throw std::invalid_argument(concat("exchange_blocks: ", side, " block {peer ", b.peer, ", offset ", b.offset,
+                                           ", rows ", b.rows, "} is not a block of another of ", comm.size(),
+                                           " ranks than ", comm.rank(), " inside ", rows, " rows"));
+      any = any || b.rows > 0;
+    }
+  };
+  check(send_blocks, send_rows, "send");
+  check(recv_blocks, recv.dim() ? recv.size(0) : 0, "receive");
+  return any;
+}
+
+void Communicator::exchange_blocks(const at::Tensor& src, const at::Tensor& rows,
+                                   const std::vector<RowBlock>& send_blocks, at::Tensor& recv,
+                                   const std::vector<RowBlock>& recv_blocks, const std::function<void()>& meanwhile) {
+  const int64_t send_rows = rows.defined() ? rows.size(0) : src.size(0);
+  if (check_exchange_blocks(*this, send_rows, send_blocks, recv, recv_blocks)) {
+    const at::Tensor payload = rows.defined() ? src.index_select(0, rows) : src;
+    const at::Tensor got = all_to_all_blocks(payload, send_blocks, recv.size(0), recv_blocks);
+    for (const RowBlock& b : recv_blocks)
+      if (b.rows) recv.narrow(0, b.offset, b.rows).copy_(got.narrow(0, b.offset, b.rows));
+  }
+  if (meanwhile) meanwhile();
+}
+
 // ---------------------------------------------------------------------------
 at::Tensor SelfCommunicator::all_to_all_blocks(const at::Tensor& send, const std::vector<RowBlock>& send_blocks,
                                                int64_t recv_rows, const std::vector<RowBlock>& recv_blocks) {
@@ -229,6 +260,83 @@ at::Tensor MpiCommunicator::all_to_all_blocks(const at::Tensor& send_in, const s
   mpi_check(rc, "all_to_all_blocks (Isend/Irecv/Waitall)");
   if (self_error) std::rethrow_exception(self_error);
   return recv;
+}
+
+void MpiCommunicator::exchange_blocks(const at::Tensor& src, const at::Tensor& rows,
+                                      const std::vector<RowBlock>& send_blocks, at::Tensor& recv,
+                                      const std::vector<RowBlock>& recv_blocks, const std::function<void()>& meanwhile) {
+  TORCH_CHECK(src.device().is_cpu() && recv.device().is_cpu(), "MpiCommunicator::exchange_blocks needs CPU tensors");
+  TORCH_CHECK(src.dim() >= 1 && src.is_contiguous() && recv.is_contiguous() && src.dtype() == recv.dtype() &&
+                  row_bytes(src) == row_bytes(recv),
+              "MpiCommunicator::exchange_blocks: src and recv must be contiguous with rows of the same type and size");
+  TORCH_CHECK(!rows.defined() || (rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous() &&
+                                  rows.device().is_cpu() && src.size(0) <= INT_MAX),
+              "MpiCommunicator::exchange_blocks: rows must be a contiguous int64 CPU vector over < 2^31 source rows");
+  const int64_t send_rows = rows.defined() ? rows.size(0) : src.size(0);
+  const int64_t rb = row_bytes(src);
+  if (!check_exchange_blocks(*this, send_rows, send_blocks, recv, recv_blocks) || rb == 0) {
+    if (meanwhile) meanwhile();
+    return;
+  }
+  // Every gathered index is checked before anything is posted (MPI would read past
+  // src; failing half-way would leave the peers waiting).
+  const int64_t* idx = rows.defined() ? rows.data_ptr<int64_t>() : nullptr;
+  const int64_t src_rows = src.size(0);
+  if (idx)
+    for (const RowBlock& b : send_blocks)
+      for (int64_t i = b.offset; i < b.offset + b.rows; ++i)
+        if (idx[i] < 0 || idx[i] >= src_rows)
+          throw std::invalid_argument(concat("exchange_blocks: row index ", idx[i], " outside the ", src_rows,
+                                             " source rows"));
+  MPI_Datatype row;
+  mpi_check(MPI_Type_contiguous(static_cast<int>(rb), MPI_BYTE, &row), "Type_contiguous");
+  mpi_check(MPI_Type_commit(&row), "Type_commit");
+  constexpr int kTag = 0x6d71;  // private to this exchange
+  const auto* sbase = static_cast<const char*>(src.data_ptr());
+  auto* rbase = static_cast<char*>(recv.data_ptr());
+  std::vector<MPI_Request> req;
+  std::vector<MPI_Datatype> gathered;  // one indexed type per send block of gathered rows
+  req.reserve(send_blocks.size() + recv_blocks.size());
+  int rc = MPI_SUCCESS;
+  for (const RowBlock& b : recv_blocks) {
+    if (b.rows == 0) continue;
+    req.emplace_back();
+    rc = MPI_Irecv(rbase + b.offset * rb, static_cast<int>(b.rows), row, b.peer, kTag, comm_, &req.back());
+    if (rc != MPI_SUCCESS) break;
+  }
+  std::vector<int> displ;
+  for (const RowBlock& b : send_blocks) {
+    if (rc != MPI_SUCCESS || b.rows == 0) continue;
+    if (!idx) {
+      req.emplace_back();
+      rc = MPI_Isend(sbase + b.offset * rb, static_cast<int>(b.rows), row, b.peer, kTag, comm_, &req.back());
+      continue;
+    }
+    // The rows go out through an indexed datatype over src: MPI reads them where
+    // they are, no packed copy of ours.
+    displ.resize(static_cast<size_t>(b.rows));
+    for (int64_t i = 0; i < b.rows; ++i) displ[static_cast<size_t>(i)] = static_cast<int>(idx[b.offset + i]);
+    MPI_Datatype t;
+    rc = MPI_Type_create_indexed_block(static_cast<int>(b.rows), 1, displ.data(), row, &t);
+    if (rc == MPI_SUCCESS) rc = MPI_Type_commit(&t);
+    if (rc != MPI_SUCCESS) break;
+    gathered.push_back(t);
+    req.emplace_back();
+    rc = MPI_Isend(sbase, 1, t, b.peer, kTag, comm_, &req.back());
+  }
+  std::exception_ptr local_error;
+  try {
+    if (rc == MPI_SUCCESS && meanwhile) meanwhile();
+  } catch (...) {
+    local_error = std::current_exception();  // after the wait: no request is left pending
+  }
+  // Posted requests are completed even after a failure, so that no buffer is left in use.
+  const int wrc = MPI_Waitall(static_cast<int>(req.size()), req.data(), MPI_STATUSES_IGNORE);
+  if (rc == MPI_SUCCESS) rc = wrc;
+  for (MPI_Datatype& t : gathered) MPI_Type_free(&t);
+  MPI_Type_free(&row);
+  mpi_check(rc, "exchange_blocks (Isend/Irecv/Waitall)");
+  if (local_error) std::rethrow_exception(local_error);
 }
 
 std::vector<int64_t> MpiCommunicator::exchange_counts(const std::vector<int64_t>& send, int block) {

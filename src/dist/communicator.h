@@ -7,6 +7,7 @@
 #include <mpi.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -49,6 +50,19 @@ class Communicator {
   // [recv_rows, ...]; rows no receive block covers are zero.
   virtual at::Tensor all_to_all_blocks(const at::Tensor& send, const std::vector<RowBlock>& send_blocks,
                                        int64_t recv_rows, const std::vector<RowBlock>& recv_blocks) = 0;
+  // The exchange of all_to_all_blocks between distinct ranks only, into a buffer
+  // the caller owns, gathering the payload on the way, with local work in flight:
+  // send block b carries src rows rows[b.offset .. b.offset + b.rows) (rows
+  // undefined: src rows b.offset ..), receive block b fills recv rows [b.offset,
+  // b.offset + b.rows); rows no block covers are left as they are. Blocks with
+  // peer == rank() are refused: the caller moves its own rows in `meanwhile`, which
+  // runs while the other ranks' rows are in flight where the backend allows (MPI:
+  // after posting, before waiting; the others: after the exchange). Pairing as in
+  // all_to_all_blocks. MPI sends gathered rows through an indexed datatype (no
+  // packing pass of ours); the default gathers with index_select first.
+  virtual void exchange_blocks(const at::Tensor& src, const at::Tensor& rows, const std::vector<RowBlock>& send_blocks,
+                               at::Tensor& recv, const std::vector<RowBlock>& recv_blocks,
+                               const std::function<void()>& meanwhile);
   // send: `block` int64 values per destination rank (size()*block values);
   // returns the `block` values each source rank sent here (size()*block values).
   // Always a host-side exchange: split sizes are needed on the host.
@@ -104,6 +118,9 @@ class MpiCommunicator final : public Communicator {
                         const std::vector<int64_t>& recv_splits) override;
   at::Tensor all_to_all_blocks(const at::Tensor& send, const std::vector<RowBlock>& send_blocks, int64_t recv_rows,
                                const std::vector<RowBlock>& recv_blocks) override;
+  void exchange_blocks(const at::Tensor& src, const at::Tensor& rows, const std::vector<RowBlock>& send_blocks,
+                       at::Tensor& recv, const std::vector<RowBlock>& recv_blocks,
+                       const std::function<void()>& meanwhile) override;
   std::vector<int64_t> exchange_counts(const std::vector<int64_t>& send, int block) override;
   void all_reduce(at::Tensor& t, ReduceOp op) override;
   std::unique_ptr<PendingCollective> all_reduce_start(at::Tensor& t, ReduceOp op) override;
@@ -123,6 +140,12 @@ class MpiCommunicator final : public Communicator {
 // receive buffer (zeros where no receive block writes, uninitialised elsewhere).
 at::Tensor check_blocks_alloc(const Communicator& comm, const at::Tensor& send, const std::vector<RowBlock>& send_blocks,
                               int64_t recv_rows, const std::vector<RowBlock>& recv_blocks);
+
+// Checks the blocks of exchange_blocks: peers in range and never `self`, send
+// blocks inside `send_rows` rows, receive blocks inside recv's rows, at most 2^31
+// rows per block. Returns whether any block carries rows.
+bool check_exchange_blocks(const Communicator& comm, int64_t send_rows, const std::vector<RowBlock>& send_blocks,
+                           const at::Tensor& recv, const std::vector<RowBlock>& recv_blocks);
 
 // Bytes of one row (dim 0) of t: the unit all-to-alls move.
 int64_t row_bytes(const at::Tensor& t);

@@ -6,7 +6,9 @@
 // TokenDispatcher is the interface; two backends implement it:
 //   TorchDispatcher   PyTorch ops (index_select, index_add, sort): the reference.
 //   KernelDispatcher  the kernels of kernels/ (top-k, capacity, permute,
-//                     unpermute + combine): CUDA grids on GPUs, their host path on CPUs.
+//                     unpermute + combine): CUDA grids on GPUs; on CPUs their host
+//                     path for top-k and capacity, and the direct exchange
+//                     (model/direct_exchange.h) for moving rows.
 // Both share the plan (send order, count exchange, blocks) and the block
 // all-to-all, so they differ only in the local steps. make_dispatcher() picks one
 // from runtime.dispatcher (auto | torch | kernels) and the device.
@@ -59,6 +61,7 @@ struct DispatchPlan {
   std::vector<int64_t> expert_counts;  // rows per local expert, local order
   int64_t recv_rows = 0;
   int64_t num_tokens = 0;
+  int64_t top_k = 0;  // choices per token (choice = n * top_k + j)
 };
 
 class TokenDispatcher : public SlotSelector {
@@ -110,9 +113,9 @@ class KernelDispatcher final : public TokenDispatcher {
   at::Tensor combine(const at::Tensor& y, const DispatchPlan& plan) const override;
 };
 
-// The backend for `kind` on `device`: auto = kernels on a CUDA device they were
-// built for, torch ops elsewhere; kernels = the kernels (host path on CPUs), or
-// torch ops with one warning on a GPU they were not built for; torch = torch ops.
+// The backend for `kind` on `device`: auto = kernels on CPUs and on a CUDA device
+// they were built for, torch ops on other GPUs; kernels = the kernels, or torch
+// ops with one warning on a GPU they were not built for; torch = torch ops.
 std::unique_ptr<TokenDispatcher> make_dispatcher(DispatcherKind kind, c10::Device device, Communicator& comm,
                                                  const Placement& placement);
 

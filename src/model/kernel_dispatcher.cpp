@@ -1,8 +1,11 @@
 // The kernels backend of TokenDispatcher (model/dispatcher.h): top-k and capacity
 // slots by the kernels' two-pass assignment, permute and unpermute + combine by
 // the fused operations of model/fused_dispatch.h (CUDA grids on GPUs, the same
-// element functions in host loops on CPUs).
+// element functions in host loops on CPUs). On CPUs, dispatch and combine move
+// the rows by the direct exchange (model/direct_exchange.h) instead: the rank's
+// own rows never pass through an exchange buffer.
 #include "model/dispatcher.h"
+#include "model/direct_exchange.h"
 #include "model/fused_dispatch.h"
 
 namespace moeprune {
@@ -34,15 +37,18 @@ Selection KernelDispatcher::select(const at::Tensor& probs, int k, int64_t capac
 std::unique_ptr<DispatchPlan> KernelDispatcher::plan(const RoutedChoices& c) const {
   auto p = std::make_unique<KernelPlan>();
   fill_plan(c, *p);
-  p->send_row_of = inverse_rows(p->choice, p->num_tokens, c.expert.size(1));
+  if (!c.expert.is_cpu())  // the direct exchange of the CPU path needs no inverse
+    p->send_row_of = inverse_rows(p->choice, p->num_tokens, c.expert.size(1));
   return p;
 }
 
 at::Tensor KernelDispatcher::dispatch(const at::Tensor& x, const DispatchPlan& p) const {
+  if (x.is_cpu()) return direct_dispatch(x, p, *comm_);
   return send(permute_rows_autograd(x, p.token, kernel_plan(p).send_row_of), p);
 }
 
 at::Tensor KernelDispatcher::combine(const at::Tensor& y, const DispatchPlan& p) const {
+  if (y.is_cpu()) return direct_combine(y, p, *comm_);
   return combine_autograd(send_back(y, p), p.gate, p.token, kernel_plan(p).send_row_of);
 }
 
