@@ -87,9 +87,23 @@ VisionTransformerImpl::VisionTransformerImpl(const ModelConfig& cfg, const std::
   torch::nn::init::zeros_(head->bias);
 }
 
+at::Tensor VisionTransformerImpl::embed_patches(const at::Tensor& images) const {
+  // The convolution with stride = kernel = patch, computed as one GEMM over the
+  // flattened patches: the same sums (in another order), far cheaper on CPUs
+  // (V-MoE S/32, 16 images, 2 threads: forward + backward 47 -> 26 ms in float32,
+  // 186 -> 17 ms in bf16, where oneDNN's strided convolution backward is slow).
+  // The weights keep the convolution's layout [H, C, p, p] (checkpoints, importer).
+  const int64_t B = images.size(0), C = images.size(1), p = cfg_.patch_size;
+  const at::Tensor patches = images.unfold(2, p, p).unfold(3, p, p);  // [B, C, nh, nw, p, p]
+  const int64_t nh = patches.size(2), nw = patches.size(3);
+  const at::Tensor rows = patches.permute({0, 2, 3, 1, 4, 5}).reshape({B * nh * nw, C * p * p});
+  const at::Tensor& w = patch_embed->weight;
+  return at::linear(rows, w.reshape({w.size(0), -1}), patch_embed->bias).reshape({B, nh * nw, w.size(0)});
+}
+
 at::Tensor VisionTransformerImpl::forward(const at::Tensor& images, ForwardContext& ctx) {
   const int64_t B = images.size(0);
-  at::Tensor x = patch_embed->forward(images).flatten(2).transpose(1, 2);  // [B, P, H]
+  at::Tensor x = embed_patches(images);  // [B, P, H]
   x = at::cat({cls_token.expand({B, 1, cfg_.hidden}), x}, 1) + pos_embed;
   const int M = cfg_.moe.ensemble_size;
   bool repeated = M == 1;

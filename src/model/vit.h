@@ -58,7 +58,7 @@ class VisionTransformerImpl : public torch::nn::Module {
   // Parameters of the experts this rank holds.
   std::vector<at::Tensor> expert_parameters() const;
 
-  torch::nn::Conv2d patch_embed{nullptr};
+  torch::nn::Conv2d patch_embed{nullptr};  // its weights; applied as one GEMM over patches (embed_patches)
   at::Tensor cls_token, pos_embed;
   torch::nn::ModuleList blocks{nullptr};
   torch::nn::LayerNorm norm{nullptr};
@@ -66,6 +66,9 @@ class VisionTransformerImpl : public torch::nn::Module {
   torch::nn::Linear head{nullptr};
 
  private:
+  // images [B, C, H, W] -> [B, patches, hidden]: patch_embed's convolution.
+  at::Tensor embed_patches(const at::Tensor& images) const;
+
   ModelConfig cfg_;
   MoeRuntime runtime_;
 };
