@@ -65,6 +65,10 @@ class Optimizer final : public StateOwner {
   void load_state(const StateReader& in) override;
 
  private:
+  // The update of one float32 CPU parameter in one pass (step() on CPUs).
+  void update_fused(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m1, const at::Tensor& m2,
+                    double scale, double lr) const;
+
   PhaseConfig cfg_;
   std::vector<ParamSlot> slots_;
   int64_t steps_ = 0;
