@@ -119,6 +119,56 @@ TEST(Comm, AllToAllBlocksPlacesRowsWhereAsked) {
   EXPECT_THROW(comm.all_to_all_blocks(send, {{W, 0, 1}}, 0, {}), std::invalid_argument);
 }
 
+// exchange_blocks: the rows other ranks receive are the gathered source rows (MPI:
+// through an indexed datatype), exactly what index_select + all_to_all_blocks
+// deliver; the local work runs once; the rank's own blocks are refused, as is a
+// row index outside the source, before anything is posted (no rank waits).
+TEST(Comm, ExchangeBlocksGathersRowsForOtherRanks) {
+  auto& comm = g_world->host_comm();
+  const int W = comm.size(), me = comm.rank();
+  const int64_t H = 5, N = 40;
+  at::Tensor src = at::arange(N * H, at::kFloat).reshape({N, H}) + 1000.f * me;
+  // To every other rank d: block i of block_rows(me, d, i) rows, drawn from src in a scrambled order.
+  std::vector<RowBlock> send_blocks, recv_blocks, peer_send, peer_recv;
+  std::vector<int64_t> rows;
+  for (int d = 0; d < W; ++d)
+    for (int i = 0; i < 3; ++i) {
+      const int64_t n = block_rows(me, d, i);
+      send_blocks.push_back({d, static_cast<int64_t>(rows.size()), n});
+      if (d != me) peer_send.push_back(send_blocks.back());
+      for (int64_t j = 0; j < n; ++j) rows.push_back((7 * static_cast<int64_t>(rows.size()) + 3 * d + i) % N);
+    }
+  int64_t off = 0;
+  for (int s = 0; s < W; ++s)
+    for (int i = 0; i < 3; ++i) {
+      recv_blocks.push_back({s, off, block_rows(s, me, i)});
+      if (s != me) peer_recv.push_back(recv_blocks.back());
+      off += recv_blocks.back().rows;
+    }
+  const at::Tensor index = at::tensor(rows, at::kLong);
+  const at::Tensor want = comm.all_to_all_blocks(src.index_select(0, index), send_blocks, off, recv_blocks);
+  at::Tensor got = at::full({off, H}, -1.f);
+  int calls = 0;
+  comm.exchange_blocks(src, index, peer_send, got, peer_recv, [&] { ++calls; });
+  EXPECT_EQ(calls, 1);
+  for (const RowBlock& b : recv_blocks) {
+    const at::Tensor g = got.narrow(0, b.offset, b.rows), w = want.narrow(0, b.offset, b.rows);
+    if (b.peer == me) EXPECT_TRUE(at::equal(g, at::full_like(g, -1.f))) << "own rows are the caller's";
+    else EXPECT_TRUE(at::equal(g, w)) << "rows from rank " << b.peer;
+  }
+  // Contiguous payload (no index): the same rows.
+  at::Tensor got2 = at::full({off, H}, -1.f);
+  comm.exchange_blocks(src.index_select(0, index), {}, peer_send, got2, peer_recv, {});
+  EXPECT_TRUE(at::equal(got2, got));
+  // Refusals, the same on every rank.
+  EXPECT_THROW(comm.exchange_blocks(src, {}, {{me, 0, 1}}, got, {}, {}), std::invalid_argument);
+  if (W > 1) {
+    at::Tensor bad = index.clone();
+    bad.fill_(N);  // one past the last row
+    EXPECT_THROW(comm.exchange_blocks(src, bad, peer_send, got, peer_recv, {}), std::invalid_argument);
+  }
+}
+
 TEST(Comm, AllReduceBroadcastGather) {
   auto& comm = g_world->host_comm();
   const int W = comm.size(), me = comm.rank();

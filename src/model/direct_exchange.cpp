@@ -273,7 +273,7 @@ struct DirectCombineFn : public torch::autograd::Function<DirectCombineFn> {
   }
 };
 
-void check_rows(const at::Tensor& t, int64_t rows, const char* what) {
+void check_input_rows(const at::Tensor& t, int64_t rows, const char* what) {
   TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.device().is_cpu(), "direct exchange: ", what, " must be [",
               rows, ", H] on the CPU, got ", t.sizes(), " on ", t.device());
 }
@@ -281,13 +281,13 @@ void check_rows(const at::Tensor& t, int64_t rows, const char* what) {
 }  // namespace
 
 at::Tensor direct_dispatch(const at::Tensor& x, const DispatchPlan& plan, Communicator& comm) {
-  check_rows(x, plan.num_tokens, "x");
+  check_input_rows(x, plan.num_tokens, "x");
   return DirectDispatchFn::apply(x, Route::of(plan, comm.rank()), plan.token.contiguous(), plan.choice.contiguous(),
                                  &comm);
 }
 
 at::Tensor direct_combine(const at::Tensor& y, const DispatchPlan& plan, Communicator& comm) {
-  check_rows(y, plan.recv_rows, "y");
+  check_input_rows(y, plan.recv_rows, "y");
   return DirectCombineFn::apply(y, plan.gate, Route::of(plan, comm.rank()), plan.token.contiguous(),
                                 plan.choice.contiguous(), &comm);
 }

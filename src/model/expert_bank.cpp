@@ -9,12 +9,6 @@
 #include "core/seed.h"
 
 namespace moeprune {
-namespace {
-
-// Rows an expert GEMM is padded to on the bf16 CPU path (forward_loop).
-int64_t padded_rows(int64_t n);
-
-}  // namespace
 
 uint64_t expert_seed(uint64_t seed, int layer, int expert_id) {
   return mix_seed(seed, static_cast<uint64_t>(layer + 1), static_cast<uint64_t>(expert_id + 1));
@@ -72,6 +66,8 @@ at::Tensor ExpertBankImpl::forward_grouped(const at::Tensor& x, const std::vecto
 }
 
 namespace {
+// Rows an expert GEMM is padded to on the bf16 CPU path: n rounded up to one of 8
+// sizes per octave (16 at least).
 int64_t padded_rows(int64_t n) {
   if (n <= 16) return 16;
   int64_t octave = 1;
