@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "core/precision.h"
 #include "harness.h"
+#include "model/trace_range.h"
 #include "pipeline/job.h"
 #include "train/grad_buckets.h"
 #include "train/trainer.h"
@@ -68,6 +69,7 @@ int step(World& world, const Options& o) {
   int64_t n = 0;
   reset_peak_memory(dev);
   const auto train_step = [&] {
+    TraceRange range("step::forward");  // phases for bench/step_phases.py
     opt.zero_grad();
     ForwardContext ctx;
     ctx.in.train = true;
@@ -82,11 +84,14 @@ int step(World& world, const Options& o) {
     at::Tensor loss = cross_entropy_sum(logits.to(at::kFloat), labels) / static_cast<double>(per_rank) +
                       ctx.aux_loss / static_cast<double>(groups);
     if (buckets) buckets->arm();
+    range.next("step::backward");
     loss.backward();
+    range.next("step::grad_sync");
     const auto t0 = std::chrono::steady_clock::now();
     if (buckets) buckets->finish();
     opt.sync_gradients(comms, /*dense=*/!buckets);
     sync_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    range.next("step::optimizer");
     opt.step(comms, 1e-3);
   };
   const Timing t = time_it(world, o.reps, train_step);

@@ -1,7 +1,6 @@
 #include "model/moe_layer.h"
 
 #include <ATen/autocast_mode.h>
-#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <chrono>
@@ -9,6 +8,7 @@
 
 #include "core/error.h"
 #include "model/expert_bank.h"
+#include "model/trace_range.h"
 
 namespace moeprune {
 
@@ -246,18 +246,11 @@ at::Tensor MoeLayerImpl::forward(const at::Tensor& x, ForwardContext& ctx) {
   TokenDispatcher& d = dispatcher(x.device());
   Laps laps(ctx.probes.timers);
 
-  // Named ranges for profiler traces (free when no profiler is on).
-  std::optional<at::RecordFunction> range;
-  const auto begin = [&](const char* name) {
-    range.reset();
-    range.emplace(at::RecordScope::USER_SCOPE);
-    if (range->isActive()) range->before(name);
-  };
-  begin("moe::route");
+  TraceRange range("moe::route");
   const Routed routed = route(x, s, d, ctx);
   laps.lap(&MoeTimers::router);
 
-  begin("moe::plan");
+  range.next("moe::plan");
   const std::unique_ptr<DispatchPlan> plan = d.plan(routed.choices);
   record(routed, *plan, s, ctx);
   at::Tensor flat = x.reshape({s.rows * s.T, s.H});
@@ -266,17 +259,17 @@ at::Tensor MoeLayerImpl::forward(const at::Tensor& x, ForwardContext& ctx) {
   const auto dev = x.device().type();
   if (at::autocast::is_autocast_enabled(dev) && flat.scalar_type() == at::kFloat)
     flat = flat.to(at::autocast::get_autocast_dtype(dev));
-  begin("moe::dispatch");
+  range.next("moe::dispatch");
   at::Tensor expert_in = d.dispatch(flat, *plan);
   laps.lap(&MoeTimers::dispatch);
 
-  begin("moe::experts");
+  range.next("moe::experts");
   at::Tensor expert_out = experts->forward(expert_in, plan->expert_counts);
   laps.lap(&MoeTimers::experts);
 
-  begin("moe::combine");
+  range.next("moe::combine");
   at::Tensor out = d.combine(expert_out, *plan).reshape({s.rows, s.T, s.H});
-  range.reset();
+  range.end();
   laps.lap(&MoeTimers::combine);
   return out;
 }

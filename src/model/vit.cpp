@@ -1,5 +1,7 @@
 #include "model/vit.h"
 
+#include "model/trace_range.h"
+
 #include <torch/nn/init.h>
 
 #include "core/error.h"
@@ -38,6 +40,7 @@ BlockImpl::BlockImpl(const ModelConfig& cfg, MoeLayer moe_layer) : heads_(cfg.nu
 
 at::Tensor BlockImpl::forward(const at::Tensor& x, ForwardContext& ctx) {
   const int64_t B = x.size(0), T = x.size(1), H = x.size(2), D = H / heads_;
+  TraceRange range("vit::attention");
   at::Tensor qkv_out = qkv->forward(ln1->forward(x)).reshape({B, T, 3, heads_, D}).permute({2, 0, 3, 1, 4});
   at::Tensor q = qkv_out[0], k = qkv_out[1], v = qkv_out[2];  // [B, heads, T, D]
   at::Tensor a;
@@ -50,6 +53,7 @@ at::Tensor BlockImpl::forward(const at::Tensor& x, ForwardContext& ctx) {
   }
   a = a.transpose(1, 2).reshape({B, T, H});
   at::Tensor h = x + proj->forward(a);
+  range.next(is_moe() ? "vit::moe_layer" : "vit::mlp");  // the MoE layer's parts have ranges of their own
   at::Tensor y = ln2->forward(h);
   y = is_moe() ? moe->forward(y, ctx) : fc2->forward(at::gelu(fc1->forward(y), "tanh"));
   return h + y;
@@ -103,8 +107,10 @@ at::Tensor VisionTransformerImpl::embed_patches(const at::Tensor& images) const 
 
 at::Tensor VisionTransformerImpl::forward(const at::Tensor& images, ForwardContext& ctx) {
   const int64_t B = images.size(0);
+  TraceRange range("vit::embed");
   at::Tensor x = embed_patches(images);  // [B, P, H]
   x = at::cat({cls_token.expand({B, 1, cfg_.hidden}), x}, 1) + pos_embed;
+  range.end();
   const int M = cfg_.moe.ensemble_size;
   bool repeated = M == 1;
   for (const auto& blk : *blocks) {
@@ -115,6 +121,7 @@ at::Tensor VisionTransformerImpl::forward(const at::Tensor& images, ForwardConte
     }
     x = block->forward(x, ctx);
   }
+  range.next("vit::head");
   at::Tensor cls = norm->forward(x.select(1, 0));  // [M*B, H]
   if (!pre_logits.is_empty()) cls = at::tanh(pre_logits->forward(cls));
   return head->forward(cls).reshape({M, B, cfg_.num_classes});
