@@ -68,9 +68,10 @@ TEST(Cli, BadKernelModeIsAUserError) {
   EXPECT_EQ(r.code, 2) << r.out;
   EXPECT_NE(r.out.find("MOEPRUNE_KERNELS='fast': expected auto, on or off"), std::string::npos) << r.out;
   EXPECT_EQ(count(r.out, "error"), 2) << "each rank reports it once:\n" << r.out;
-  const Result g = run("-x MOEPRUNE_EXPERT_GEMM=batched " + kBin + " forward", 2);
+  const Result g = run("-x MOEPRUNE_EXPERT_GEMM=padded " + kBin + " forward", 2);
   EXPECT_EQ(g.code, 2) << g.out;
-  EXPECT_NE(g.out.find("MOEPRUNE_EXPERT_GEMM='batched': expected auto, loop or grouped"), std::string::npos) << g.out;
+  EXPECT_NE(g.out.find("MOEPRUNE_EXPERT_GEMM='padded': expected auto, loop, grouped or batched"), std::string::npos)
+      << g.out;
 }
 
 TEST(Cli, TopKLargerThanExperts) {

@@ -247,8 +247,9 @@ TEST(Kernels, PaddingImagesDoNotAffectRealImages) {
   }
 }
 
-// The experts as one grouped GEMM per side (at::_grouped_mm) against one GEMM pair
-// per expert: same outputs and gradients, empty experts included.
+// The experts as one grouped GEMM per side (at::_grouped_mm) and as one batched
+// product over padded experts, against one GEMM pair per expert: same outputs and
+// gradients, empty experts included.
 TEST(Kernels, GroupedExpertGemmEqualsLoop) {
   at::manual_seed(14);
   ExpertBank bank(24, 40, std::vector<int>{0, 2, 3, 5, 6}, 1, 9);
@@ -264,17 +265,33 @@ TEST(Kernels, GroupedExpertGemmEqualsLoop) {
     for (const auto& p : bank->parameters()) out.push_back(p.grad().clone());
     return out;
   };
-  const auto grouped = run(ExpertGemm::Grouped), loop = run(ExpertGemm::Loop);
-  for (size_t i = 0; i < loop.size(); ++i) EXPECT_LT(max_rel(grouped[i], loop[i]), 1e-5) << "tensor " << i;
-  // Under bf16 autocast both compute in bfloat16: close, not equal (different GEMM kernels).
-  {
+  const auto loop = run(ExpertGemm::Loop);
+  for (ExpertGemm g : {ExpertGemm::Grouped, ExpertGemm::Batched}) {
+    const auto other = run(g);
+    for (size_t i = 0; i < loop.size(); ++i) EXPECT_LT(max_rel(other[i], loop[i]), 1e-5) << str(g) << " tensor " << i;
+    // Under bf16 autocast both compute in bfloat16 (the loop's and batched's rows
+    // padded for oneDNN): close, not equal (different GEMM kernels).
     AutocastGuard amp(at::Device(at::kCPU), Precision::Bf16);
-    bank->set_gemm(ExpertGemm::Grouped);
+    bank->set_gemm(g);
     at::Tensor a = bank->forward(x0.to(at::kBFloat16), counts);
     bank->set_gemm(ExpertGemm::Loop);
     at::Tensor b = bank->forward(x0.to(at::kBFloat16), counts);
     EXPECT_EQ(a.scalar_type(), at::kBFloat16);
-    EXPECT_LT(max_rel(a, b), 3e-2);
+    EXPECT_LT(max_rel(a, b), 3e-2) << str(g);
+  }
+  // bf16 training through the padded loop and the batched product: gradients close
+  // to float32's (padding adds nothing).
+  for (ExpertGemm g : {ExpertGemm::Loop, ExpertGemm::Batched}) {
+    bank->set_gemm(g);
+    bank->zero_grad();
+    at::Tensor x = x0.clone().requires_grad_(true);
+    {
+      AutocastGuard amp(at::Device(at::kCPU), Precision::Bf16);
+      (bank->forward(x, counts).to(at::kFloat) * up).sum().backward();
+    }
+    EXPECT_LT(max_rel(x.grad(), loop[1]), 3e-2) << str(g) << " input gradient";
+    size_t i = 2;
+    for (const auto& p : bank->parameters()) EXPECT_LT(max_rel(p.grad(), loop[i++]), 3e-2) << str(g) << " gradient";
   }
 }
 

@@ -28,7 +28,8 @@ enum class Precision { Fp32, Bf16 };
 // (their host path on CPUs: how the CPU suite tests them).
 enum class DispatcherKind { Auto, Torch, Kernels };
 // How the expert bank computes: one GEMM pair per local expert, or one grouped GEMM per side.
-enum class ExpertGemm { Auto, Loop, Grouped };  // Auto: grouped on GPUs, loop on CPUs
+// Auto: grouped on GPUs; on CPUs batched for small experts, loop for large ones (ExpertBankImpl::forward).
+enum class ExpertGemm { Auto, Loop, Grouped, Batched };
 // How dense gradients are summed over ranks: buckets started during backward, or one
 // flat all-reduce after it (train/grad_buckets.h).
 enum class GradReduce { Overlap, Flat };
@@ -57,7 +58,8 @@ MOEPRUNE_CHOICES(Precision, {Precision::Fp32, "fp32"}, {Precision::Bf16, "bf16"}
 MOEPRUNE_CHOICES(DispatcherKind, {DispatcherKind::Auto, "auto"}, {DispatcherKind::Torch, "torch"},
                  {DispatcherKind::Kernels, "kernels"});
 MOEPRUNE_CHOICES(GradReduce, {GradReduce::Overlap, "overlap"}, {GradReduce::Flat, "flat"});
-MOEPRUNE_CHOICES(ExpertGemm, {ExpertGemm::Auto, "auto"}, {ExpertGemm::Loop, "loop"}, {ExpertGemm::Grouped, "grouped"});
+MOEPRUNE_CHOICES(ExpertGemm, {ExpertGemm::Auto, "auto"}, {ExpertGemm::Loop, "loop"}, {ExpertGemm::Grouped, "grouped"},
+                 {ExpertGemm::Batched, "batched"});
 #undef MOEPRUNE_CHOICES
 
 // The spelling of a choice.

@@ -27,8 +27,9 @@ void apply_env_overrides(RuntimeConfig& rt) {
   // The kernels switch predates runtime.dispatcher: on = kernels, off = torch ops.
   static const DispatcherKind kernels[] = {DispatcherKind::Auto, DispatcherKind::Kernels, DispatcherKind::Torch};
   if (const int k = env_choice("MOEPRUNE_KERNELS", {"auto", "on", "off"}); k >= 0) rt.moe.dispatcher = kernels[k];
-  static const ExpertGemm gemms[] = {ExpertGemm::Auto, ExpertGemm::Loop, ExpertGemm::Grouped};
-  if (const int g = env_choice("MOEPRUNE_EXPERT_GEMM", {"auto", "loop", "grouped"}); g >= 0) rt.moe.expert_gemm = gemms[g];
+  static const ExpertGemm gemms[] = {ExpertGemm::Auto, ExpertGemm::Loop, ExpertGemm::Grouped, ExpertGemm::Batched};
+  if (const int g = env_choice("MOEPRUNE_EXPERT_GEMM", {"auto", "loop", "grouped", "batched"}); g >= 0)
+    rt.moe.expert_gemm = gemms[g];
   if (const int m = env_choice("MOEPRUNE_MALLOC_TUNE", {"0", "1"}); m >= 0) rt.malloc_tune = m == 1;
 }
 

@@ -2,7 +2,7 @@
 // overrides of the config's `runtime:` section (docs/usage.md), applied when the
 // config is read, so a bad value is a UserError on every rank before any work:
 //   MOEPRUNE_KERNELS=auto|on|off      runtime.dispatcher = auto | kernels | torch
-//   MOEPRUNE_EXPERT_GEMM=loop|grouped runtime.expert_gemm
+//   MOEPRUNE_EXPERT_GEMM=auto|loop|grouped|batched  runtime.expert_gemm
 //   MOEPRUNE_MALLOC_TUNE=0|1          runtime.malloc_tune
 //   OMP_NUM_THREADS=n                 threads per rank when runtime.threads is 0
 #pragma once

@@ -34,10 +34,16 @@ ExpertBankImpl::ExpertBankImpl(int hidden, int mlp_dim, std::vector<int> expert_
 at::Tensor ExpertBankImpl::forward(const at::Tensor& x, const std::vector<int64_t>& counts) {
   TORCH_CHECK(static_cast<int>(counts.size()) == num_local(), "expert bank: ", counts.size(), " counts for ",
               num_local(), " experts");
-  // Auto: grouped on GPUs, where one grouped GEMM per side beats a GEMM pair per
-  // expert at every measured shape (docs/performance.md, H200); loop on CPUs.
-  const bool grouped = gemm_ == ExpertGemm::Grouped || (gemm_ == ExpertGemm::Auto && x.is_cuda());
-  if (grouped && x.size(0) > 0) return forward_grouped(x, counts);
+  ExpertGemm g = gemm_;
+  if (g == ExpertGemm::Auto) {
+    // GPUs: one grouped GEMM per side beats a GEMM pair per expert at every measured
+    // shape (docs/performance.md, H200). CPUs: a GEMM pair per expert (batched, faster
+    // for tiny experts, is not placement-invariant: kBatchedMaxWeights).
+    g = x.is_cuda() ? ExpertGemm::Grouped
+                    : (w1.size(1) * w1.size(2) <= kBatchedMaxWeights ? ExpertGemm::Batched : ExpertGemm::Loop);
+  }
+  if (x.size(0) > 0 && g == ExpertGemm::Grouped) return forward_grouped(x, counts);
+  if (x.size(0) > 0 && g == ExpertGemm::Batched) return forward_batched(x, counts);
   return forward_loop(x, counts);
 }
 
@@ -66,6 +72,13 @@ at::Tensor ExpertBankImpl::forward_grouped(const at::Tensor& x, const std::vecto
 }
 
 namespace {
+// Whether x's expert GEMMs run in bf16 on a CPU (oneDNN).
+bool cpu_bf16(const at::Tensor& x) {
+  const auto dev = x.device().type();
+  return x.is_cpu() && (x.scalar_type() == at::kBFloat16 || (at::autocast::is_autocast_enabled(dev) &&
+                                                             at::autocast::get_autocast_dtype(dev) == at::kBFloat16));
+}
+
 // Rows an expert GEMM is padded to on the bf16 CPU path: n rounded up to one of 8
 // sizes per octave (16 at least).
 int64_t padded_rows(int64_t n) {
@@ -77,6 +90,24 @@ int64_t padded_rows(int64_t n) {
 }
 }  // namespace
 
+at::Tensor ExpertBankImpl::forward_batched(const at::Tensor& x, const std::vector<int64_t>& counts) {
+  // Every expert padded to the largest count C (the bf16 CPU path: C as padded_rows,
+  // see forward_loop): one [E, C, hidden] x [E, hidden, mlp] product per side, no
+  // per-expert autograd nodes, the weight gradients computed stacked. Padded rows are
+  // zeros: their outputs are dropped and they add nothing to any gradient.
+  const int64_t E = num_local(), H = x.size(1);
+  int64_t C = *std::max_element(counts.begin(), counts.end());
+  if (cpu_bf16(x)) C = padded_rows(C);
+  std::vector<int64_t> dest;
+  dest.reserve(static_cast<size_t>(x.size(0)));
+  for (int64_t i = 0; i < E; ++i)
+    for (int64_t j = 0; j < counts[static_cast<size_t>(i)]; ++j) dest.push_back(i * C + j);
+  const at::Tensor idx = at::tensor(dest, at::kLong).to(x.device());
+  const at::Tensor xp = at::zeros({E * C, H}, x.options()).index_copy(0, idx, x).view({E, C, H});
+  const at::Tensor h = at::gelu(at::baddbmm(b1.unsqueeze(1), xp, w1), "tanh");
+  return at::baddbmm(b2.unsqueeze(1), h, w2).view({E * C, H}).index_select(0, idx);
+}
+
 at::Tensor ExpertBankImpl::forward_loop(const at::Tensor& x, const std::vector<int64_t>& counts) {
   std::vector<at::Tensor> outs;
   outs.reserve(counts.size());
@@ -87,10 +118,7 @@ at::Tensor ExpertBankImpl::forward_loop(const at::Tensor& x, const std::vector<i
   // padded with zeros to one of 8 sizes per octave (< 12.5% more rows), which
   // bounds the shapes; zero rows add nothing to any gradient, and the padded rows'
   // outputs are dropped.
-  const auto dev = x.device().type();
-  const bool pad = x.is_cpu() && (x.scalar_type() == at::kBFloat16 ||
-                                  (at::autocast::is_autocast_enabled(dev) &&
-                                   at::autocast::get_autocast_dtype(dev) == at::kBFloat16));
+  const bool pad = cpu_bf16(x);
   // unbind once: its backward stacks the experts' gradients into one tensor, where
   // indexing each expert (w1[i]) would materialise a full-size gradient per expert.
   const auto W1 = w1.unbind(0), B1 = b1.unbind(0), W2 = w2.unbind(0), B2 = b2.unbind(0);

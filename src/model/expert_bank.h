@@ -1,10 +1,11 @@
 // The experts of one MoE layer that live on this rank, stored stacked so that
 // pruning and migration are index operations: expert i (local order) has
 // w1[i]: [hidden, mlp], b1[i]: [mlp], w2[i]: [mlp, hidden], b2[i]: [hidden].
-// Computed over each expert's contiguous rows, never as masked full-size
-// products, by one of two strategies (runtime.expert_gemm): one GEMM pair per
-// local expert (loop, at::addmm) or one grouped GEMM per layer side over all local
-// experts (grouped, at::_grouped_mm: CUTLASS on Hopper GPUs, a composite on CPUs).
+// Computed by one of three strategies (runtime.expert_gemm): one GEMM pair per
+// local expert over its contiguous rows (loop, at::addmm), one grouped GEMM per
+// layer side over all local experts (grouped, at::_grouped_mm: CUTLASS on Hopper
+// GPUs, a composite on CPUs), or one batched product per side over the experts
+// padded to the largest count (batched, at::baddbmm: few calls for small experts).
 #pragma once
 #include <ATen/ATen.h>
 #include <torch/nn/module.h>
@@ -20,6 +21,17 @@ namespace moeprune {
 // Seed of expert `expert_id` in MoE layer `layer`: experts are initialised from
 // their own generator so that their weights do not depend on placement.
 uint64_t expert_seed(uint64_t seed, int layer, int expert_id);
+
+// runtime.expert_gemm auto on CPUs: batched while hidden x mlp_dim is at most this,
+// loop above. Measured (docs/performance.md, 2026-11-27): at 32 x 64 (the tiny
+// default) batched steps are 1.2-1.6x (fp32) and 1.6-2.4x (bf16) faster; at 128 x 512
+// the two are level within noise, at 768 x 3072 the loop is ahead in float32. Yet
+// batched pads a rank's experts to their largest count, so an expert's rounding
+// depends on which experts share its rank, and re-placing survivors after pruning
+// would no longer leave the outputs bit-identical (PruneMpi.PlacementInvariance...):
+// auto keeps the loop (0) until the padding is made placement-independent;
+// `expert_gemm: batched` asks for it.
+inline constexpr int64_t kBatchedMaxWeights = 0;
 
 class ExpertBankImpl : public torch::nn::Module {
  public:
@@ -39,6 +51,7 @@ class ExpertBankImpl : public torch::nn::Module {
  private:
   at::Tensor forward_loop(const at::Tensor& x, const std::vector<int64_t>& counts);
   at::Tensor forward_grouped(const at::Tensor& x, const std::vector<int64_t>& counts);
+  at::Tensor forward_batched(const at::Tensor& x, const std::vector<int64_t>& counts);
 
   std::vector<int> expert_ids_;
   ExpertGemm gemm_;
