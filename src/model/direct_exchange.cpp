@@ -98,8 +98,8 @@ Communicator& comm_of(torch::autograd::AutogradContext* ctx) {
   return *reinterpret_cast<Communicator*>(static_cast<intptr_t>(ctx->saved_data["comm"].toInt()));
 }
 
-// Columns per task of the column-parallel loops: enough to amortise a task.
-constexpr int64_t kColumnGrain = 256;
+// Elements per task of the row-parallel loops: enough to amortise a task.
+constexpr int64_t kGrainElements = 1024;
 
 // out[n] = sum_j weight[n, j] * row(where[n, j]) over the K choices of token n
 // whose `where` is >= 0; row(i) is own[i] for i < own rows, else back[i - own rows].
@@ -116,7 +116,7 @@ at::Tensor gather_sum(const at::Tensor& where, const at::Tensor& weight, int64_t
     scalar_t* o = out.data_ptr<scalar_t>();
     const scalar_t* y = own.data_ptr<scalar_t>();
     const scalar_t* b = back.data_ptr<scalar_t>();
-    at::parallel_for(0, N, std::max<int64_t>(1, 4 * kColumnGrain / H), [&](int64_t n0, int64_t n1) {
+    at::parallel_for(0, N, std::max<int64_t>(1, kGrainElements / H), [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
         scalar_t* dst = o + n * H;
         bool first = true;
@@ -152,7 +152,7 @@ void gather_scaled(at::Tensor out, const at::Tensor& src, const at::Tensor& inde
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "gather_scaled", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     const scalar_t* s = src.data_ptr<scalar_t>();
-    at::parallel_for(0, n, std::max<int64_t>(1, 4 * kColumnGrain / H), [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, n, std::max<int64_t>(1, kGrainElements / H), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const scalar_t* row = s + idx[i] * H;
         const float w = g[i];
@@ -171,7 +171,7 @@ void row_dots(at::Tensor dst, const at::Tensor& src, const at::Tensor& index, co
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "row_dots", [&] {
     const scalar_t* s = src.data_ptr<scalar_t>();
     const scalar_t* y = rows.data_ptr<scalar_t>();
-    at::parallel_for(0, n, std::max<int64_t>(1, 4 * kColumnGrain / std::max<int64_t>(H, 1)), [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, n, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(H, 1)), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const scalar_t* a = s + idx[i] * H;
         const scalar_t* b = y + i * H;
