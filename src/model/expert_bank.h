@@ -22,16 +22,6 @@ namespace moeprune {
 // their own generator so that their weights do not depend on placement.
 uint64_t expert_seed(uint64_t seed, int layer, int expert_id);
 
-// runtime.expert_gemm auto on CPUs: batched while hidden x mlp_dim is at most this,
-// loop above. Measured (docs/performance.md, 2026-11-27): at 32 x 64 (the tiny
-// default) batched steps are 1.2-1.6x (fp32) and 1.6-2.4x (bf16) faster; at 128 x 512
-// the two are level within noise, at 768 x 3072 the loop is ahead in float32. Yet
-// batched pads a rank's experts to their largest count, so an expert's rounding
-// depends on which experts share its rank, and re-placing survivors after pruning
-// would no longer leave the outputs bit-identical (PruneMpi.PlacementInvariance...):
-// auto keeps the loop (0) until the padding is made placement-independent;
-// `expert_gemm: batched` asks for it.
-inline constexpr int64_t kBatchedMaxWeights = 0;
 
 class ExpertBankImpl : public torch::nn::Module {
  public:

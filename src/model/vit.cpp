@@ -1,10 +1,9 @@
 #include "model/vit.h"
 
-#include "model/trace_range.h"
-
 #include <torch/nn/init.h>
 
 #include "core/error.h"
+#include "model/trace_range.h"
 
 #include <algorithm>
 #include <cmath>
