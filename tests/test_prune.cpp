@@ -183,6 +183,44 @@ at::Tensor by_hand(const at::Tensor& x, const std::vector<int>& softmax_over, co
   return out;
 }
 
+// E3 pruned unevenly under drop routing: member 0 keeps 1 of its 4 experts, member 1
+// all 4, so member 0's capacity (16 per group) is 4x member 1's. The dispatcher sorts
+// choices by (expert, group, capacity slot) keyed with the layer's capacity; keyed with
+// the last member's (4), member 0's slots >= 12 ran into the next expert's keys and
+// some of its tokens were computed by member 1's experts. Member 0's single expert
+// takes all its tokens (gate 1): out = gelu(x) * 1 exactly, with its tokens in full.
+TEST(PrunedRouting, UnevenlyPrunedEnsembleMembersKeepTheirTokens) {
+  SelfCommunicator comm;
+  ModelConfig cfg;
+  cfg.hidden = 2;
+  cfg.mlp_dim = 2;
+  cfg.num_heads = 1;
+  cfg.moe.num_experts = 8;
+  cfg.moe.ensemble_size = 2;
+  cfg.moe.top_k = 1;
+  cfg.moe.group_size = 16;
+  cfg.moe.capacity_factor = 1.0;
+  cfg.kept_experts = {{1, {0, 4, 5, 6, 7}}};
+  cfg.pruned_routing = PrunedRouting::Drop;
+  MoeLayer layer(cfg, 1, Placement::contiguous(5, 1), comm, 0);
+  {
+    at::NoGradGuard ng;
+    auto& bank = *layer->experts;
+    for (size_t i = 0; i < bank.expert_ids().size(); ++i) {
+      bank.w1[static_cast<int64_t>(i)].copy_(at::eye(2));
+      bank.b1[static_cast<int64_t>(i)].zero_();
+      bank.w2[static_cast<int64_t>(i)].copy_(at::eye(2) * (bank.expert_ids()[i] + 1.0));
+      bank.b2[static_cast<int64_t>(i)].zero_();
+    }
+  }
+  at::manual_seed(3);
+  const at::Tensor x = at::randn({16, 2});  // one group of 16 one-token images per member
+  ForwardContext ctx;
+  const at::Tensor out = layer->forward(at::cat({x, x}).view({32, 1, 2}), ctx).view({32, 2});
+  EXPECT_TRUE(at::allclose(out.narrow(0, 0, 16), at::gelu(x, "tanh"), 1e-6, 1e-6))
+      << "member 0's tokens were not all computed by its expert";
+}
+
 TEST(PrunedRouting, DropAndZeroAgainstHandComputedOutputs) {
   at::Tensor x = at::tensor({0.3, -0.2, 1.0, 0.5, -0.7, 0.1, 0.2, 0.9, 2.0, -1.0}).to(at::kFloat).reshape({5, 2});
   for (int k : {1, 2}) {

@@ -41,7 +41,7 @@ struct RoutedChoices {
   at::Tensor keep;      // [N, k] bool: false where dropped (capacity, pruned expert, padding)
   at::Tensor group;     // [N, k] int64: routing group of the token, in dispatch order
   at::Tensor position;  // [N, k] int64: capacity slot of the choice in its (group, expert) buffer
-  int64_t capacity = 0;
+  int64_t capacity = 0;    // > every kept choice's position (E3: the largest member's capacity); the sort key's radix
   int64_t num_groups = 0;
 };
 

@@ -186,7 +186,9 @@ MoeLayerImpl::Routed MoeLayerImpl::route(const at::Tensor& x, const Shape& s, co
     } else {
       expert.push_back(slot);
     }
-    out.choices.capacity = r.capacity;
+    // The largest member's capacity (E3 members pruned unevenly differ): it bounds
+    // every kept choice's position, which the dispatcher's sort key relies on.
+    out.choices.capacity = std::max(out.choices.capacity, r.capacity);
     if (!stats) continue;
     counted.push_back(s.choice_valid.defined() ? alive.logical_and(s.choice_valid) : alive);
     at::Tensor pr = r.probs.detach();
