@@ -8,6 +8,8 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <map>
+#include <optional>
 
 #include <torch/autograd.h>
 
@@ -293,6 +295,69 @@ TEST(Kernels, GroupedExpertGemmEqualsLoop) {
     size_t i = 2;
     for (const auto& p : bank->parameters()) EXPECT_LT(max_rel(p.grad(), loop[i++]), 3e-2) << str(g) << " gradient";
   }
+}
+
+// The batched product pads every expert to the layer's rows bound, so an expert's
+// outputs and gradients are the same bits whichever experts share its bank: one
+// expert alone (a batch of one would split its weight gradient among threads), two,
+// three, or all six, first or last in the bank. That is what lets `auto` pick it:
+// re-placing survivors after pruning must be bit-identical (PruneMpi). On 2 threads,
+// with row counts large enough that a GEMM or an elementwise op splits its work
+// among threads, and the fullest expert filling the bound. mlp 38 puts the thread
+// split of a 3-expert batch's GELU mid-vector (2000 x 38 / 32 is odd), where ATen's
+// elementwise loop hands the chunk's last elements to the scalar tanh: one GELU over
+// the whole batch instead of one per expert fails here (checked).
+TEST(Kernels, BatchedExpertsDoNotDependOnTheirNeighbours) {
+  const int threads = at::get_num_threads();
+  at::set_num_threads(2);
+  at::manual_seed(15);
+  const std::vector<int> all{0, 1, 2, 3, 4, 5};
+  const std::vector<int64_t> counts{900, 0, 1500, 37, 2000, 641};
+  const int64_t bound = 2000;
+  std::vector<at::Tensor> xs, ups;
+  for (int64_t n : counts) xs.push_back(at::randn({n, 16}) * 3), ups.push_back(at::randn({n, 16}));
+  // Outputs, input gradient and parameter gradients of each expert of `ids`.
+  auto run = [&](const std::vector<int>& ids, int64_t rows_bound, bool bf16) {
+    ExpertBank bank(16, 38, ids, 1, 9, ExpertGemm::Batched);
+    std::vector<at::Tensor> x_parts, up_parts;
+    std::vector<int64_t> cs;
+    for (int id : ids) x_parts.push_back(xs[id]), up_parts.push_back(ups[id]), cs.push_back(counts[id]);
+    at::Tensor x = at::cat(x_parts).requires_grad_(true);
+    at::Tensor y;
+    {
+      std::optional<AutocastGuard> amp;
+      if (bf16) amp.emplace(at::Device(at::kCPU), Precision::Bf16);
+      y = bank->forward(x, cs, rows_bound).to(at::kFloat);
+      (y * at::cat(up_parts)).sum().backward();
+    }
+    std::map<int, std::vector<at::Tensor>> out;
+    int64_t row = 0;
+    for (size_t i = 0; i < ids.size(); ++i) {
+      auto& o = out[ids[i]];
+      o.push_back(y.detach().narrow(0, row, cs[i]));
+      o.push_back(x.grad().narrow(0, row, cs[i]));
+      for (const auto& p : bank->parameters()) o.push_back(p.grad()[static_cast<int64_t>(i)].clone());
+      row += cs[i];
+    }
+    return out;
+  };
+  // Without the bound a bank pads to its own largest count: float32 weight gradients
+  // then change (the products' row sums are blocked by the padded count; outputs do
+  // not change), so the bound is what keeps training placement-invariant.
+  EXPECT_FALSE(at::equal(run({2}, 0, false).at(2)[2], run(all, bound, false).at(2)[2]));
+  for (bool bf16 : {false, true}) {
+    const auto ref = run(all, bound, bf16);
+    for (const std::vector<int>& ids : {std::vector<int>{4}, std::vector<int>{2}, std::vector<int>{2, 4},
+                                        std::vector<int>{4, 5}, std::vector<int>{1, 2, 5}}) {
+      const auto got = run(ids, bound, bf16);
+      for (int id : ids)
+        for (size_t t = 0; t < ref.at(id).size(); ++t)
+          EXPECT_TRUE(at::equal(got.at(id)[t], ref.at(id)[t]))
+              << (bf16 ? "bf16" : "fp32") << " expert " << id << " tensor " << t << " with " << ids.size()
+              << " experts in the bank";
+    }
+  }
+  at::set_num_threads(threads);
 }
 
 // ---- GPU: the CUDA kernels against the host path.

@@ -6,6 +6,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 
+#include "core/precision.h"
 #include "dist/mesh.h"
 #include "prune/plan.h"
 #include "prune/prune_job.h"
@@ -86,11 +87,29 @@ TEST(PruneMpi, PlacementInvarianceAndSingleProcessOracle) {
       const at::Tensor unmasked = run(model, mine);
       Migration pruned = apply_plan(model, {}, plan, stay, c, 3);
       const at::Tensor out1 = run(pruned.model, mine);
+      // The batched expert product, `auto`'s choice for these small experts in bf16
+      // (and asked for in float32), is placement-invariant too.
+      const auto batched = [&](VisionTransformer& m) {
+        std::vector<at::Tensor> v;
+        {
+          AutocastGuard amp(at::Device(at::kCPU), Precision::Bf16);
+          v.push_back(run(m, mine));
+        }
+        m->set_runtime(MoeRuntime{DispatcherKind::Auto, ExpertGemm::Batched});
+        v.push_back(run(m, mine));
+        m->set_runtime(MoeRuntime{});
+        return v;
+      };
+      const std::vector<at::Tensor> batched1 = batched(pruned.model);
       EXPECT_LE(rel_err(masked, out1), 1e-5) << name_of(routing) << ": masked evaluation differs from the pruned model";
       EXPECT_GT(rel_err(unmasked, out1), 1e-3) << name_of(routing) << ": the plan changes nothing (test cannot fail)";
       Migration moved = replace_experts(pruned.model, pruned.slots, scattered, c, 3);
       const at::Tensor out2 = run(moved.model, mine);
       EXPECT_TRUE(at::equal(out1, out2)) << name_of(routing) << ": rebalancing changed the outputs";
+      const std::vector<at::Tensor> batched2 = batched(moved.model);
+      for (size_t i = 0; i < batched1.size(); ++i)
+        EXPECT_TRUE(at::equal(batched1[i], batched2[i]))
+            << name_of(routing) << (i ? ": batched float32" : ": bf16 (batched)") << ": rebalancing changed the outputs";
       if (N >= 2) {
         // Replicas of the hottest experts (prune.replicate): the same outputs up to the
         // rounding of the expert GEMMs (a copy multiplies a subset of its expert's rows,

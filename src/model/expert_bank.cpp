@@ -1,7 +1,9 @@
 #include "model/expert_bank.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
+#include <torch/autograd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -31,22 +33,43 @@ ExpertBankImpl::ExpertBankImpl(int hidden, int mlp_dim, std::vector<int> expert_
   b2 = register_parameter("b2", at::zeros({n, hidden}));
 }
 
-at::Tensor ExpertBankImpl::forward(const at::Tensor& x, const std::vector<int64_t>& counts) {
+namespace {
+// Whether x's expert GEMMs run in bf16 on a CPU (oneDNN).
+bool cpu_bf16(const at::Tensor& x) {
+  const auto dev = x.device().type();
+  return x.is_cpu() && (x.scalar_type() == at::kBFloat16 || (at::autocast::is_autocast_enabled(dev) &&
+                                                             at::autocast::get_autocast_dtype(dev) == at::kBFloat16));
+}
+
+// Rows an expert GEMM is padded to on the bf16 CPU path: n rounded up to one of 8
+// sizes per octave (16 at least).
+int64_t padded_rows(int64_t n) {
+  if (n <= 16) return 16;
+  int64_t octave = 1;
+  while (octave * 2 <= n) octave *= 2;
+  const int64_t step = std::max<int64_t>(16, octave / 8);
+  return (n + step - 1) / step * step;
+}
+}  // namespace
+
+ExpertGemm ExpertBankImpl::resolved_gemm(const at::Tensor& x) const {
+  if (gemm_ != ExpertGemm::Auto) return gemm_;
+  // GPUs: one grouped GEMM per side beats a GEMM pair per expert at every measured
+  // shape (docs/performance.md, H200). CPUs: the batched product for small experts in
+  // bf16, where oneDNN's per-call cost dominates (tiny default: 1.6-2.0x faster steps
+  // on 1 rank, 1.2x on 2); in float32 it was level on 1 rank and 10-20% slower on 2
+  // (docs/performance.md, "Experts"), so the loop. A rule on shapes and precision, not
+  // a timing: every rank, and every resumed run, must choose alike.
+  if (x.is_cuda()) return ExpertGemm::Grouped;
+  return cpu_bf16(x) && w1.size(1) * w1.size(2) < 128 * 512 ? ExpertGemm::Batched : ExpertGemm::Loop;
+}
+
+at::Tensor ExpertBankImpl::forward(const at::Tensor& x, const std::vector<int64_t>& counts, int64_t rows_bound) {
   TORCH_CHECK(static_cast<int>(counts.size()) == num_local(), "expert bank: ", counts.size(), " counts for ",
               num_local(), " experts");
-  ExpertGemm g = gemm_;
-  if (g == ExpertGemm::Auto) {
-    // GPUs: one grouped GEMM per side beats a GEMM pair per expert at every measured
-    // shape (docs/performance.md, H200). CPUs: a GEMM pair per expert. Batched is
-    // faster for tiny experts (tiny default: 1.2-1.6x fp32, 1.6-2.4x bf16 steps; level
-    // at 128 x 512, behind at 768 x 3072 in fp32) but pads a rank's experts to their
-    // largest count, so an expert's rounding depends on which experts share its rank
-    // and re-placing survivors after pruning would no longer be bit-identical
-    // (PruneMpi.PlacementInvarianceAndSingleProcessOracle failed with it): opt-in.
-    g = x.is_cuda() ? ExpertGemm::Grouped : ExpertGemm::Loop;
-  }
+  const ExpertGemm g = resolved_gemm(x);
   if (x.size(0) > 0 && g == ExpertGemm::Grouped) return forward_grouped(x, counts);
-  if (x.size(0) > 0 && g == ExpertGemm::Batched) return forward_batched(x, counts);
+  if (x.size(0) > 0 && g == ExpertGemm::Batched) return forward_batched(x, counts, rows_bound);
   return forward_loop(x, counts);
 }
 
@@ -74,41 +97,106 @@ at::Tensor ExpertBankImpl::forward_grouped(const at::Tensor& x, const std::vecto
   return at::_grouped_mm(h, W2, offs) + at::mm(onehot, B2);
 }
 
+
 namespace {
-// Whether x's expert GEMMs run in bf16 on a CPU (oneDNN).
-bool cpu_bf16(const at::Tensor& x) {
-  const auto dev = x.device().type();
-  return x.is_cpu() && (x.scalar_type() == at::kBFloat16 || (at::autocast::is_autocast_enabled(dev) &&
-                                                             at::autocast::get_autocast_dtype(dev) == at::kBFloat16));
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// f(b) for every expert b of a batch, on the intra-op threads. An ATen op called
+// inside runs serially on expert b's slice, so its bits depend on that slice alone:
+// ATen's elementwise loops give the last elements of every call, and of every
+// thread's chunk, to the scalar function (whose tanh rounds differently from the
+// vector one), and reductions split by threads; over the whole padded batch, an
+// expert's GELU and bias gradient would depend on where it sits in the batch.
+template <class F>
+void per_expert(int64_t B, const F& f) {
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    at::NoGradGuard no_grad;
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKeySet({c10::DispatchKey::AutocastCPU}));
+    for (int64_t b = b0; b < b1; ++b) f(b);
+  });
 }
 
-// Rows an expert GEMM is padded to on the bf16 CPU path: n rounded up to one of 8
-// sizes per octave (16 at least).
-int64_t padded_rows(int64_t n) {
-  if (n <= 16) return 16;
-  int64_t octave = 1;
-  while (octave * 2 <= n) octave *= 2;
-  const int64_t step = std::max<int64_t>(16, octave / 8);
-  return (n + step - 1) / step * step;
+// [B, F] float32: the row sums of each expert's [C, F] slice of g.
+at::Tensor row_sums(const at::Tensor& g) {
+  at::Tensor out = at::empty({g.size(0), g.size(2)}, g.options().dtype(at::kFloat));
+  per_expert(g.size(0), [&](int64_t b) {
+    at::Tensor o = out[b];
+    at::sum_out(o, g[b], {0}, false, at::kFloat);
+  });
+  return out;
 }
+
+// y = act(z), z = pre + bias (bias [B, F] broadcast over each expert's rows), act =
+// tanh GELU or identity, one expert at a time; the bias gradient is each expert's
+// row sum of dz.
+struct PerExpertBiasAct : public torch::autograd::Function<PerExpertBiasAct> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& pre, const at::Tensor& bias, bool gelu) {
+    const at::Tensor b = bias.to(pre.scalar_type());
+    at::Tensor z = at::empty_like(pre, at::MemoryFormat::Contiguous);
+    at::Tensor y = gelu ? at::empty_like(z) : z;
+    per_expert(pre.size(0), [&](int64_t e) {
+      at::Tensor ze = z[e];
+      at::add_out(ze, pre[e], b[e]);
+      if (!gelu) return;
+      at::Tensor ye = y[e];
+      at::gelu_out(ye, ze, "tanh");
+    });
+    ctx->saved_data["gelu"] = gelu;
+    ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias.scalar_type());
+    if (gelu) ctx->save_for_backward({z});
+    return y;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    at::Tensor dz = grads[0].contiguous();
+    if (ctx->saved_data["gelu"].toBool()) {
+      const at::Tensor z = ctx->get_saved_variables()[0];
+      at::Tensor d = at::empty_like(z);
+      per_expert(z.size(0), [&](int64_t e) {
+        at::Tensor de = d[e];
+        at::gelu_backward_out(de, dz[e], z[e], "tanh");
+      });
+      dz = d;
+    }
+    const auto bias_dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
+    return {dz, row_sums(dz).to(bias_dtype), at::Tensor()};
+  }
+};
 }  // namespace
 
-at::Tensor ExpertBankImpl::forward_batched(const at::Tensor& x, const std::vector<int64_t>& counts) {
-  // Every expert padded to the largest count C (the bf16 CPU path: C as padded_rows,
-  // see forward_loop): one [E, C, hidden] x [E, hidden, mlp] product per side, no
-  // per-expert autograd nodes, the weight gradients computed stacked. Padded rows are
-  // zeros: their outputs are dropped and they add nothing to any gradient.
+at::Tensor ExpertBankImpl::forward_batched(const at::Tensor& x, const std::vector<int64_t>& counts,
+                                           int64_t rows_bound) {
+  // Every expert padded to C rows: one [B, C, hidden] x [B, hidden, mlp] product per
+  // side, no per-expert autograd nodes, the weight gradients computed stacked. Padded
+  // rows are zeros: their outputs are dropped and they add nothing to any gradient.
+  //
+  // Placement invariance (re-placing survivors after pruning stays bit-identical,
+  // in training too): a batched product computes each batch entry alone (the same
+  // bits whichever entries share the batch: checked for fp32 and bf16, 1 and 2
+  // threads, outputs and weight gradients), except a batch of one, which goes to a
+  // single GEMM that splits the weight gradient's row sum among threads — one expert
+  // gets a zero partner; the biases and the GELU run one expert at a time
+  // (PerExpertBiasAct); and C is the layer's rows bound, the same under every
+  // placement (outputs do not depend on C, float32 weight gradients do: the row sum
+  // is blocked by it). Test: Kernels.BatchedExpertsDoNotDependOnTheirNeighbours.
   const int64_t E = num_local(), H = x.size(1);
-  int64_t C = *std::max_element(counts.begin(), counts.end());
-  if (cpu_bf16(x)) C = padded_rows(C);
+  const int64_t most = *std::max_element(counts.begin(), counts.end());
+  int64_t C = rows_bound >= most ? rows_bound : most;
+  C = cpu_bf16(x) ? padded_rows(C) : (C + 15) / 16 * 16;  // whole cache lines per expert
+  const int64_t B = std::max<int64_t>(E, 2);
+  at::Tensor W1 = w1, B1 = b1, W2 = w2, B2 = b2;
+  if (B > E) {
+    W1 = at::cat({w1, at::zeros_like(w1)}), B1 = at::cat({b1, at::zeros_like(b1)});
+    W2 = at::cat({w2, at::zeros_like(w2)}), B2 = at::cat({b2, at::zeros_like(b2)});
+  }
   std::vector<int64_t> dest;
   dest.reserve(static_cast<size_t>(x.size(0)));
   for (int64_t i = 0; i < E; ++i)
     for (int64_t j = 0; j < counts[static_cast<size_t>(i)]; ++j) dest.push_back(i * C + j);
   const at::Tensor idx = at::tensor(dest, at::kLong).to(x.device());
-  const at::Tensor xp = at::zeros({E * C, H}, x.options()).index_copy(0, idx, x).view({E, C, H});
-  const at::Tensor h = at::gelu(at::baddbmm(b1.unsqueeze(1), xp, w1), "tanh");
-  return at::baddbmm(b2.unsqueeze(1), h, w2).view({E * C, H}).index_select(0, idx);
+  const at::Tensor xp = at::zeros({B * C, H}, x.options()).index_copy(0, idx, x).view({B, C, H});
+  const at::Tensor h = PerExpertBiasAct::apply(at::bmm(xp, W1), B1, true);
+  return PerExpertBiasAct::apply(at::bmm(h, W2), B2, false).view({B * C, H}).index_select(0, idx);
 }
 
 at::Tensor ExpertBankImpl::forward_loop(const at::Tensor& x, const std::vector<int64_t>& counts) {

@@ -5,7 +5,8 @@
 // local expert over its contiguous rows (loop, at::addmm), one grouped GEMM per
 // layer side over all local experts (grouped, at::_grouped_mm: CUTLASS on Hopper
 // GPUs, a composite on CPUs), or one batched product per side over the experts
-// padded to the largest count (batched, at::baddbmm: few calls for small experts).
+// padded to a row count that does not depend on the placement (batched, at::bmm:
+// two products per layer for small experts).
 #pragma once
 #include <ATen/ATen.h>
 #include <torch/nn/module.h>
@@ -29,7 +30,14 @@ class ExpertBankImpl : public torch::nn::Module {
   ExpertBankImpl(int hidden, int mlp_dim, std::vector<int> expert_ids, int layer, uint64_t seed,
                  ExpertGemm gemm = ExpertGemm::Auto);
   // x: [sum(counts), hidden] rows grouped by local expert; returns [sum(counts), hidden].
-  at::Tensor forward(const at::Tensor& x, const std::vector<int64_t>& counts);
+  // rows_bound: the most rows any expert of the layer got in this call over the ranks
+  // of the expert-parallel group (the same on every rank, and in one process); 0 =
+  // unknown. The batched product pads every expert to it, so that an expert's bits do
+  // not depend on which experts share its rank; without it, to the largest local count.
+  at::Tensor forward(const at::Tensor& x, const std::vector<int64_t>& counts, int64_t rows_bound = 0);
+  // The strategy `auto` resolves to for input x: grouped on GPUs; on CPUs batched for
+  // experts of hidden x mlp < 128 x 512 computing in bf16, a GEMM pair per expert else.
+  ExpertGemm resolved_gemm(const at::Tensor& x) const;
   ExpertGemm gemm() const { return gemm_; }
   void set_gemm(ExpertGemm g) { gemm_ = g; }
 
@@ -41,7 +49,7 @@ class ExpertBankImpl : public torch::nn::Module {
  private:
   at::Tensor forward_loop(const at::Tensor& x, const std::vector<int64_t>& counts);
   at::Tensor forward_grouped(const at::Tensor& x, const std::vector<int64_t>& counts);
-  at::Tensor forward_batched(const at::Tensor& x, const std::vector<int64_t>& counts);
+  at::Tensor forward_batched(const at::Tensor& x, const std::vector<int64_t>& counts, int64_t rows_bound);
 
   std::vector<int> expert_ids_;
   ExpertGemm gemm_;

@@ -231,6 +231,17 @@ void MoeLayerImpl::record(const Routed& r, const DispatchPlan& plan, const Shape
   (*ctx.probes.stats)[layer_].add(st);
 }
 
+int64_t MoeLayerImpl::rows_bound(const DispatchPlan& plan, const at::Tensor& expert_in) {
+  if (experts->resolved_gemm(expert_in) != ExpertGemm::Batched) return 0;
+  // The most rows any copy of the layer's experts got, over the expert-parallel
+  // group: the same whichever rank holds which expert (one all-reduce of one integer).
+  int64_t most = 0;
+  for (int64_t n : plan.expert_counts) most = std::max(most, n);
+  at::Tensor t = at::full({1}, most, at::kLong).to(expert_in.device());
+  comm_->all_reduce(t, ReduceOp::Max);
+  return t.item<int64_t>();
+}
+
 at::Tensor MoeLayerImpl::forward(const at::Tensor& x, ForwardContext& ctx) {
   Shape s;
   s.M = cfg_.moe.ensemble_size;
@@ -266,7 +277,7 @@ at::Tensor MoeLayerImpl::forward(const at::Tensor& x, ForwardContext& ctx) {
   laps.lap(&MoeTimers::dispatch);
 
   range.next("moe::experts");
-  at::Tensor expert_out = experts->forward(expert_in, plan->expert_counts);
+  at::Tensor expert_out = experts->forward(expert_in, plan->expert_counts, rows_bound(*plan, expert_in));
   laps.lap(&MoeTimers::experts);
 
   range.next("moe::combine");

@@ -95,6 +95,9 @@ class MoeLayerImpl : public torch::nn::Module {
   struct Routed;
   Routed route(const at::Tensor& x, const Shape& s, const SlotSelector& selector, ForwardContext& ctx);
   void record(const Routed& r, const DispatchPlan& plan, const Shape& s, ForwardContext& ctx) const;
+  // The row count the batched expert product pads to (ExpertBankImpl::forward), 0
+  // when the experts use another strategy (collective when batched).
+  int64_t rows_bound(const DispatchPlan& plan, const at::Tensor& expert_in);
 
   ModelConfig cfg_;
   int layer_;
