@@ -27,8 +27,8 @@ enum class Precision { Fp32, Bf16 };
 // GPUs and torch ops on CPUs (auto), always torch ops, or always the kernels
 // (their host path on CPUs: how the CPU suite tests them).
 enum class DispatcherKind { Auto, Torch, Kernels };
-// How the expert bank computes: one GEMM pair per local expert, or one grouped GEMM per side.
-// Auto: grouped on GPUs; on CPUs batched for small experts, loop for large ones (ExpertBankImpl::forward).
+// How the expert bank computes: a GEMM pair per local expert, a grouped GEMM or a batched product per side.
+// Auto: grouped on GPUs; on CPUs batched for small experts in bf16, else loop (ExpertBankImpl::resolved_gemm).
 enum class ExpertGemm { Auto, Loop, Grouped, Batched };
 // How dense gradients are summed over ranks: buckets started during backward, or one
 // flat all-reduce after it (train/grad_buckets.h).
