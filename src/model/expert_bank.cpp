@@ -97,7 +97,6 @@ at::Tensor ExpertBankImpl::forward_grouped(const at::Tensor& x, const std::vecto
   return at::_grouped_mm(h, W2, offs) + at::mm(onehot, B2);
 }
 
-
 namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -112,7 +111,8 @@ template <class F>
 void per_expert(int64_t B, const F& f) {
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     at::NoGradGuard no_grad;
-    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKeySet({c10::DispatchKey::AutocastCPU}));
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(
+        c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA}));
     for (int64_t b = b0; b < b1; ++b) f(b);
   });
 }
