@@ -53,6 +53,7 @@ class Optimizer final : public StateOwner {
   // Clips to cfg.clip_norm (when > 0) and applies one update with learning rate lr.
   // Returns the norm before clipping. Collective.
   double step(const Comms& comms, double lr);
+  // Leaves every gradient undefined: the next backward stores them (see optimizer.cpp).
   void zero_grad();
   std::vector<ParamSlot>& slots() { return slots_; }
   const std::vector<ParamSlot>& slots() const { return slots_; }
