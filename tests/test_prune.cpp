@@ -122,6 +122,19 @@ TEST(Selection, HashDependsOnKeptExperts) {
   EXPECT_NE(a.hash(), b.hash());
 }
 
+// Expert id e of a hidden-2 bank computes w1 = I, b1 = 0, w2 = (e+1) I, b2 = 0, so
+// out = gelu_tanh(x) * (e+1).
+void scaled_identity_experts(ExpertBankImpl& bank) {
+  at::NoGradGuard ng;
+  for (size_t i = 0; i < bank.expert_ids().size(); ++i) {
+    const double scale = bank.expert_ids()[i] + 1.0;
+    bank.w1[static_cast<int64_t>(i)].copy_(at::eye(2));
+    bank.b1[static_cast<int64_t>(i)].zero_();
+    bank.w2[static_cast<int64_t>(i)].copy_(at::eye(2) * scale);
+    bank.b2[static_cast<int64_t>(i)].zero_();
+  }
+}
+
 // One MoE layer with hand-set weights: 4 experts, hidden 2, identity-like experts.
 struct HandLayer {
   SelfCommunicator comm;
@@ -147,16 +160,7 @@ struct HandLayer {
       w[0][static_cast<int64_t>(j)] = cols[j] + 1.0;
       w[1][static_cast<int64_t>(j)] = -cols[j];
     }
-    // Expert id e computes (e+1) * relu-free linear: w1 = I, b1 = 0, w2 = (e+1) I, b2 = 0,
-    // so out = gelu_tanh(x) * (e+1).
-    auto& bank = *layer->experts;
-    for (size_t i = 0; i < bank.expert_ids().size(); ++i) {
-      const double scale = bank.expert_ids()[i] + 1.0;
-      bank.w1[static_cast<int64_t>(i)].copy_(at::eye(2));
-      bank.b1[static_cast<int64_t>(i)].zero_();
-      bank.w2[static_cast<int64_t>(i)].copy_(at::eye(2) * scale);
-      bank.b2[static_cast<int64_t>(i)].zero_();
-    }
+    scaled_identity_experts(*layer->experts);
   }
   at::Tensor run(const at::Tensor& x) {
     ForwardContext ctx;
@@ -203,16 +207,7 @@ TEST(PrunedRouting, UnevenlyPrunedEnsembleMembersKeepTheirTokens) {
   cfg.kept_experts = {{1, {0, 4, 5, 6, 7}}};
   cfg.pruned_routing = PrunedRouting::Drop;
   MoeLayer layer(cfg, 1, Placement::contiguous(5, 1), comm, 0);
-  {
-    at::NoGradGuard ng;
-    auto& bank = *layer->experts;
-    for (size_t i = 0; i < bank.expert_ids().size(); ++i) {
-      bank.w1[static_cast<int64_t>(i)].copy_(at::eye(2));
-      bank.b1[static_cast<int64_t>(i)].zero_();
-      bank.w2[static_cast<int64_t>(i)].copy_(at::eye(2) * (bank.expert_ids()[i] + 1.0));
-      bank.b2[static_cast<int64_t>(i)].zero_();
-    }
-  }
+  scaled_identity_experts(*layer->experts);
   at::manual_seed(3);
   const at::Tensor x = at::randn({16, 2});  // one group of 16 one-token images per member
   ForwardContext ctx;
