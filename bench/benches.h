@@ -21,6 +21,7 @@ struct Options {
   int top_k = 0;                // moe: only this k (0 = 1 and 2)
   int64_t tokens = 0;        // moe: only this many tokens; dispatch: tokens per rank
   bool verbose = false;      // dispatch: where the time goes
+  int chunks = 0;            // moe: also time runtime.dispatch_chunks = chunks, alternating with the config's
   int per_rank = 64;         // step: images per rank
   std::string profile;       // moe, step: write a profiler trace of a few extra runs here
   std::vector<std::string> overrides;  // step: config overrides (a.b=c), e.g. parallel.expert_parallel=2

@@ -28,6 +28,10 @@ int main(int argc, char** argv) {
   moe->add_option("--experts", o.experts, "only this number of experts (8 or 32)");
   moe->add_option("--tokens", o.tokens, "only this number of tokens (4096 or 16384)");
   moe->add_option("--top-k", o.top_k, "only this number of experts per token (1 or 2)");
+  moe->add_option("--dispatch-chunks", o.chunks,
+                  "also time the layer with runtime.dispatch_chunks = N (exchange overlapped with the experts), "
+                  "alternating 3 rounds with the config's setting")
+      ->check(CLI::Range(2, 4096));
   moe->add_option("--profile", o.profile, "also write a profiler trace (Chrome JSON) of 3 extra runs of each row here");
   auto* prn = app.add_subcommand("prune", "inference images/s and expert memory before and after pruning 50%");
   o.from = "runs/vmoe-tiny/checkpoints";

@@ -2,6 +2,7 @@
 // combine) against dense GEMMs doing the same expert FLOPs (the two expert GEMMs
 // on all k*tokens rows at once, no routing, same precision), same run.
 #include <cstdio>
+#include <string>
 
 #include "benches.h"
 #include "core/error.h"
@@ -10,6 +11,13 @@
 #include "model/moe_layer.h"
 
 namespace moeprune::bench {
+namespace {
+std::string fixed2(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f", v);
+  return buf;
+}
+}  // namespace
 
 int moe(World& world, const Options& o) {
   const c10::Device dev = world.device();
@@ -72,6 +80,23 @@ int moe(World& world, const Options& o) {
             }
             yd.to(at::kFloat).sum().backward();
           });
+          if (o.chunks > 1) {
+            // The overlapped exchange against the config's setting, alternating rounds
+            // so that the machine's drift hits both alike.
+            MoeRuntime one = cfg.runtime.moe, piped = cfg.runtime.moe;
+            piped.dispatch_chunks = o.chunks;
+            std::string a, b;
+            for (int round = 0; round < 3; ++round) {
+              layer->set_runtime(one);
+              a += concat(round ? " / " : "", fixed2(1e3 * time_it(world, o.reps, moe_step).median));
+              layer->set_runtime(piped);
+              b += concat(round ? " / " : "", fixed2(1e3 * time_it(world, o.reps, moe_step).median));
+            }
+            layer->set_runtime(one);
+            if (world.rank() == 0)
+              std::printf("      dispatch_chunks %d: %s ms; %d: %s ms (3 alternating rounds)\n",
+                          cfg.runtime.moe.dispatch_chunks, a.c_str(), o.chunks, b.c_str());
+          }
           const double ratio = m.median / d.median;
           const bool targeted = hidden == 768 && (!dev.is_cuda() || tokens == 16384);
           if (world.rank() == 0)

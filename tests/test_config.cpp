@@ -249,9 +249,13 @@ TEST(Config, PretrainFingerprintIsStable) {
 
 // The runtime: section, and the environment variables that override it.
 TEST(Config, RuntimeSectionAndEnvironmentOverrides) {
-  const JobConfig c = parse_config("", {"runtime.dispatcher=kernels", "runtime.expert_gemm=grouped", "runtime.threads=3"});
+  const JobConfig c = parse_config("", {"runtime.dispatcher=kernels", "runtime.expert_gemm=grouped", "runtime.threads=3",
+                                        "runtime.dispatch_chunks=4"});
   EXPECT_EQ(c.runtime.moe.dispatcher, DispatcherKind::Kernels);
   EXPECT_EQ(c.runtime.moe.expert_gemm, ExpertGemm::Grouped);
+  EXPECT_EQ(c.runtime.moe.dispatch_chunks, 4);
+  EXPECT_EQ(parse_config("").runtime.moe.dispatch_chunks, 1);
+  EXPECT_NE(error_of("", {"runtime.dispatch_chunks=0"}).find("runtime.dispatch_chunks=0 must be >= 1"), std::string::npos);
   EXPECT_EQ(resolve_threads(c.runtime, 2), 3);
   EXPECT_NE(error_of("runtime: {dispatcher: fast}").find("runtime.dispatcher='fast', expected one of auto, torch, kernels"),
             std::string::npos);

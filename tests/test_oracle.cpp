@@ -9,6 +9,7 @@
 #include <map>
 
 #include "core/config.h"
+#include "core/precision.h"
 #include "dist/mesh.h"
 #include "model/vit.h"
 #include "train/trainer.h"
@@ -135,6 +136,82 @@ INSTANTIATE_TEST_SUITE_P(Cases, MoeLayerOracle,
                                                               LayerCase{8, 2, 2, false, true},
                                                               LayerCase{8, 1, 2, false, false}),
                                             ::testing::Values(DispatcherKind::Torch, DispatcherKind::Kernels)));
+
+// runtime.dispatch_chunks: the exchange overlapped with the experts gives the same
+// bits as one exchange then the experts (outputs, input, router and expert
+// gradients), float32 and bf16, every chunk count, experts per rank 1 to 8; and the
+// overlapped path is the one that ran.
+struct PipeCase {
+  int experts, top_k, members;
+  bool bf16;
+};
+class PipelinedExperts : public ::testing::TestWithParam<PipeCase> {};
+
+TEST_P(PipelinedExperts, IdenticalToOneExchange) {
+  const PipeCase c = GetParam();
+  World& w = *g_world;
+  const int W = w.size(), r = w.rank();
+  if (W == 1) GTEST_SKIP() << "one rank has nothing to overlap";
+  ModelConfig cfg = small_config(c.experts, c.top_k, c.members, true);
+  cfg.moe.capacity_factor = 1.1;
+  const int64_t local_B = 3 * cfg.moe.group_size, T = 5, H = cfg.hidden;
+  const int M = c.members;
+  at::Tensor x0 = fixed({M * local_B, T, H}, 21 + static_cast<uint64_t>(r));
+  at::Tensor probe = fixed({M * local_B, T, H}, 41 + static_cast<uint64_t>(r));
+  const Placement pl = scattered(c.experts, W);
+
+  struct Run {
+    at::Tensor y, gx;
+    std::vector<at::Tensor> grads;
+    MoeTimers timers;
+  };
+  const auto run = [&](int chunks, bool train) {
+    at::manual_seed(5);
+    MoeLayer layer(cfg, 1, pl, w.host_comm(), 77);
+    layer->set_runtime({DispatcherKind::Kernels, ExpertGemm::Loop, chunks});
+    Run out;
+    ForwardContext ctx;
+    ctx.in.train = train;
+    ctx.in.noise_seed = 3;
+    ctx.in.total_groups = W * local_B / cfg.moe.group_size;
+    ctx.in.first_group = r * local_B / cfg.moe.group_size;
+    ctx.probes.timers = &out.timers;
+    at::Tensor x = x0.clone().requires_grad_(train);
+    {
+      AutocastGuard amp(x.device(), c.bf16 ? Precision::Bf16 : Precision::Fp32);
+      out.y = layer->forward(x, ctx);
+    }
+    if (!train) return out;
+    ((out.y.to(at::kFloat) * probe).sum() + ctx.aux_loss).backward();
+    out.gx = x.grad();
+    for (const auto& p : layer->parameters()) out.grads.push_back(p.grad().defined() ? p.grad() : at::Tensor());
+    return out;
+  };
+  const int most = (c.experts + W - 1) / W;
+  for (bool train : {true, false}) {
+    const Run one = run(1, train);
+    EXPECT_EQ(one.timers.pipelined, 0);
+    for (int chunks : {2, 3, most + 1}) {
+      const Run piped = run(chunks, train);
+      EXPECT_EQ(piped.timers.pipelined, 1) << chunks << " chunks: the overlapped path did not run";
+      EXPECT_TRUE(at::equal(piped.y, one.y)) << chunks << " chunks: outputs, train " << train;
+      if (!train) continue;
+      EXPECT_TRUE(at::equal(piped.gx, one.gx)) << chunks << " chunks: input gradients";
+      ASSERT_EQ(piped.grads.size(), one.grads.size());
+      for (size_t i = 0; i < one.grads.size(); ++i) {
+        ASSERT_EQ(piped.grads[i].defined(), one.grads[i].defined()) << "parameter " << i;
+        if (one.grads[i].defined()) {
+          EXPECT_TRUE(at::equal(piped.grads[i], one.grads[i])) << chunks << " chunks: gradient of parameter " << i;
+        }
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, PipelinedExperts,
+                         ::testing::Values(PipeCase{8, 2, 1, false}, PipeCase{16, 1, 1, false},
+                                           PipeCase{8, 2, 2, false}, PipeCase{16, 2, 1, true},
+                                           PipeCase{4, 1, 1, true}));
 
 // One training forward + backward of the whole model: on every rank its slice of a
 // fixed global batch with placement `per_layer` in every MoE block (over the mesh's

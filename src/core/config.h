@@ -170,6 +170,10 @@ struct CheckpointConfig {
 struct MoeRuntime {
   DispatcherKind dispatcher = DispatcherKind::Auto;
   ExpertGemm expert_gemm = ExpertGemm::Auto;
+  // > 1: split each MoE layer's local experts into this many chunks and overlap the
+  // exchange of rows with the experts (model/direct_exchange.h; CPU direct exchange
+  // with the loop of experts only, identical results); 1: one exchange, then the experts.
+  int dispatch_chunks = 1;
 };
 
 struct RuntimeConfig {

@@ -225,6 +225,7 @@ void read_prune(MapReader r, PruneConfig& p) {
 void read_runtime(MapReader r, RuntimeConfig& rt) {
   r.choice("dispatcher", rt.moe.dispatcher);
   r.choice("expert_gemm", rt.moe.expert_gemm);
+  r.get("dispatch_chunks", rt.moe.dispatch_chunks);
   r.get("malloc_tune", rt.malloc_tune);
   r.get("threads", rt.threads);
   r.finish();

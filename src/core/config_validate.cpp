@@ -127,6 +127,8 @@ void validate(const JobConfig& cfg) {
           concat("config: data.planted_prototypes=", d.planted_prototypes, " must be >= 0 (0 = the signed label feature)"));
   require(cfg.checkpoint.every >= 0, concat("config: checkpoint.every=", cfg.checkpoint.every, " must be >= 0"));
   require(cfg.checkpoint.keep >= 1, concat("config: checkpoint.keep=", cfg.checkpoint.keep, " must be >= 1"));
+  require(cfg.runtime.moe.dispatch_chunks >= 1,
+          concat("config: runtime.dispatch_chunks=", cfg.runtime.moe.dispatch_chunks, " must be >= 1"));
   require(cfg.runtime.threads >= 0, concat("config: runtime.threads=", cfg.runtime.threads, " must be >= 0"));
   for (const PhaseInfo& ph : phase_table())
     if (ph.section) validate_phase(cfg.*(ph.section), std::string(ph.name), m);

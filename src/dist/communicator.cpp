@@ -152,6 +152,13 @@ void Communicator::exchange_blocks(const at::Tensor& src, const at::Tensor& rows
   if (meanwhile) meanwhile();
 }
 
+std::unique_ptr<PendingBlocks> Communicator::post_blocks(const at::Tensor&, const at::Tensor&,
+                                                         const std::vector<RowBlock>&, const std::vector<int>&,
+                                                         const at::Tensor&, const std::vector<RowBlock>&,
+                                                         const std::vector<int>&) {
+  throw std::logic_error("Communicator::post_blocks: this backend cannot leave messages in flight (posts_blocks())");
+}
+
 // ---------------------------------------------------------------------------
 at::Tensor SelfCommunicator::all_to_all_blocks(const at::Tensor& send, const std::vector<RowBlock>& send_blocks,
                                                int64_t recv_rows, const std::vector<RowBlock>& recv_blocks) {
@@ -262,22 +269,54 @@ at::Tensor MpiCommunicator::all_to_all_blocks(const at::Tensor& send_in, const s
   return recv;
 }
 
-void MpiCommunicator::exchange_blocks(const at::Tensor& src, const at::Tensor& rows,
-                                      const std::vector<RowBlock>& send_blocks, at::Tensor& recv,
-                                      const std::vector<RowBlock>& recv_blocks, const std::function<void()>& meanwhile) {
-  TORCH_CHECK(src.device().is_cpu() && recv.device().is_cpu(), "MpiCommunicator::exchange_blocks needs CPU tensors");
+namespace {
+
+// The requests of one post_blocks call and what they use.
+class MpiPendingBlocks final : public PendingBlocks {
+ public:
+  MpiPendingBlocks(at::Tensor src, at::Tensor rows, at::Tensor recv)
+      : src_(std::move(src)), rows_(std::move(rows)), recv_(std::move(recv)) {}
+  ~MpiPendingBlocks() override { finish(); }
+  void wait() override { mpi_check(finish(), "exchange (Isend/Irecv/Waitall)"); }
+
+  std::vector<MPI_Request> req;
+  std::vector<MPI_Datatype> types;  // freed after the wait
+
+ private:
+  int finish() {
+    if (done_) return MPI_SUCCESS;
+    done_ = true;
+    const int rc = req.empty() ? MPI_SUCCESS : MPI_Waitall(static_cast<int>(req.size()), req.data(), MPI_STATUSES_IGNORE);
+    for (MPI_Datatype& t : types) MPI_Type_free(&t);
+    src_ = rows_ = recv_ = at::Tensor();
+    return rc;
+  }
+  at::Tensor src_, rows_, recv_;
+  bool done_ = false;
+};
+
+}  // namespace
+
+std::unique_ptr<PendingBlocks> MpiCommunicator::post_blocks(const at::Tensor& src, const at::Tensor& rows,
+                                                            const std::vector<RowBlock>& send_blocks,
+                                                            const std::vector<int>& send_tags, const at::Tensor& recv,
+                                                            const std::vector<RowBlock>& recv_blocks,
+                                                            const std::vector<int>& recv_tags) {
+  TORCH_CHECK(src.device().is_cpu() && recv.device().is_cpu(), "MpiCommunicator::post_blocks needs CPU tensors");
   TORCH_CHECK(src.dim() >= 1 && src.is_contiguous() && recv.is_contiguous() && src.dtype() == recv.dtype() &&
                   row_bytes(src) == row_bytes(recv),
-              "MpiCommunicator::exchange_blocks: src and recv must be contiguous with rows of the same type and size");
+              "MpiCommunicator::post_blocks: src and recv must be contiguous with rows of the same type and size");
   TORCH_CHECK(!rows.defined() || (rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous() &&
                                   rows.device().is_cpu() && src.size(0) <= INT_MAX),
-              "MpiCommunicator::exchange_blocks: rows must be a contiguous int64 CPU vector over < 2^31 source rows");
+              "MpiCommunicator::post_blocks: rows must be a contiguous int64 CPU vector over < 2^31 source rows");
+  TORCH_CHECK(send_tags.size() == send_blocks.size() && recv_tags.size() == recv_blocks.size(),
+              "MpiCommunicator::post_blocks: one tag per block");
+  for (const auto* tags : {&send_tags, &recv_tags})
+    for (int t : *tags) TORCH_CHECK(t >= 0 && t < (1 << 14), "MpiCommunicator::post_blocks: tag ", t, " outside [0, 2^14)");
   const int64_t send_rows = rows.defined() ? rows.size(0) : src.size(0);
   const int64_t rb = row_bytes(src);
-  if (!check_exchange_blocks(*this, send_rows, send_blocks, recv, recv_blocks) || rb == 0) {
-    if (meanwhile) meanwhile();
-    return;
-  }
+  auto pending = std::make_unique<MpiPendingBlocks>(src, rows, recv);
+  if (!check_exchange_blocks(*this, send_rows, send_blocks, recv, recv_blocks) || rb == 0) return pending;
   // Every gathered index is checked before anything is posted (MPI would read past
   // src; failing half-way would leave the peers waiting).
   const int64_t* idx = rows.defined() ? rows.data_ptr<int64_t>() : nullptr;
@@ -291,51 +330,61 @@ void MpiCommunicator::exchange_blocks(const at::Tensor& src, const at::Tensor& r
   MPI_Datatype row;
   mpi_check(MPI_Type_contiguous(static_cast<int>(rb), MPI_BYTE, &row), "Type_contiguous");
   mpi_check(MPI_Type_commit(&row), "Type_commit");
-  constexpr int kTag = 0x6d71;  // private to this exchange
+  pending->types.push_back(row);
   const auto* sbase = static_cast<const char*>(src.data_ptr());
   auto* rbase = static_cast<char*>(recv.data_ptr());
-  std::vector<MPI_Request> req;
-  std::vector<MPI_Datatype> gathered;  // one indexed type per send block of gathered rows
+  std::vector<MPI_Request>& req = pending->req;
   req.reserve(send_blocks.size() + recv_blocks.size());
   int rc = MPI_SUCCESS;
-  for (const RowBlock& b : recv_blocks) {
+  for (size_t i = 0; i < recv_blocks.size() && rc == MPI_SUCCESS; ++i) {
+    const RowBlock& b = recv_blocks[i];
     if (b.rows == 0) continue;
     req.emplace_back();
-    rc = MPI_Irecv(rbase + b.offset * rb, static_cast<int>(b.rows), row, b.peer, kTag, comm_, &req.back());
-    if (rc != MPI_SUCCESS) break;
+    rc = MPI_Irecv(rbase + b.offset * rb, static_cast<int>(b.rows), row, b.peer, recv_tags[i], comm_, &req.back());
   }
   std::vector<int> displ;
-  for (const RowBlock& b : send_blocks) {
-    if (rc != MPI_SUCCESS || b.rows == 0) continue;
+  for (size_t i = 0; i < send_blocks.size() && rc == MPI_SUCCESS; ++i) {
+    const RowBlock& b = send_blocks[i];
+    if (b.rows == 0) continue;
     if (!idx) {
       req.emplace_back();
-      rc = MPI_Isend(sbase + b.offset * rb, static_cast<int>(b.rows), row, b.peer, kTag, comm_, &req.back());
+      rc = MPI_Isend(sbase + b.offset * rb, static_cast<int>(b.rows), row, b.peer, send_tags[i], comm_, &req.back());
       continue;
     }
     // The rows go out through an indexed datatype over src: MPI reads them where
     // they are, no packed copy of ours.
     displ.resize(static_cast<size_t>(b.rows));
-    for (int64_t i = 0; i < b.rows; ++i) displ[static_cast<size_t>(i)] = static_cast<int>(idx[b.offset + i]);
+    for (int64_t j = 0; j < b.rows; ++j) displ[static_cast<size_t>(j)] = static_cast<int>(idx[b.offset + j]);
     MPI_Datatype t;
     rc = MPI_Type_create_indexed_block(static_cast<int>(b.rows), 1, displ.data(), row, &t);
     if (rc == MPI_SUCCESS) rc = MPI_Type_commit(&t);
     if (rc != MPI_SUCCESS) break;
-    gathered.push_back(t);
+    pending->types.push_back(t);
     req.emplace_back();
-    rc = MPI_Isend(sbase, 1, t, b.peer, kTag, comm_, &req.back());
+    rc = MPI_Isend(sbase, 1, t, b.peer, send_tags[i], comm_, &req.back());
   }
+  if (rc != MPI_SUCCESS) {
+    // Posted requests are completed before the error is reported, so that no buffer is left in use.
+    pending.reset();
+    mpi_check(rc, "exchange (Isend/Irecv)");
+  }
+  return pending;
+}
+
+void MpiCommunicator::exchange_blocks(const at::Tensor& src, const at::Tensor& rows,
+                                      const std::vector<RowBlock>& send_blocks, at::Tensor& recv,
+                                      const std::vector<RowBlock>& recv_blocks, const std::function<void()>& meanwhile) {
+  constexpr int kTag = 0x3fff;  // private to this exchange: one tag, so messages of a pair match in order
+  std::unique_ptr<PendingBlocks> pending =
+      post_blocks(src, rows, send_blocks, std::vector<int>(send_blocks.size(), kTag), recv, recv_blocks,
+                  std::vector<int>(recv_blocks.size(), kTag));
   std::exception_ptr local_error;
   try {
-    if (rc == MPI_SUCCESS && meanwhile) meanwhile();
+    if (meanwhile) meanwhile();
   } catch (...) {
     local_error = std::current_exception();  // after the wait: no request is left pending
   }
-  // Posted requests are completed even after a failure, so that no buffer is left in use.
-  const int wrc = MPI_Waitall(static_cast<int>(req.size()), req.data(), MPI_STATUSES_IGNORE);
-  if (rc == MPI_SUCCESS) rc = wrc;
-  for (MPI_Datatype& t : gathered) MPI_Type_free(&t);
-  MPI_Type_free(&row);
-  mpi_check(rc, "exchange_blocks (Isend/Irecv/Waitall)");
+  pending->wait();
   if (local_error) std::rethrow_exception(local_error);
 }
 

@@ -32,6 +32,15 @@ class PendingCollective {
   virtual void wait() = 0;
 };
 
+// Point-to-point messages started by Communicator::post_blocks. wait() completes
+// them (the buffers may then be read and reused); the destructor waits for any
+// that are left, so that no buffer stays in use.
+class PendingBlocks {
+ public:
+  virtual ~PendingBlocks() = default;
+  virtual void wait() = 0;
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -63,6 +72,20 @@ class Communicator {
   virtual void exchange_blocks(const at::Tensor& src, const at::Tensor& rows, const std::vector<RowBlock>& send_blocks,
                                at::Tensor& recv, const std::vector<RowBlock>& recv_blocks,
                                const std::function<void()>& meanwhile);
+  // One side or both of a block exchange, started and not waited for, so that the
+  // caller can compute while the rows travel and wait for them piece by piece:
+  // send block i carries src rows as in exchange_blocks and goes out with tag
+  // send_tags[i]; receive block i fills recv rows [offset, offset + rows) from a
+  // message of tag recv_tags[i]. Messages of one (peer, tag) match in the order
+  // they are posted, on both sides. The handle keeps src, rows and recv alive;
+  // they must not be written (recv: not read) before wait(). Tags in [0, 2^14).
+  // Only backends that can leave messages in flight offer it (posts_blocks()).
+  virtual bool posts_blocks() const { return false; }
+  virtual std::unique_ptr<PendingBlocks> post_blocks(const at::Tensor& src, const at::Tensor& rows,
+                                                     const std::vector<RowBlock>& send_blocks,
+                                                     const std::vector<int>& send_tags, const at::Tensor& recv,
+                                                     const std::vector<RowBlock>& recv_blocks,
+                                                     const std::vector<int>& recv_tags);
   // send: `block` int64 values per destination rank (size()*block values);
   // returns the `block` values each source rank sent here (size()*block values).
   // Always a host-side exchange: split sizes are needed on the host.
@@ -121,6 +144,11 @@ class MpiCommunicator final : public Communicator {
   void exchange_blocks(const at::Tensor& src, const at::Tensor& rows, const std::vector<RowBlock>& send_blocks,
                        at::Tensor& recv, const std::vector<RowBlock>& recv_blocks,
                        const std::function<void()>& meanwhile) override;
+  bool posts_blocks() const override { return true; }
+  std::unique_ptr<PendingBlocks> post_blocks(const at::Tensor& src, const at::Tensor& rows,
+                                             const std::vector<RowBlock>& send_blocks, const std::vector<int>& send_tags,
+                                             const at::Tensor& recv, const std::vector<RowBlock>& recv_blocks,
+                                             const std::vector<int>& recv_tags) override;
   std::vector<int64_t> exchange_counts(const std::vector<int64_t>& send, int block) override;
   void all_reduce(at::Tensor& t, ReduceOp op) override;
   std::unique_ptr<PendingCollective> all_reduce_start(at::Tensor& t, ReduceOp op) override;

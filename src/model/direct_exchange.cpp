@@ -1,6 +1,7 @@
 #include "model/direct_exchange.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/core/ivalue.h>
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
 
@@ -273,6 +274,235 @@ struct DirectCombineFn : public torch::autograd::Function<DirectCombineFn> {
   }
 };
 
+
+// ---------------------------------------------------------------------------
+// The pipelined exchange (pipelined_moe): the state of one layer call, shared by
+// the dispatch, the experts' hooks and the combine, forward and backward.
+enum Phase { kDispatch = 0, kReturn = 1, kOutputGrad = 2, kInputGrad = 3, kPhases = 4 };
+
+struct Pipeline final : torch::CustomClassHolder, ExpertHooks {
+  Communicator* comm = nullptr;
+  Route route;
+  at::Tensor token, choice;
+  int chunks = 1, local = 0, most_local = 0;
+  std::vector<int64_t> start;                 // first received row of each local expert; start[local] = recv rows
+  std::vector<std::vector<RowBlock>> peer_in;  // per local expert: its blocks from other ranks (rows relative to recv)
+  std::vector<int> peer_out_index;            // per block of route.send_peer: the expert's index on its rank
+  int64_t width = 0;
+  at::ScalarType dtype = at::kFloat;
+
+  // Forward: the experts' rows per chunk, this rank's rows to the others, the
+  // outputs coming back, each expert's outputs leaving.
+  std::vector<std::unique_ptr<PendingBlocks>> rows_in;
+  int rows_waited = 0;
+  std::unique_ptr<PendingBlocks> rows_out, returned_in;
+  std::vector<std::unique_ptr<PendingBlocks>> outputs_out;
+  at::Tensor returned;  // [send rows, H]: the other ranks' expert outputs for this rank's choices, send order
+  // Backward: the output gradients per chunk, this rank's to the others, the input
+  // gradients coming back, each expert's input gradients leaving.
+  std::vector<std::unique_ptr<PendingBlocks>> grads_in;
+  std::vector<bool> grads_waited;
+  std::unique_ptr<PendingBlocks> grads_out, input_grads_in;
+  std::vector<std::unique_ptr<PendingBlocks>> input_grads_out;
+  at::Tensor grad_y, input_grads;  // [recv rows, H], [send rows, H]
+
+  int tag(Phase phase, int expert) const { return phase * most_local + expert; }
+  int chunk_of(int expert) const { return static_cast<int>(static_cast<int64_t>(expert) * chunks / local); }
+  std::vector<int> send_tags(Phase phase) const {
+    std::vector<int> t;
+    for (int i : peer_out_index) t.push_back(tag(phase, i));
+    return t;
+  }
+  // The receive blocks of chunk j with their tags.
+  std::pair<std::vector<RowBlock>, std::vector<int>> chunk_blocks(int j, Phase phase) const {
+    std::pair<std::vector<RowBlock>, std::vector<int>> out;
+    for (int i = 0; i < local; ++i)
+      if (chunk_of(i) == j)
+        for (const RowBlock& b : peer_in[static_cast<size_t>(i)]) {
+          out.first.push_back(b);
+          out.second.push_back(tag(phase, i));
+        }
+    return out;
+  }
+  // Expert i's blocks from other ranks, rows relative to its first row.
+  std::vector<RowBlock> expert_blocks(int i) const {
+    std::vector<RowBlock> v = peer_in[static_cast<size_t>(i)];
+    for (RowBlock& b : v) b.offset -= start[static_cast<size_t>(i)];
+    return v;
+  }
+  at::Tensor rows_like(int64_t n) const { return at::empty({n, width}, at::TensorOptions().dtype(dtype)); }
+  at::Tensor empty_rows() const { return rows_like(0); }
+
+  at::Tensor input(int expert, const at::Tensor& x) override;
+  at::Tensor output(int expert, const at::Tensor& y) override;
+
+  void wait_rows(int upto_chunk) {
+    for (; rows_waited <= upto_chunk && rows_waited < chunks; ++rows_waited)
+      rows_in[static_cast<size_t>(rows_waited)]->wait();
+  }
+  void wait_grads(int chunk) {
+    if (grads_waited[static_cast<size_t>(chunk)]) return;
+    grads_in[static_cast<size_t>(chunk)]->wait();
+    grads_waited[static_cast<size_t>(chunk)] = true;
+  }
+};
+
+using PipelinePtr = c10::intrusive_ptr<Pipeline>;
+c10::IValue capsule(const PipelinePtr& p) { return c10::IValue::make_capsule(p); }
+PipelinePtr pipeline_of(torch::autograd::AutogradContext* ctx) {
+  return c10::static_intrusive_pointer_cast<Pipeline>(ctx->saved_data["pipeline"].toCapsule());
+}
+
+// Expert i's input rows: forward waits until its chunk is in; backward sends the
+// rows' gradients from other ranks back to them at once.
+struct ExpertInputFn : public torch::autograd::Function<ExpertInputFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const PipelinePtr& p,
+                            int64_t expert) {
+    p->wait_rows(p->chunk_of(static_cast<int>(expert)));
+    ctx->saved_data["pipeline"] = capsule(p);
+    ctx->saved_data["expert"] = expert;
+    return x;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const PipelinePtr p = pipeline_of(ctx);
+    const int i = static_cast<int>(ctx->saved_data["expert"].toInt());
+    const at::Tensor g = grads[0].to(p->dtype).contiguous();
+    const std::vector<RowBlock> blocks = p->expert_blocks(i);
+    p->input_grads_out.push_back(p->comm->post_blocks(g, {}, blocks, std::vector<int>(blocks.size(), p->tag(kInputGrad, i)),
+                                                      p->empty_rows(), {}, {}));
+    return {grads[0], at::Tensor(), at::Tensor()};
+  }
+};
+
+// Expert i's outputs: forward sends the rows of other ranks back to them at once;
+// backward waits until the gradients of its chunk are in.
+struct ExpertOutputFn : public torch::autograd::Function<ExpertOutputFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& y_in, const PipelinePtr& p,
+                            int64_t expert) {
+    const int i = static_cast<int>(expert);
+    TORCH_CHECK(y_in.scalar_type() == p->dtype && y_in.size(1) == p->width, "pipelined experts: expert ", i,
+                " returned ", y_in.scalar_type(), " rows of ", y_in.size(1), ", expected ", p->dtype, " rows of ",
+                p->width);
+    const at::Tensor y = y_in.contiguous();
+    const std::vector<RowBlock> blocks = p->expert_blocks(i);
+    p->outputs_out.push_back(
+        p->comm->post_blocks(y, {}, blocks, std::vector<int>(blocks.size(), p->tag(kReturn, i)), p->empty_rows(), {}, {}));
+    ctx->saved_data["pipeline"] = capsule(p);
+    ctx->saved_data["expert"] = expert;
+    return y_in;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list) {
+    // The gradient arriving here is a slice of the combine's grad_y; the rows are
+    // taken from the pipeline's own tensor, which the messages fill.
+    const PipelinePtr p = pipeline_of(ctx);
+    const int i = static_cast<int>(ctx->saved_data["expert"].toInt());
+    p->wait_grads(p->chunk_of(i));
+    const int64_t s = p->start[static_cast<size_t>(i)], n = p->start[static_cast<size_t>(i) + 1] - s;
+    return {p->grad_y.narrow(0, s, n), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor Pipeline::input(int expert, const at::Tensor& x) {
+  return ExpertInputFn::apply(x, PipelinePtr::reclaim_copy(this), static_cast<int64_t>(expert));
+}
+at::Tensor Pipeline::output(int expert, const at::Tensor& y) {
+  return ExpertOutputFn::apply(y, PipelinePtr::reclaim_copy(this), static_cast<int64_t>(expert));
+}
+
+struct PipelinedDispatchFn : public torch::autograd::Function<PipelinedDispatchFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x_in, const PipelinePtr& p) {
+    const at::Tensor x = x_in.contiguous();
+    const Route& r = p->route;
+    at::Tensor recv = p->rows_like(r.recv_rows);
+    for (int j = 0; j < p->chunks; ++j) {
+      auto [blocks, tags] = p->chunk_blocks(j, kDispatch);
+      p->rows_in.push_back(p->comm->post_blocks(x, {}, {}, {}, recv, blocks, tags));
+    }
+    p->rows_out = p->comm->post_blocks(x, p->token, r.send_peer, p->send_tags(kDispatch), p->empty_rows(), {}, {});
+    p->returned = p->rows_like(r.send_rows);
+    p->returned_in = p->comm->post_blocks(x, {}, {}, {}, p->returned, r.send_peer, p->send_tags(kReturn));
+    for (const Route::Pair& q : r.own) {
+      at::Tensor dst = recv.narrow(0, q.ro, q.n);
+      at::index_select_out(dst, x, 0, p->token.narrow(0, q.so, q.n));
+    }
+    ctx->saved_data["pipeline"] = capsule(p);
+    return recv;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const PipelinePtr p = pipeline_of(ctx);
+    const Route& r = p->route;
+    const at::Tensor gr = grads[0].defined() ? grads[0].to(p->dtype).contiguous() : p->rows_like(r.recv_rows).zero_();
+    const at::Tensor where = r.sources(p->choice, {}).first;
+    TORCH_CHECK(p->input_grads_in, "pipelined dispatch: backward without the combine's backward");
+    p->input_grads_in->wait();
+    for (auto& q : p->input_grads_out) q->wait();
+    p->grads_out->wait();
+    return {gather_sum(where, {}, r.top_k, gr, p->input_grads), at::Tensor()};
+  }
+};
+
+struct PipelinedCombineFn : public torch::autograd::Function<PipelinedCombineFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& y_in, const at::Tensor& gate_in,
+                            const PipelinePtr& p) {
+    const Route& r = p->route;
+    const at::Tensor y = y_in.contiguous();
+    const at::Tensor gate = gate_in.detach().to(at::kFloat).contiguous();
+    auto [where, weight] = r.sources(p->choice, gate);
+    p->wait_rows(p->chunks - 1);  // chunks whose experts got no rows
+    p->rows_out->wait();
+    for (auto& q : p->outputs_out) q->wait();
+    p->returned_in->wait();
+    at::Tensor out = gather_sum(where, weight, r.top_k, y, p->returned);
+    ctx->saved_data["pipeline"] = capsule(p);
+    ctx->saved_data["y"] = y;
+    ctx->saved_data["gate"] = gate;
+    ctx->saved_data["gate_dtype"] = static_cast<int64_t>(gate_in.scalar_type());
+    return out;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const PipelinePtr p = pipeline_of(ctx);
+    const Route& r = p->route;
+    const at::Tensor y = ctx->saved_data["y"].toTensor(), gate = ctx->saved_data["gate"].toTensor();
+    const at::Tensor& token = p->token;
+    const at::Tensor g = grads[0].defined() ? grads[0].to(y.scalar_type()).contiguous()
+                                            : at::zeros({r.tokens, p->width}, y.options());
+    // Receives first (the experts' gradients per chunk, then this rank's input
+    // gradients), then d y[a] = gate[a] * g[token[a]] for the other ranks' rows, sent
+    // at once; the own rows and the gates' gradients are computed while they travel.
+    p->grad_y = p->rows_like(r.recv_rows);
+    for (int j = 0; j < p->chunks; ++j) {
+      auto [blocks, tags] = p->chunk_blocks(j, kOutputGrad);
+      p->grads_in.push_back(p->comm->post_blocks(y, {}, {}, {}, p->grad_y, blocks, tags));
+    }
+    p->grads_waited.assign(static_cast<size_t>(p->chunks), false);
+    p->input_grads = p->rows_like(r.send_rows);
+    p->input_grads_in = p->comm->post_blocks(y, {}, {}, {}, p->input_grads, r.send_peer, p->send_tags(kInputGrad));
+    at::Tensor scaled = p->rows_like(r.send_rows);
+    for (const RowBlock& b : r.send_peer)
+      if (b.rows)
+        gather_scaled(scaled.narrow(0, b.offset, b.rows), g, token.narrow(0, b.offset, b.rows),
+                      gate.narrow(0, b.offset, b.rows));
+    p->grads_out = p->comm->post_blocks(scaled, {}, r.send_peer, p->send_tags(kOutputGrad), p->empty_rows(), {}, {});
+    at::Tensor grad_gate = at::empty({r.send_rows}, gate.options());
+    for (const Route::Pair& q : r.own) {
+      gather_scaled(p->grad_y.narrow(0, q.ro, q.n), g, token.narrow(0, q.so, q.n), gate.narrow(0, q.so, q.n));
+      row_dots(grad_gate.narrow(0, q.so, q.n), g, token.narrow(0, q.so, q.n), y.narrow(0, q.ro, q.n));
+    }
+    for (const RowBlock& b : r.send_peer)  // d gate[a] = <g[token[a]], y[a]>
+      if (b.rows)
+        row_dots(grad_gate.narrow(0, b.offset, b.rows), g, token.narrow(0, b.offset, b.rows),
+                 p->returned.narrow(0, b.offset, b.rows));
+    const auto gate_dtype = static_cast<at::ScalarType>(ctx->saved_data["gate_dtype"].toInt());
+    // grad_y's rows from other ranks are still in flight: each expert's backward
+    // waits for its chunk (ExpertOutputFn) and reads them from p->grad_y.
+    return {p->grad_y, grad_gate.to(gate_dtype), at::Tensor()};
+  }
+};
+
 void check_input_rows(const at::Tensor& t, int64_t rows, const char* what) {
   TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.device().is_cpu(), "direct exchange: ", what, " must be [",
               rows, ", H] on the CPU, got ", t.sizes(), " on ", t.device());
@@ -290,6 +520,58 @@ at::Tensor direct_combine(const at::Tensor& y, const DispatchPlan& plan, Communi
   check_input_rows(y, plan.recv_rows, "y");
   return DirectCombineFn::apply(y, plan.gate, Route::of(plan, comm.rank()), plan.token.contiguous(),
                                 plan.choice.contiguous(), &comm);
+}
+
+namespace {
+constexpr int kMaxTag = 0x3fff;  // below the tag of exchange_blocks
+
+// The most local experts of any rank: the length of the longest run of send blocks to one peer.
+int most_local(const DispatchPlan& plan) {
+  int most = 0, run = 0, peer = -1;
+  for (const RowBlock& b : plan.send_blocks) {
+    run = b.peer == peer ? run + 1 : 1;
+    peer = b.peer;
+    most = std::max(most, run);
+  }
+  return most;
+}
+}  // namespace
+
+bool pipelines(const DispatchPlan& plan, const Communicator& comm, int chunks) {
+  return chunks > 1 && comm.size() > 1 && comm.posts_blocks() && kPhases * most_local(plan) <= kMaxTag;
+}
+
+at::Tensor pipelined_moe(const at::Tensor& x, const DispatchPlan& plan, Communicator& comm, int chunks,
+                         const std::function<at::Tensor(const at::Tensor&, ExpertHooks*)>& experts) {
+  check_input_rows(x, plan.num_tokens, "x");
+  TORCH_CHECK(pipelines(plan, comm, chunks), "pipelined experts: not available for this plan and communicator");
+  auto p = c10::make_intrusive<Pipeline>();
+  p->comm = &comm;
+  p->route = Route::of(plan, comm.rank());
+  p->token = plan.token.contiguous();
+  p->choice = plan.choice.contiguous();
+  p->local = static_cast<int>(plan.expert_counts.size());
+  p->chunks = std::max(1, std::min(chunks, p->local));
+  p->most_local = most_local(plan);
+  p->width = x.size(1);
+  p->dtype = x.scalar_type();
+  p->start.assign(1, 0);
+  for (int64_t n : plan.expert_counts) p->start.push_back(p->start.back() + n);
+  // Receive blocks are listed per source rank, each in local expert order.
+  p->peer_in.resize(static_cast<size_t>(p->local));
+  for (size_t b = 0; b < plan.recv_blocks.size(); ++b)
+    if (plan.recv_blocks[b].peer != comm.rank())
+      p->peer_in[b % static_cast<size_t>(p->local)].push_back(plan.recv_blocks[b]);
+  // Send blocks: per destination rank, one per its local expert in order.
+  int run = 0, peer = -1;
+  for (const RowBlock& b : plan.send_blocks) {
+    run = b.peer == peer ? run + 1 : 0;
+    peer = b.peer;
+    if (b.peer != comm.rank()) p->peer_out_index.push_back(run);
+  }
+  const at::Tensor in = PipelinedDispatchFn::apply(x, p);
+  const at::Tensor out = experts(in, p.get());
+  return PipelinedCombineFn::apply(out, plan.gate, p);
 }
 
 }  // namespace moeprune

@@ -13,8 +13,11 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <functional>
+
 #include "dist/communicator.h"
 #include "model/dispatcher.h"
+#include "model/expert_bank.h"
 
 namespace moeprune {
 
@@ -24,5 +27,22 @@ at::Tensor direct_dispatch(const at::Tensor& x, const DispatchPlan& plan, Commun
 // over the kept choices a of token n of gate[a] * (expert output of a)
 // (differentiable in y and plan.gate).
 at::Tensor direct_combine(const at::Tensor& y, const DispatchPlan& plan, Communicator& comm);
+
+// Dispatch, experts and combine with the exchange overlapping the experts
+// (runtime.dispatch_chunks = C > 1): the rank's local experts are split into C
+// chunks of consecutive experts; every row message of the layer is posted at once
+// (one per (peer, expert), tagged by expert), the experts of chunk j compute as
+// soon as chunk j's rows are in, and each expert's outputs leave for their source
+// ranks as soon as it is done while the next experts compute. Backward the same way
+// round: the combine's backward posts the output gradients, each expert's backward
+// waits for its chunk's, and each expert's input gradients leave as soon as they
+// are computed. The same operations on the same rows as direct_dispatch,
+// experts(x) and direct_combine, only in another order: identical results.
+// experts(x, hooks) runs the loop of experts over x with the hooks. Needs a
+// communicator that posts_blocks() and C <= the largest number of local experts a
+// rank holds (pipelines() says whether a plan can).
+bool pipelines(const DispatchPlan& plan, const Communicator& comm, int chunks);
+at::Tensor pipelined_moe(const at::Tensor& x, const DispatchPlan& plan, Communicator& comm, int chunks,
+                         const std::function<at::Tensor(const at::Tensor&, ExpertHooks*)>& experts);
 
 }  // namespace moeprune

@@ -64,13 +64,15 @@ ExpertGemm ExpertBankImpl::resolved_gemm(const at::Tensor& x) const {
   return cpu_bf16(x) && w1.size(1) * w1.size(2) < 128 * 512 ? ExpertGemm::Batched : ExpertGemm::Loop;
 }
 
-at::Tensor ExpertBankImpl::forward(const at::Tensor& x, const std::vector<int64_t>& counts, int64_t rows_bound) {
+at::Tensor ExpertBankImpl::forward(const at::Tensor& x, const std::vector<int64_t>& counts, int64_t rows_bound,
+                                   ExpertHooks* hooks) {
   TORCH_CHECK(static_cast<int>(counts.size()) == num_local(), "expert bank: ", counts.size(), " counts for ",
               num_local(), " experts");
   const ExpertGemm g = resolved_gemm(x);
+  TORCH_CHECK(!hooks || g == ExpertGemm::Loop, "expert bank: hooks need the loop strategy, not ", str(g));
   if (x.size(0) > 0 && g == ExpertGemm::Grouped) return forward_grouped(x, counts);
   if (x.size(0) > 0 && g == ExpertGemm::Batched) return forward_batched(x, counts, rows_bound);
-  return forward_loop(x, counts);
+  return forward_loop(x, counts, hooks);
 }
 
 at::Tensor ExpertBankImpl::forward_grouped(const at::Tensor& x, const std::vector<int64_t>& counts) {
@@ -199,7 +201,8 @@ at::Tensor ExpertBankImpl::forward_batched(const at::Tensor& x, const std::vecto
   return PerExpertBiasAct::apply(at::bmm(h, W2), B2, false).view({B * C, H}).index_select(0, idx);
 }
 
-at::Tensor ExpertBankImpl::forward_loop(const at::Tensor& x, const std::vector<int64_t>& counts) {
+at::Tensor ExpertBankImpl::forward_loop(const at::Tensor& x, const std::vector<int64_t>& counts,
+                                        ExpertHooks* hooks) {
   std::vector<at::Tensor> outs;
   outs.reserve(counts.size());
   // bf16 products on CPUs go to oneDNN, which generates a kernel for every new
@@ -230,10 +233,12 @@ at::Tensor ExpertBankImpl::forward_loop(const at::Tensor& x, const std::vector<i
   for (int i = 0; i < num_local(); ++i) {
     if (counts[i] == 0) continue;
     const int64_t rows = pad ? padded_rows(counts[i]) : counts[i];
-    const at::Tensor xi = rows == counts[i] ? xs[i] : at::constant_pad_nd(xs[i], {0, 0, 0, rows - counts[i]});
+    const at::Tensor in = hooks ? hooks->input(i, xs[i]) : xs[i];
+    const at::Tensor xi = rows == counts[i] ? in : at::constant_pad_nd(in, {0, 0, 0, rows - counts[i]});
     at::Tensor h = at::gelu(at::addmm(B1[i], xi, W1[i]), "tanh");
     at::Tensor y = at::addmm(B2[i], h, W2[i]);
-    outs.push_back(rows == counts[i] ? y : y.narrow(0, 0, counts[i]));
+    if (rows != counts[i]) y = y.narrow(0, 0, counts[i]);
+    outs.push_back(hooks ? hooks->output(i, y) : y);
   }
   if (outs.empty()) return x.narrow(0, 0, 0) * 0;  // keeps the graph connected to x
   return outs.size() == 1 ? outs[0] : at::cat(outs, 0);

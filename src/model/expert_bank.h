@@ -24,6 +24,18 @@ namespace moeprune {
 uint64_t expert_seed(uint64_t seed, int layer, int expert_id);
 
 
+// Lets the exchange of rows overlap the experts of the loop strategy
+// (model/direct_exchange.h, runtime.dispatch_chunks): input(i, x) is called before
+// local expert i reads its rows x, output(i, y) after it wrote its outputs y; each
+// returns its argument (differentiable, the same values), so that the exchange can
+// wait for rows and send results, forward and backward, expert by expert.
+class ExpertHooks {
+ public:
+  virtual ~ExpertHooks() = default;
+  virtual at::Tensor input(int expert, const at::Tensor& x) = 0;
+  virtual at::Tensor output(int expert, const at::Tensor& y) = 0;
+};
+
 class ExpertBankImpl : public torch::nn::Module {
  public:
   // expert_ids: the layer's expert ids this rank holds, ascending.
@@ -34,7 +46,9 @@ class ExpertBankImpl : public torch::nn::Module {
   // of the expert-parallel group (the same on every rank, and in one process); 0 =
   // unknown. The batched product pads every expert to it, so that an expert's bits do
   // not depend on which experts share its rank; without it, to the largest local count.
-  at::Tensor forward(const at::Tensor& x, const std::vector<int64_t>& counts, int64_t rows_bound = 0);
+  // hooks: only with the loop strategy (resolved_gemm(x) == Loop).
+  at::Tensor forward(const at::Tensor& x, const std::vector<int64_t>& counts, int64_t rows_bound = 0,
+                     ExpertHooks* hooks = nullptr);
   // The strategy `auto` resolves to for input x: grouped on GPUs; on CPUs batched for
   // experts of hidden x mlp < 128 x 512 computing in bf16, a GEMM pair per expert else.
   ExpertGemm resolved_gemm(const at::Tensor& x) const;
@@ -47,7 +61,7 @@ class ExpertBankImpl : public torch::nn::Module {
   at::Tensor w1, b1, w2, b2;
 
  private:
-  at::Tensor forward_loop(const at::Tensor& x, const std::vector<int64_t>& counts);
+  at::Tensor forward_loop(const at::Tensor& x, const std::vector<int64_t>& counts, ExpertHooks* hooks);
   at::Tensor forward_grouped(const at::Tensor& x, const std::vector<int64_t>& counts);
   at::Tensor forward_batched(const at::Tensor& x, const std::vector<int64_t>& counts, int64_t rows_bound);
 

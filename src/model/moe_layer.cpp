@@ -3,10 +3,13 @@
 #include <ATen/autocast_mode.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <optional>
 
 #include "core/error.h"
+#include "core/log.h"
+#include "model/direct_exchange.h"
 #include "model/expert_bank.h"
 #include "model/trace_range.h"
 
@@ -231,6 +234,22 @@ void MoeLayerImpl::record(const Routed& r, const DispatchPlan& plan, const Shape
   (*ctx.probes.stats)[layer_].add(st);
 }
 
+bool MoeLayerImpl::pipelined_here(const at::Tensor& flat, const TokenDispatcher& d, const DispatchPlan& plan) const {
+  std::string why;
+  if (!flat.is_cpu()) why = "on GPUs the exchange is not chunked yet";
+  else if (d.name() != "kernels") why = "runtime.dispatcher is torch";
+  else if (const ExpertGemm g = experts->resolved_gemm(flat); g != ExpertGemm::Loop)
+    why = concat("the experts are not computed one by one (runtime.expert_gemm resolves to ", str(g), " here)");
+  else if (comm_->size() == 1) why = "one rank has nothing to exchange";
+  else if (!pipelines(plan, *comm_, runtime_.dispatch_chunks)) why = "more than 4095 experts on one rank";
+  if (why.empty()) return true;
+  static std::atomic<bool> warned{false};
+  if (!warned.exchange(true))
+    log::warn(concat("runtime.dispatch_chunks=", runtime_.dispatch_chunks, " is ignored: ", why,
+                     " (it applies to the CPU path over MPI with the loop of experts)"));
+  return false;
+}
+
 int64_t MoeLayerImpl::rows_bound(const DispatchPlan& plan, const at::Tensor& expert_in) {
   if (experts->resolved_gemm(expert_in) != ExpertGemm::Batched) return 0;
   // The most rows any copy of the layer's experts got, over the expert-parallel
@@ -272,6 +291,18 @@ at::Tensor MoeLayerImpl::forward(const at::Tensor& x, ForwardContext& ctx) {
   const auto dev = x.device().type();
   if (at::autocast::is_autocast_enabled(dev) && flat.scalar_type() == at::kFloat)
     flat = flat.to(at::autocast::get_autocast_dtype(dev));
+  if (runtime_.dispatch_chunks > 1 && pipelined_here(flat, d, *plan)) {
+    // Dispatch, experts and combine overlapped (identical results): one phase for the timers.
+    range.next("moe::pipelined");
+    at::Tensor out = pipelined_moe(flat, *plan, *comm_, runtime_.dispatch_chunks,
+                                   [&](const at::Tensor& in, ExpertHooks* hooks) {
+                                     return experts->forward(in, plan->expert_counts, 0, hooks);
+                                   });
+    range.end();
+    laps.lap(&MoeTimers::experts);
+    if (ctx.probes.timers) ++ctx.probes.timers->pipelined;
+    return out.reshape({s.rows, s.T, s.H});
+  }
   range.next("moe::dispatch");
   at::Tensor expert_in = d.dispatch(flat, *plan);
   laps.lap(&MoeTimers::dispatch);

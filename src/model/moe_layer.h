@@ -24,7 +24,8 @@ namespace moeprune {
 
 // Forward-pass wall time of the MoE parts, seconds (host clock).
 struct MoeTimers {
-  double router = 0, dispatch = 0, experts = 0, combine = 0;
+  double router = 0, dispatch = 0, experts = 0, combine = 0;  // seconds; a pipelined call counts as experts
+  int64_t pipelined = 0;  // calls that overlapped the exchange with the experts (runtime.dispatch_chunks)
 };
 
 // What one forward call of the model is given.
@@ -98,6 +99,9 @@ class MoeLayerImpl : public torch::nn::Module {
   // The row count the batched expert product pads to (ExpertBankImpl::forward), 0
   // when the experts use another strategy (collective when batched).
   int64_t rows_bound(const DispatchPlan& plan, const at::Tensor& expert_in);
+  // Whether this call can overlap the exchange with the experts (runtime.dispatch_chunks > 1);
+  // warns once per process when it cannot, saying why.
+  bool pipelined_here(const at::Tensor& flat, const TokenDispatcher& d, const DispatchPlan& plan) const;
 
   ModelConfig cfg_;
   int layer_;
