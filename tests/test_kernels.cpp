@@ -297,6 +297,71 @@ TEST(Kernels, GroupedExpertGemmEqualsLoop) {
   }
 }
 
+// The loop strategy's one autograd node (hand-written backward writing the stacked
+// weight gradients in place) against the same per-expert ops recorded by autograd:
+// outputs, input and weight gradients bit for bit, float32 and bf16 autocast (rows
+// padded for oneDNN), experts without rows, 1 and 2 threads, backward under autocast
+// as the trainer runs it (the scope closed first).
+TEST(Kernels, LoopExpertsEqualAutogradOfTheSameOps) {
+  const int threads = at::get_num_threads();
+  at::manual_seed(15);
+  ExpertBank bank(24, 40, std::vector<int>{0, 2, 3, 5, 6, 7}, 1, 9);
+  {
+    at::NoGradGuard g;
+    bank->b1.normal_(), bank->b2.normal_();  // nonzero biases: their gradients and values count
+  }
+  bank->set_gemm(ExpertGemm::Loop);
+  const std::vector<int64_t> counts{7, 0, 33, 1, 4, 0};
+  at::Tensor x0 = at::randn({45, 24}), up = at::randn({45, 24});
+  // The reference: autograd over per-expert ops (the loop before it had its own node).
+  const auto reference = [&](const at::Tensor& x, bool bf16) {
+    at::Tensor w1 = bank->w1, b1 = bank->b1, w2 = bank->w2, b2 = bank->b2;
+    if (bf16) w1 = w1.to(at::kBFloat16), b1 = b1.to(at::kBFloat16), w2 = w2.to(at::kBFloat16), b2 = b2.to(at::kBFloat16);
+    const auto W1 = w1.unbind(0), B1 = b1.unbind(0), W2 = w2.unbind(0), B2 = b2.unbind(0);
+    const auto xs = x.split_with_sizes(counts, 0);
+    std::vector<at::Tensor> outs;
+    for (size_t i = 0; i < counts.size(); ++i) {
+      if (counts[i] == 0) continue;
+      int64_t rows = counts[i];
+      if (bf16) {  // the loop's padding: one of 8 sizes per octave, 16 at least
+        int64_t octave = 1;
+        while (octave * 2 <= rows) octave *= 2;
+        const int64_t step = std::max<int64_t>(16, octave / 8);
+        rows = std::max<int64_t>(16, (rows + step - 1) / step * step);
+      }
+      const at::Tensor xi = rows == counts[i] ? xs[i] : at::constant_pad_nd(xs[i], {0, 0, 0, rows - counts[i]});
+      at::Tensor y = at::addmm(B2[i], at::gelu(at::addmm(B1[i], xi, W1[i]), "tanh"), W2[i]);
+      outs.push_back(rows == counts[i] ? y : y.narrow(0, 0, counts[i]));
+    }
+    return at::cat(outs, 0);
+  };
+  for (int t : {1, 2}) {
+    at::set_num_threads(t);
+    for (bool bf16 : {false, true}) {
+      const auto run = [&](bool ref) {
+        bank->zero_grad();
+        at::Tensor x = (bf16 ? x0.to(at::kBFloat16) : x0.clone()).requires_grad_(true);
+        at::Tensor y;
+        {
+          AutocastGuard amp(at::Device(at::kCPU), bf16 ? Precision::Bf16 : Precision::Fp32);
+          y = ref ? reference(x, bf16) : bank->forward(x, counts);
+        }
+        (y.to(at::kFloat) * up).sum().backward();
+        std::vector<at::Tensor> out{y.detach(), x.grad()};
+        for (const auto& p : bank->parameters()) out.push_back(p.grad().clone());
+        return out;
+      };
+      const auto want = run(true), got = run(false);
+      for (size_t i = 0; i < want.size(); ++i) {
+        EXPECT_EQ(got[i].scalar_type(), want[i].scalar_type()) << "tensor " << i;
+        EXPECT_TRUE(at::equal(got[i], want[i])) << (bf16 ? "bf16" : "fp32") << ", " << t << " threads: tensor " << i
+                                                << " (0 output, 1 input gradient, then w1 b1 w2 b2 gradients)";
+      }
+    }
+  }
+  at::set_num_threads(threads);
+}
+
 // The batched product pads every expert to the layer's rows bound, so an expert's
 // outputs and gradients are the same bits whichever experts share its bank: one
 // expert alone (a batch of one would split its weight gradient among threads), two,

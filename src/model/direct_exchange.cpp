@@ -280,7 +280,7 @@ struct DirectCombineFn : public torch::autograd::Function<DirectCombineFn> {
 // the dispatch, the experts' hooks and the combine, forward and backward.
 enum Phase { kDispatch = 0, kReturn = 1, kOutputGrad = 2, kInputGrad = 3, kPhases = 4 };
 
-struct Pipeline final : torch::CustomClassHolder, ExpertHooks {
+struct Pipeline final : ExpertHooks {
   Communicator* comm = nullptr;
   Route route;
   at::Tensor token, choice;
@@ -333,8 +333,30 @@ struct Pipeline final : torch::CustomClassHolder, ExpertHooks {
   at::Tensor rows_like(int64_t n) const { return at::empty({n, width}, at::TensorOptions().dtype(dtype)); }
   at::Tensor empty_rows() const { return rows_like(0); }
 
-  at::Tensor input(int expert, const at::Tensor& x) override;
-  at::Tensor output(int expert, const at::Tensor& y) override;
+  // The experts' hooks (ExpertHooks): wait for rows and gradients chunk by chunk,
+  // send outputs and input gradients expert by expert.
+  void rows_ready(int expert) override { wait_rows(chunk_of(expert)); }
+  void outputs_done(int expert, const at::Tensor& y) override {
+    TORCH_CHECK(y.scalar_type() == dtype && y.size(1) == width && y.is_contiguous(), "pipelined experts: expert ",
+                expert, " wrote ", y.scalar_type(), " rows of ", y.size(1), ", expected contiguous ", dtype,
+                " rows of ", width);
+    const std::vector<RowBlock> blocks = expert_blocks(expert);
+    outputs_out.push_back(
+        comm->post_blocks(y, {}, blocks, std::vector<int>(blocks.size(), tag(kReturn, expert)), empty_rows(), {}, {}));
+  }
+  at::Tensor output_grad(int expert, const at::Tensor&) override {
+    // The rows autograd passed are a slice of grad_y (the combine's backward returned
+    // it); they are taken from the pipeline's own tensor, which the messages fill.
+    wait_grads(chunk_of(expert));
+    const int64_t s = start[static_cast<size_t>(expert)], n = start[static_cast<size_t>(expert) + 1] - s;
+    return grad_y.narrow(0, s, n);
+  }
+  void input_grad_done(int expert, const at::Tensor& dx) override {
+    const at::Tensor g = dx.to(dtype).contiguous();
+    const std::vector<RowBlock> blocks = expert_blocks(expert);
+    input_grads_out.push_back(
+        comm->post_blocks(g, {}, blocks, std::vector<int>(blocks.size(), tag(kInputGrad, expert)), empty_rows(), {}, {}));
+  }
 
   void wait_rows(int upto_chunk) {
     for (; rows_waited <= upto_chunk && rows_waited < chunks; ++rows_waited)
@@ -351,64 +373,6 @@ using PipelinePtr = c10::intrusive_ptr<Pipeline>;
 c10::IValue capsule(const PipelinePtr& p) { return c10::IValue::make_capsule(p); }
 PipelinePtr pipeline_of(torch::autograd::AutogradContext* ctx) {
   return c10::static_intrusive_pointer_cast<Pipeline>(ctx->saved_data["pipeline"].toCapsule());
-}
-
-// Expert i's input rows: forward waits until its chunk is in; backward sends the
-// rows' gradients from other ranks back to them at once.
-struct ExpertInputFn : public torch::autograd::Function<ExpertInputFn> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const PipelinePtr& p,
-                            int64_t expert) {
-    p->wait_rows(p->chunk_of(static_cast<int>(expert)));
-    ctx->saved_data["pipeline"] = capsule(p);
-    ctx->saved_data["expert"] = expert;
-    return x;
-  }
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const PipelinePtr p = pipeline_of(ctx);
-    const int i = static_cast<int>(ctx->saved_data["expert"].toInt());
-    const at::Tensor g = grads[0].to(p->dtype).contiguous();
-    const std::vector<RowBlock> blocks = p->expert_blocks(i);
-    p->input_grads_out.push_back(p->comm->post_blocks(g, {}, blocks, std::vector<int>(blocks.size(), p->tag(kInputGrad, i)),
-                                                      p->empty_rows(), {}, {}));
-    return {grads[0], at::Tensor(), at::Tensor()};
-  }
-};
-
-// Expert i's outputs: forward sends the rows of other ranks back to them at once;
-// backward waits until the gradients of its chunk are in.
-struct ExpertOutputFn : public torch::autograd::Function<ExpertOutputFn> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& y_in, const PipelinePtr& p,
-                            int64_t expert) {
-    const int i = static_cast<int>(expert);
-    TORCH_CHECK(y_in.scalar_type() == p->dtype && y_in.size(1) == p->width, "pipelined experts: expert ", i,
-                " returned ", y_in.scalar_type(), " rows of ", y_in.size(1), ", expected ", p->dtype, " rows of ",
-                p->width);
-    const at::Tensor y = y_in.contiguous();
-    const std::vector<RowBlock> blocks = p->expert_blocks(i);
-    p->outputs_out.push_back(
-        p->comm->post_blocks(y, {}, blocks, std::vector<int>(blocks.size(), p->tag(kReturn, i)), p->empty_rows(), {}, {}));
-    ctx->saved_data["pipeline"] = capsule(p);
-    ctx->saved_data["expert"] = expert;
-    return y_in;
-  }
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list) {
-    // The gradient arriving here is a slice of the combine's grad_y; the rows are
-    // taken from the pipeline's own tensor, which the messages fill.
-    const PipelinePtr p = pipeline_of(ctx);
-    const int i = static_cast<int>(ctx->saved_data["expert"].toInt());
-    p->wait_grads(p->chunk_of(i));
-    const int64_t s = p->start[static_cast<size_t>(i)], n = p->start[static_cast<size_t>(i) + 1] - s;
-    return {p->grad_y.narrow(0, s, n), at::Tensor(), at::Tensor()};
-  }
-};
-
-at::Tensor Pipeline::input(int expert, const at::Tensor& x) {
-  return ExpertInputFn::apply(x, PipelinePtr::reclaim_copy(this), static_cast<int64_t>(expert));
-}
-at::Tensor Pipeline::output(int expert, const at::Tensor& y) {
-  return ExpertOutputFn::apply(y, PipelinePtr::reclaim_copy(this), static_cast<int64_t>(expert));
 }
 
 struct PipelinedDispatchFn : public torch::autograd::Function<PipelinedDispatchFn> {
@@ -542,7 +506,7 @@ bool pipelines(const DispatchPlan& plan, const Communicator& comm, int chunks) {
 }
 
 at::Tensor pipelined_moe(const at::Tensor& x, const DispatchPlan& plan, Communicator& comm, int chunks,
-                         const std::function<at::Tensor(const at::Tensor&, ExpertHooks*)>& experts) {
+                         const std::function<at::Tensor(const at::Tensor&, const ExpertHooksPtr&)>& experts) {
   check_input_rows(x, plan.num_tokens, "x");
   TORCH_CHECK(pipelines(plan, comm, chunks), "pipelined experts: not available for this plan and communicator");
   auto p = c10::make_intrusive<Pipeline>();
@@ -570,7 +534,7 @@ at::Tensor pipelined_moe(const at::Tensor& x, const DispatchPlan& plan, Communic
     if (b.peer != comm.rank()) p->peer_out_index.push_back(run);
   }
   const at::Tensor in = PipelinedDispatchFn::apply(x, p);
-  const at::Tensor out = experts(in, p.get());
+  const at::Tensor out = experts(in, p);
   return PipelinedCombineFn::apply(out, plan.gate, p);
 }
 

@@ -43,6 +43,6 @@ at::Tensor direct_combine(const at::Tensor& y, const DispatchPlan& plan, Communi
 // rank holds (pipelines() says whether a plan can).
 bool pipelines(const DispatchPlan& plan, const Communicator& comm, int chunks);
 at::Tensor pipelined_moe(const at::Tensor& x, const DispatchPlan& plan, Communicator& comm, int chunks,
-                         const std::function<at::Tensor(const at::Tensor&, ExpertHooks*)>& experts);
+                         const std::function<at::Tensor(const at::Tensor&, const ExpertHooksPtr&)>& experts);
 
 }  // namespace moeprune

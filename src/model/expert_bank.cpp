@@ -65,7 +65,7 @@ ExpertGemm ExpertBankImpl::resolved_gemm(const at::Tensor& x) const {
 }
 
 at::Tensor ExpertBankImpl::forward(const at::Tensor& x, const std::vector<int64_t>& counts, int64_t rows_bound,
-                                   ExpertHooks* hooks) {
+                                   const ExpertHooksPtr& hooks) {
   TORCH_CHECK(static_cast<int>(counts.size()) == num_local(), "expert bank: ", counts.size(), " counts for ",
               num_local(), " experts");
   const ExpertGemm g = resolved_gemm(x);
@@ -201,10 +201,116 @@ at::Tensor ExpertBankImpl::forward_batched(const at::Tensor& x, const std::vecto
   return PerExpertBiasAct::apply(at::bmm(h, W2), B2, false).view({B * C, H}).index_select(0, idx);
 }
 
+namespace {
+// The loop strategy, one GEMM pair per expert over its rows: out[rows of i] =
+// gelu(x_i W1[i] + b1[i]) W2[i] + b2[i]. One autograd node for the layer's experts
+// (LoopExperts below), whose backward writes each expert's weight gradients into
+// their place in the stacked gradient (no stack of per-expert gradients, no
+// per-expert nodes) with the operations autograd would run for these ops, in the
+// same order: the same bits. rows(i) pads expert i's rows on the bf16 CPU path.
+struct LoopSpec {
+  std::vector<int64_t> counts, start;  // rows per expert and first row
+  bool pad = false;
+  int64_t rows(size_t i) const { return pad ? padded_rows(counts[i]) : counts[i]; }
+};
+
+// Expert i's input rows as its GEMM reads them (padded with zero rows on the bf16 CPU path).
+at::Tensor expert_rows(const at::Tensor& x, const LoopSpec& s, size_t i) {
+  const at::Tensor xi = x.narrow(0, s.start[i], s.counts[i]);
+  const int64_t rows = s.rows(i);
+  return rows == s.counts[i] ? xi : at::constant_pad_nd(xi, {0, 0, 0, rows - s.counts[i]});
+}
+
+// The forward over all experts; with `saved`, keeps what backward needs (per expert
+// with rows: its padded input, its pre-activation and its activation).
+at::Tensor loop_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                        const at::Tensor& b2, const LoopSpec& s, ExpertHooks* hooks, std::vector<at::Tensor>* saved) {
+  at::Tensor out;
+  for (size_t i = 0; i < s.counts.size(); ++i) {
+    if (s.counts[i] == 0) continue;
+    if (hooks) hooks->rows_ready(static_cast<int>(i));
+    const at::Tensor xi = expert_rows(x, s, i);
+    const at::Tensor pre = at::addmm(b1[i], xi, w1[i]);
+    const at::Tensor h = at::gelu(pre, "tanh");
+    if (!out.defined()) out = at::empty({x.size(0), w2.size(2)}, h.options());
+    at::Tensor yo = out.narrow(0, s.start[i], s.counts[i]);
+    if (s.rows(i) == s.counts[i]) at::addmm_out(yo, b2[i], h, w2[i]);
+    else yo.copy_(at::addmm(b2[i], h, w2[i]).narrow(0, 0, s.counts[i]));
+    if (hooks) hooks->outputs_done(static_cast<int>(i), yo);
+    if (saved) saved->insert(saved->end(), {xi, pre, h});
+  }
+  return out;
+}
+
+struct LoopExperts : public torch::autograd::Function<LoopExperts> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                            const at::Tensor& w2, const at::Tensor& b2, const LoopSpec& s, const ExpertHooksPtr& hooks) {
+    std::vector<at::Tensor> saved;
+    at::Tensor out = loop_forward(x, w1, b1, w2, b2, s, hooks.get(), &saved);
+    ctx->save_for_backward({w1, w2});
+    ctx->saved_data["saved"] = saved;
+    ctx->saved_data["counts"] = s.counts;
+    ctx->saved_data["start"] = s.start;
+    ctx->saved_data["pad"] = s.pad;
+    ctx->saved_data["b1_dtype"] = static_cast<int64_t>(b1.scalar_type());
+    ctx->saved_data["b2_dtype"] = static_cast<int64_t>(b2.scalar_type());
+    ctx->saved_data["x_rows"] = x.size(0);
+    if (hooks) ctx->saved_data["hooks"] = c10::IValue::make_capsule(hooks);
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto vars = ctx->get_saved_variables();
+    const at::Tensor &w1 = vars[0], &w2 = vars[1];
+    const std::vector<at::Tensor> saved = ctx->saved_data["saved"].toTensorVector();
+    LoopSpec s;
+    s.counts = ctx->saved_data["counts"].toIntVector();
+    s.start = ctx->saved_data["start"].toIntVector();
+    s.pad = ctx->saved_data["pad"].toBool();
+    ExpertHooksPtr hooks;
+    if (ctx->saved_data.count("hooks"))
+      hooks = c10::static_intrusive_pointer_cast<ExpertHooks>(ctx->saved_data["hooks"].toCapsule());
+    const int64_t H = w2.size(2), F = w1.size(2), E = w1.size(0);
+    const auto b1_dtype = static_cast<at::ScalarType>(ctx->saved_data["b1_dtype"].toInt());
+    const auto b2_dtype = static_cast<at::ScalarType>(ctx->saved_data["b2_dtype"].toInt());
+    at::Tensor gy = grads[0];
+    at::Tensor gw1 = at::empty_like(w1, at::MemoryFormat::Contiguous), gw2 = at::empty_like(w2, at::MemoryFormat::Contiguous);
+    at::Tensor gb1 = at::empty({E, F}, w1.options().dtype(b1_dtype)), gb2 = at::empty({E, H}, w2.options().dtype(b2_dtype));
+    at::Tensor gx;
+    // Experts last to first, as autograd ran their nodes.
+    size_t k = saved.size();
+    for (size_t i = s.counts.size(); i-- > 0;) {
+      if (s.counts[i] == 0) {
+        gw1[i].zero_(), gw2[i].zero_(), gb1[i].zero_(), gb2[i].zero_();  // as unbind's backward for unused experts
+        continue;
+      }
+      k -= 3;
+      const at::Tensor &xi = saved[k], &pre = saved[k + 1], &h = saved[k + 2];
+      at::Tensor dy = gy.defined() ? gy.narrow(0, s.start[i], s.counts[i])
+                                   : at::zeros({s.counts[i], H}, h.options());
+      if (hooks) dy = hooks->output_grad(static_cast<int>(i), dy);
+      const int64_t rows = s.rows(i);
+      if (rows != s.counts[i]) dy = at::constant_pad_nd(dy, {0, 0, 0, rows - s.counts[i]});
+      // addmm's backward: d mat2 = mat1^T g, d mat1 = g mat2^T, d bias = g summed to the bias.
+      at::Tensor gw2_i = gw2[i], gb2_i = gb2[i], gw1_i = gw1[i], gb1_i = gb1[i];
+      at::mm_out(gw2_i, h.t(), dy);
+      gb2_i.copy_(at::sum_to(dy, at::IntArrayRef{H}));
+      const at::Tensor dpre = at::gelu_backward(at::mm(dy, w2[i].t()), pre, "tanh");
+      at::mm_out(gw1_i, xi.t(), dpre);
+      gb1_i.copy_(at::sum_to(dpre, at::IntArrayRef{F}));
+      const at::Tensor dxi = at::mm(dpre, w1[i].t());
+      if (!gx.defined()) gx = at::empty({ctx->saved_data["x_rows"].toInt(), dxi.size(1)}, dxi.options());
+      at::Tensor gxi = gx.narrow(0, s.start[i], s.counts[i]);
+      gxi.copy_(rows == s.counts[i] ? dxi : dxi.narrow(0, 0, s.counts[i]));
+      if (hooks) hooks->input_grad_done(static_cast<int>(i), gxi);
+    }
+    return {gx, gw1, gb1, gw2, gb2, at::Tensor(), at::Tensor()};
+  }
+};
+}  // namespace
+
 at::Tensor ExpertBankImpl::forward_loop(const at::Tensor& x, const std::vector<int64_t>& counts,
-                                        ExpertHooks* hooks) {
-  std::vector<at::Tensor> outs;
-  outs.reserve(counts.size());
+                                        const ExpertHooksPtr& hooks) {
   // bf16 products on CPUs go to oneDNN, which generates a kernel for every new
   // shape (~0.6 ms each on a Xeon with AMX, against ~0.04 ms for the product
   // itself at the tiny default's sizes) and keeps 1024 of them: expert row counts
@@ -212,36 +318,31 @@ at::Tensor ExpertBankImpl::forward_loop(const at::Tensor& x, const std::vector<i
   // padded with zeros to one of 8 sizes per octave (< 12.5% more rows), which
   // bounds the shapes; zero rows add nothing to any gradient, and the padded rows'
   // outputs are dropped.
-  const bool pad = cpu_bf16(x);
-  // unbind once: its backward stacks the experts' gradients into one tensor, where
-  // indexing each expert (w1[i]) would materialise a full-size gradient per expert.
-  // Under autocast the stacked weights are cast once, before the unbind: the same
-  // values as autocast's cast of each expert's slice, but the backward then stacks
-  // the experts' gradients in the low precision and widens them in one pass, where
-  // 2 x E casts each widened a slice and the stack moved float32 (bit-identical
-  // gradients; 4096 x 768, E = 32, bf16 on a Xeon: the stack and the casts' backward
-  // were 356 of 882 ms of the layer's forward + backward).
-  at::Tensor w1c = w1, b1c = b1, w2c = w2, b2c = b2;
+  LoopSpec s;
+  s.pad = cpu_bf16(x);
+  s.counts = counts;
+  s.start.assign(1, 0);
+  for (int64_t n : counts) s.start.push_back(s.start.back() + n);
+  if (s.start.back() == 0) return x.narrow(0, 0, 0) * 0;  // keeps the graph connected to x
+  // Under autocast the stacked weights are cast once (the same values as autocast's
+  // cast of each expert's slice); the backward then widens each gradient in one pass.
+  // The rows too, where they are not in that type yet (autocast would cast each
+  // expert's rows; the MoE layer casts before the dispatch).
+  at::Tensor xc = x, w1c = w1, b1c = b1, w2c = w2, b2c = b2;
   if (const auto dev = x.device().type(); at::autocast::is_autocast_enabled(dev)) {
     const auto dt = at::autocast::get_autocast_dtype(dev);
     w1c = w1.to(dt), b1c = b1.to(dt), w2c = w2.to(dt), b2c = b2.to(dt);
+    if (x.is_floating_point()) xc = x.to(dt);
   }
-  const auto W1 = w1c.unbind(0), B1 = b1c.unbind(0), W2 = w2c.unbind(0), B2 = b2c.unbind(0);
-  // One split, not a narrow per expert: each narrow's backward writes a zero-filled
-  // gradient of all of x (E full-size fills and adds); the split's backward is one cat.
-  const auto xs = x.split_with_sizes(counts, 0);
-  for (int i = 0; i < num_local(); ++i) {
-    if (counts[i] == 0) continue;
-    const int64_t rows = pad ? padded_rows(counts[i]) : counts[i];
-    const at::Tensor in = hooks ? hooks->input(i, xs[i]) : xs[i];
-    const at::Tensor xi = rows == counts[i] ? in : at::constant_pad_nd(in, {0, 0, 0, rows - counts[i]});
-    at::Tensor h = at::gelu(at::addmm(B1[i], xi, W1[i]), "tanh");
-    at::Tensor y = at::addmm(B2[i], h, W2[i]);
-    if (rows != counts[i]) y = y.narrow(0, 0, counts[i]);
-    outs.push_back(hooks ? hooks->output(i, y) : y);
-  }
-  if (outs.empty()) return x.narrow(0, 0, 0) * 0;  // keeps the graph connected to x
-  return outs.size() == 1 ? outs[0] : at::cat(outs, 0);
+  // One autograd node for all experts (its backward writes the stacked weight
+  // gradients in place: on 4096 x 768, E = 32, bf16 the stack of per-expert
+  // gradients and the per-expert nodes had cost ~85 of ~800 ms); without gradients,
+  // the same loop saving nothing.
+  const bool grad = at::GradMode::is_enabled() &&
+                    (xc.requires_grad() || w1c.requires_grad() || b1c.requires_grad() || w2c.requires_grad() ||
+                     b2c.requires_grad());
+  if (grad) return LoopExperts::apply(xc, w1c, b1c, w2c, b2c, s, hooks);
+  return loop_forward(xc, w1c, b1c, w2c, b2c, s, hooks.get(), nullptr);
 }
 
 }  // namespace moeprune

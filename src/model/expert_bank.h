@@ -2,13 +2,15 @@
 // pruning and migration are index operations: expert i (local order) has
 // w1[i]: [hidden, mlp], b1[i]: [mlp], w2[i]: [mlp, hidden], b2[i]: [hidden].
 // Computed by one of three strategies (runtime.expert_gemm): one GEMM pair per
-// local expert over its contiguous rows (loop, at::addmm), one grouped GEMM per
+// local expert over its contiguous rows (loop, at::addmm; one autograd node for all
+// experts whose backward writes the stacked weight gradients in place), one grouped GEMM per
 // layer side over all local experts (grouped, at::_grouped_mm: CUTLASS on Hopper
 // GPUs, a composite on CPUs), or one batched product per side over the experts
 // padded to a row count that does not depend on the placement (batched, at::bmm:
 // two products per layer for small experts).
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/core/ivalue.h>
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 
@@ -25,16 +27,21 @@ uint64_t expert_seed(uint64_t seed, int layer, int expert_id);
 
 
 // Lets the exchange of rows overlap the experts of the loop strategy
-// (model/direct_exchange.h, runtime.dispatch_chunks): input(i, x) is called before
-// local expert i reads its rows x, output(i, y) after it wrote its outputs y; each
-// returns its argument (differentiable, the same values), so that the exchange can
-// wait for rows and send results, forward and backward, expert by expert.
-class ExpertHooks {
+// (model/direct_exchange.h, runtime.dispatch_chunks), expert by expert. Forward:
+// rows_ready(i) before local expert i reads its rows, outputs_done(i, y) once its
+// output rows y are written. Backward: output_grad(i, g) returns the gradient of
+// expert i's outputs once it is there (g: the rows autograd passed), and
+// input_grad_done(i, dx) follows once the gradient of its input rows is written.
+// Held by the autograd graph until backward (an intrusive_ptr).
+class ExpertHooks : public torch::CustomClassHolder {
  public:
   virtual ~ExpertHooks() = default;
-  virtual at::Tensor input(int expert, const at::Tensor& x) = 0;
-  virtual at::Tensor output(int expert, const at::Tensor& y) = 0;
+  virtual void rows_ready(int expert) = 0;
+  virtual void outputs_done(int expert, const at::Tensor& y) = 0;
+  virtual at::Tensor output_grad(int expert, const at::Tensor& g) = 0;
+  virtual void input_grad_done(int expert, const at::Tensor& dx) = 0;
 };
+using ExpertHooksPtr = c10::intrusive_ptr<ExpertHooks>;
 
 class ExpertBankImpl : public torch::nn::Module {
  public:
@@ -48,7 +55,7 @@ class ExpertBankImpl : public torch::nn::Module {
   // not depend on which experts share its rank; without it, to the largest local count.
   // hooks: only with the loop strategy (resolved_gemm(x) == Loop).
   at::Tensor forward(const at::Tensor& x, const std::vector<int64_t>& counts, int64_t rows_bound = 0,
-                     ExpertHooks* hooks = nullptr);
+                     const ExpertHooksPtr& hooks = {});
   // The strategy `auto` resolves to for input x: grouped on GPUs; on CPUs batched for
   // experts of hidden x mlp < 128 x 512 computing in bf16, a GEMM pair per expert else.
   ExpertGemm resolved_gemm(const at::Tensor& x) const;
@@ -61,7 +68,7 @@ class ExpertBankImpl : public torch::nn::Module {
   at::Tensor w1, b1, w2, b2;
 
  private:
-  at::Tensor forward_loop(const at::Tensor& x, const std::vector<int64_t>& counts, ExpertHooks* hooks);
+  at::Tensor forward_loop(const at::Tensor& x, const std::vector<int64_t>& counts, const ExpertHooksPtr& hooks);
   at::Tensor forward_grouped(const at::Tensor& x, const std::vector<int64_t>& counts);
   at::Tensor forward_batched(const at::Tensor& x, const std::vector<int64_t>& counts, int64_t rows_bound);
 

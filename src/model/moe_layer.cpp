@@ -295,7 +295,7 @@ at::Tensor MoeLayerImpl::forward(const at::Tensor& x, ForwardContext& ctx) {
     // Dispatch, experts and combine overlapped (identical results): one phase for the timers.
     range.next("moe::pipelined");
     at::Tensor out = pipelined_moe(flat, *plan, *comm_, runtime_.dispatch_chunks,
-                                   [&](const at::Tensor& in, ExpertHooks* hooks) {
+                                   [&](const at::Tensor& in, const ExpertHooksPtr& hooks) {
                                      return experts->forward(in, plan->expert_counts, 0, hooks);
                                    });
     range.end();
