@@ -3,7 +3,8 @@
 // config is read, so a bad value is a UserError on every rank before any work:
 //   MOEPRUNE_KERNELS=auto|on|off      runtime.dispatcher = auto | kernels | torch
 //   MOEPRUNE_EXPERT_GEMM=auto|loop|grouped|batched  runtime.expert_gemm
-//   MOEPRUNE_MALLOC_TUNE=0|1          runtime.malloc_tune
+//   MOEPRUNE_MALLOC_TUNE=0|1          runtime.malloc_tune; 0 also leaves LibTorch's huge pages
+//                                     off (THP_MEM_ALLOC_ENABLE, set by World otherwise)
 //   OMP_NUM_THREADS=n                 threads per rank when runtime.threads is 0
 #pragma once
 #include <string>
