@@ -187,6 +187,31 @@ void row_dots(at::Tensor dst, const at::Tensor& src, const at::Tensor& index, co
   });
 }
 
+// The combine's backward, d y[a] = gate[a] * g[token[a]]: the other ranks' rows,
+// in send order (to be sent back to the experts).
+at::Tensor scaled_peer_rows(const Route& r, const at::Tensor& g, const at::Tensor& token, const at::Tensor& gate) {
+  at::Tensor scaled = at::empty({r.send_rows, g.size(1)}, g.options());
+  for (const RowBlock& b : r.send_peer)
+    if (b.rows)
+      gather_scaled(scaled.narrow(0, b.offset, b.rows), g, token.narrow(0, b.offset, b.rows),
+                    gate.narrow(0, b.offset, b.rows));
+  return scaled;
+}
+
+// The rest of the combine's backward, local: the own rows' d y into grad_y, and
+// d gate[a] = <g[token[a]], y[a]> with the other ranks' outputs y[a] in `back`.
+void own_and_gate_grads(const Route& r, const at::Tensor& g, const at::Tensor& token, const at::Tensor& gate,
+                        const at::Tensor& y, const at::Tensor& back, at::Tensor& grad_y, at::Tensor& grad_gate) {
+  for (const Route::Pair& q : r.own) {
+    gather_scaled(grad_y.narrow(0, q.ro, q.n), g, token.narrow(0, q.so, q.n), gate.narrow(0, q.so, q.n));
+    row_dots(grad_gate.narrow(0, q.so, q.n), g, token.narrow(0, q.so, q.n), y.narrow(0, q.ro, q.n));
+  }
+  for (const RowBlock& b : r.send_peer)
+    if (b.rows)
+      row_dots(grad_gate.narrow(0, b.offset, b.rows), g, token.narrow(0, b.offset, b.rows),
+               back.narrow(0, b.offset, b.rows));
+}
+
 struct DirectDispatchFn : public torch::autograd::Function<DirectDispatchFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x_in, const Route& r,
                             const at::Tensor& token, const at::Tensor& choice, Communicator* comm) {
@@ -253,22 +278,10 @@ struct DirectCombineFn : public torch::autograd::Function<DirectCombineFn> {
     // d y[a] = gate[a] * g[token[a]]: the other ranks' rows are scaled here and sent
     // back; the own rows are written straight into the gradient while they travel.
     at::Tensor grad_y = at::empty({r.recv_rows, H}, y.options());
-    at::Tensor scaled = at::empty({r.send_rows, H}, y.options());
-    for (const RowBlock& b : r.send_peer)
-      if (b.rows)
-        gather_scaled(scaled.narrow(0, b.offset, b.rows), g, token.narrow(0, b.offset, b.rows),
-                      gate.narrow(0, b.offset, b.rows));
+    const at::Tensor scaled = scaled_peer_rows(r, g, token, gate);
     at::Tensor grad_gate = at::empty({r.send_rows}, gate.options());
-    comm.exchange_blocks(scaled, {}, r.send_peer, grad_y, r.recv_peer, [&] {
-      for (const Route::Pair& q : r.own) {
-        gather_scaled(grad_y.narrow(0, q.ro, q.n), g, token.narrow(0, q.so, q.n), gate.narrow(0, q.so, q.n));
-        row_dots(grad_gate.narrow(0, q.so, q.n), g, token.narrow(0, q.so, q.n), y.narrow(0, q.ro, q.n));
-      }
-      for (const RowBlock& b : r.send_peer)  // d gate[a] = <g[token[a]], y[a]>
-        if (b.rows)
-          row_dots(grad_gate.narrow(0, b.offset, b.rows), g, token.narrow(0, b.offset, b.rows),
-                   back.narrow(0, b.offset, b.rows));
-    });
+    comm.exchange_blocks(scaled, {}, r.send_peer, grad_y, r.recv_peer,
+                         [&] { own_and_gate_grads(r, g, token, gate, y, back, grad_y, grad_gate); });
     const auto gate_dtype = static_cast<at::ScalarType>(ctx->saved_data["gate_dtype"].toInt());
     return {grad_y, grad_gate.to(gate_dtype), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -445,21 +458,10 @@ struct PipelinedCombineFn : public torch::autograd::Function<PipelinedCombineFn>
     p->grads_waited.assign(static_cast<size_t>(p->chunks), false);
     p->input_grads = p->rows_like(r.send_rows);
     p->input_grads_in = p->comm->post_blocks(y, {}, {}, {}, p->input_grads, r.send_peer, p->send_tags(kInputGrad));
-    at::Tensor scaled = p->rows_like(r.send_rows);
-    for (const RowBlock& b : r.send_peer)
-      if (b.rows)
-        gather_scaled(scaled.narrow(0, b.offset, b.rows), g, token.narrow(0, b.offset, b.rows),
-                      gate.narrow(0, b.offset, b.rows));
+    const at::Tensor scaled = scaled_peer_rows(r, g, token, gate);
     p->grads_out = p->comm->post_blocks(scaled, {}, r.send_peer, p->send_tags(kOutputGrad), p->empty_rows(), {}, {});
     at::Tensor grad_gate = at::empty({r.send_rows}, gate.options());
-    for (const Route::Pair& q : r.own) {
-      gather_scaled(p->grad_y.narrow(0, q.ro, q.n), g, token.narrow(0, q.so, q.n), gate.narrow(0, q.so, q.n));
-      row_dots(grad_gate.narrow(0, q.so, q.n), g, token.narrow(0, q.so, q.n), y.narrow(0, q.ro, q.n));
-    }
-    for (const RowBlock& b : r.send_peer)  // d gate[a] = <g[token[a]], y[a]>
-      if (b.rows)
-        row_dots(grad_gate.narrow(0, b.offset, b.rows), g, token.narrow(0, b.offset, b.rows),
-                 p->returned.narrow(0, b.offset, b.rows));
+    own_and_gate_grads(r, g, token, gate, y, p->returned, p->grad_y, grad_gate);
     const auto gate_dtype = static_cast<at::ScalarType>(ctx->saved_data["gate_dtype"].toInt());
     // grad_y's rows from other ranks are still in flight: each expert's backward
     // waits for its chunk (ExpertOutputFn) and reads them from p->grad_y.
