@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <tuple>
 #include <vector>
@@ -464,7 +465,7 @@ struct PipelinedCombineFn : public torch::autograd::Function<PipelinedCombineFn>
     own_and_gate_grads(r, g, token, gate, y, p->returned, p->grad_y, grad_gate);
     const auto gate_dtype = static_cast<at::ScalarType>(ctx->saved_data["gate_dtype"].toInt());
     // grad_y's rows from other ranks are still in flight: each expert's backward
-    // waits for its chunk (ExpertOutputFn) and reads them from p->grad_y.
+    // waits for its chunk (Pipeline::output_grad) and reads them from p->grad_y.
     return {p->grad_y, grad_gate.to(gate_dtype), at::Tensor()};
   }
 };
@@ -491,15 +492,23 @@ at::Tensor direct_combine(const at::Tensor& y, const DispatchPlan& plan, Communi
 namespace {
 constexpr int kMaxTag = 0x3fff;  // below the tag of exchange_blocks
 
-// The most local experts of any rank: the length of the longest run of send blocks to one peer.
-int most_local(const DispatchPlan& plan) {
-  int most = 0, run = 0, peer = -1;
+// Per send block: the index of its expert among the destination rank's local
+// experts (send blocks are listed per destination, one per its local expert in order).
+std::vector<int> expert_on_peer(const DispatchPlan& plan) {
+  std::vector<int> index;
+  int run = 0, peer = -1;
   for (const RowBlock& b : plan.send_blocks) {
-    run = b.peer == peer ? run + 1 : 1;
+    run = b.peer == peer ? run + 1 : 0;
     peer = b.peer;
-    most = std::max(most, run);
+    index.push_back(run);
   }
-  return most;
+  return index;
+}
+
+// The most local experts of any rank.
+int most_local(const DispatchPlan& plan) {
+  const std::vector<int> index = expert_on_peer(plan);
+  return index.empty() ? 0 : 1 + *std::max_element(index.begin(), index.end());
 }
 }  // namespace
 
@@ -528,13 +537,9 @@ at::Tensor pipelined_moe(const at::Tensor& x, const DispatchPlan& plan, Communic
   for (size_t b = 0; b < plan.recv_blocks.size(); ++b)
     if (plan.recv_blocks[b].peer != comm.rank())
       p->peer_in[b % static_cast<size_t>(p->local)].push_back(plan.recv_blocks[b]);
-  // Send blocks: per destination rank, one per its local expert in order.
-  int run = 0, peer = -1;
-  for (const RowBlock& b : plan.send_blocks) {
-    run = b.peer == peer ? run + 1 : 0;
-    peer = b.peer;
-    if (b.peer != comm.rank()) p->peer_out_index.push_back(run);
-  }
+  const std::vector<int> index = expert_on_peer(plan);  // route.send_peer keeps the other ranks' blocks in order
+  for (size_t b = 0; b < plan.send_blocks.size(); ++b)
+    if (plan.send_blocks[b].peer != comm.rank()) p->peer_out_index.push_back(index[b]);
   const at::Tensor in = PipelinedDispatchFn::apply(x, p);
   const at::Tensor out = experts(in, p);
   return PipelinedCombineFn::apply(out, plan.gate, p);
