@@ -1,11 +1,12 @@
 // moeprune-bench dispatch: full dispatch + combine (plan, permute, block all-to-all,
 // and back with the gate-weighted combine; no expert compute) for every dispatcher
 // backend, against two raw all-to-alls of the same rows on the same communicator
-// (MPI on CPUs, NCCL on GPUs), same run.
+// (MPI on CPUs, NCCL on GPUs), timed in alternation in the same run.
 #include <cstdio>
 
 #include "benches.h"
 #include "harness.h"
+#include "dist/node_memory.h"
 #include "model/dispatcher.h"
 
 namespace moeprune::bench {
@@ -17,12 +18,28 @@ int dispatch(World& world, const Options& o) {
   const int64_t tokens = o.tokens > 0 ? o.tokens : 4096;
   const int hidden = o.hidden > 0 ? o.hidden : 768;
   Communicator& comm = world.comm();
+  // On CPUs the kernels' direct exchange once through node memory (the default
+  // where every rank is on this node) and once through MPI only: a second
+  // communicator over the same ranks, made without node memory.
+  const bool node = comm.node_memory() != nullptr;
+  MPI_Comm dup = MPI_COMM_NULL;
+  std::unique_ptr<MpiCommunicator> mpi_only;
+  if (node) {
+    MPI_Comm_dup(world.host_comm().handle(), &dup);
+    set_node_memory_enabled(false);
+    mpi_only = std::make_unique<MpiCommunicator>(dup);
+    mpi_only->node_memory();
+    set_node_memory_enabled(true);
+  }
   if (world.rank() == 0) {
     std::printf("dispatch + combine vs raw all-to-all, %d rank(s) on %s (%s), %lld tokens per rank, hidden %d, %s, "
                 "median of %d\n",
                 W, dev.str().c_str(), dev.is_cuda() ? "NCCL" : "MPI", static_cast<long long>(tokens), hidden,
                 c10::toString(dt), o.reps);
-    std::printf("  %4s %2s %-10s %12s %12s %12s %12s %8s %8s  %s\n", "E", "k", "backend", "rows sent", "d+c ms",
+    if (node)
+      std::printf("  kernels: the direct exchange through node memory (the default on one node); kernels/mpi: the "
+                  "same through MPI (runtime.node_memory: false)\n");
+    std::printf("  %4s %2s %-11s %12s %12s %12s %12s %8s %8s  %s\n", "E", "k", "backend", "rows sent", "d+c ms",
                 "raw ms", "d+c GB/s", "vs raw", "spread", "target >= 0.9x");
   }
   for (int E : {8, 32})
@@ -37,14 +54,11 @@ int dispatch(World& world, const Options& o) {
                       at::zeros({tokens, k}, sel.expert.options()), sel.position.reshape({tokens, k}), tokens * k, 1};
       at::Tensor x = at::randn({tokens, hidden}, opt).to(dt);
       at::NoGradGuard ng;
-      for (DispatcherKind kind : {DispatcherKind::Torch, DispatcherKind::Kernels}) {
-        const auto d = make_dispatcher(kind, dev, comm, pl);
+      for (int variant = 0; variant < (node ? 3 : 2); ++variant) {
+        const DispatcherKind kind = variant == 0 ? DispatcherKind::Torch : DispatcherKind::Kernels;
+        const auto d = make_dispatcher(kind, dev, variant == 2 ? *mpi_only : comm, pl);
+        const std::string name = variant == 0 ? "torch" : !node ? "kernels" : variant == 1 ? "kernels" : "kernels/mpi";
         const auto plan = d->plan(c);
-        const Timing dc = time_it(world, o.reps, [&] {
-          const auto p2 = d->plan(c);
-          at::Tensor y = d->dispatch(x, *p2);
-          at::Tensor out = d->combine(y, *p2);
-        });
         if (o.verbose) {  // where the time goes
           const Timing tp = time_it(world, o.reps, [&] { d->plan(c); });
           at::Tensor y = d->dispatch(x, *plan);
@@ -101,25 +115,38 @@ int dispatch(World& world, const Options& o) {
         int64_t recv_rows = 0;
         for (int64_t n : plan->recv_splits) recv_rows += n;
         at::Tensor back = at::randn({recv_rows, hidden}, opt).to(dt);
-        const Timing raw = time_it(world, o.reps, [&] {
-          at::Tensor a = comm.all_to_all(payload, plan->send_splits, plan->recv_splits);
-          at::Tensor b = comm.all_to_all(back, plan->recv_splits, plan->send_splits);
-        });
+        // Dispatch + combine (with the plan) and the raw exchanges in alternation.
+        const std::vector<Timing> both = time_alternating(
+            world, o.reps,
+            {[&] {
+               const auto p2 = d->plan(c);
+               at::Tensor y = d->dispatch(x, *p2);
+               at::Tensor out = d->combine(y, *p2);
+             },
+             [&] {
+               at::Tensor a = comm.all_to_all(payload, plan->send_splits, plan->recv_splits);
+               at::Tensor b = comm.all_to_all(back, plan->recv_splits, plan->send_splits);
+             }});
+        const Timing &dc = both[0], &raw = both[1];
         // Bytes a rank sends in both directions, averaged over ranks (the same for both measurements).
         at::Tensor bytes_t = at::tensor({static_cast<double>((sent + recv_rows) * hidden * x.element_size())}, at::kDouble);
         world.host_comm().all_reduce(bytes_t, ReduceOp::Sum);
         const double gb = bytes_t.item<double>() / W / 1e9, vs = raw.median / dc.median;
         if (world.rank() == 0)
-          std::printf("  %4d %2d %-10s %12lld %12.3f %12.3f %12.2f %7.2fx %7.0f%%  %s\n", E, k, d->name().data(),
+          std::printf("  %4d %2d %-11s %12lld %12.3f %12.3f %12.2f %7.2fx %7.0f%%  %s\n", E, k, name.c_str(),
                       static_cast<long long>(sent), 1e3 * dc.median, 1e3 * raw.median, gb / dc.median, vs,
                       100 * std::max(dc.spread(), raw.spread()), verdict(true, vs >= 0.9));
         nlohmann::json row = {{"tokens_per_rank", tokens}, {"hidden", hidden}, {"experts", E}, {"k", k},
-                              {"backend", d->name()}, {"rows", sent}, {"gb_per_s", gb / dc.median}, {"vs_raw", vs}};
+                              {"backend", name}, {"rows", sent}, {"gb_per_s", gb / dc.median}, {"vs_raw", vs}};
         row.update(timing_json("dispatch_combine", dc));
         row.update(timing_json("raw_all_to_all", raw));
         json_row(world, "dispatch", row);
       }
     }
+  if (mpi_only) {
+    mpi_only.reset();
+    MPI_Comm_free(&dup);
+  }
   return 0;
 }
 

@@ -43,6 +43,26 @@ Timing time_it(World& world, int reps, const F& f, int warmup = 1) {
   return summarize(world, t);
 }
 
+// Collective: the functions of fs timed in turn, `reps` rounds of one run each
+// (after one untimed warm-up round), so that drifting load touches them alike.
+inline std::vector<Timing> time_alternating(World& world, int reps, const std::vector<std::function<void()>>& fs) {
+  using Clock = std::chrono::steady_clock;
+  for (const auto& f : fs) f();
+  std::vector<std::vector<double>> t(fs.size());
+  for (int r = 0; r < reps; ++r)
+    for (size_t i = 0; i < fs.size(); ++i) {
+      sync_device(world);
+      world.host_comm().barrier();
+      const auto t0 = Clock::now();
+      fs[i]();
+      sync_device(world);
+      t[i].push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+    }
+  std::vector<Timing> out;
+  for (auto& v : t) out.push_back(summarize(world, std::move(v)));
+  return out;
+}
+
 // With a path: runs f `reps` times under LibTorch's profiler (host ops, and CUDA
 // kernels on GPUs) and writes a Chrome trace there (".rankN" appended with several
 // ranks). Without one: nothing. Outside the timed runs, so that timings stay clean.

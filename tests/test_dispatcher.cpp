@@ -6,6 +6,7 @@
 // (test_oracle.cpp), which runs every backend too.
 #include <gtest/gtest.h>
 
+#include <limits>
 #include <set>
 
 #include "dist/communicator.h"
@@ -97,6 +98,38 @@ TEST_P(DispatcherContract, AllChoicesDropped) {
   at::Tensor x = at::randn({12, 3}, at::requires_grad());
   at::Tensor y = d->combine(d->dispatch(x, *p), *p);
   EXPECT_TRUE(at::equal(y, at::zeros({12, 3})));  // residual only: zero MoE output
+}
+
+// Host plans order the kept choices without a sort where each (expert, group)
+// holds positions 0 .. n-1 (how slots are handed out), and sort otherwise: either
+// way the order is that of the sort key (expert slot, group, position). Random
+// choices with slots handed out in a random priority order, some dropped; then the
+// same with gaps in the positions (the sorting path).
+TEST_P(DispatcherContract, KeptChoicesInKeyOrderWithAndWithoutGaps) {
+  const int64_t N = 300, K = 2, E = 5, G = 4;
+  at::manual_seed(11);
+  at::Tensor expert = at::randint(0, E, {N, K}, at::kLong);
+  at::Tensor group = at::arange(N, at::kLong).floor_divide(N / G).unsqueeze(1).expand({N, K}).contiguous();
+  at::Tensor keep = at::rand({N, K}) > 0.15;
+  at::Tensor priority = at::randperm(N * K, at::kLong);
+  for (bool gaps : {false, true}) {
+    at::Tensor position = at::zeros({N * K}, at::kLong);
+    std::vector<int64_t> next(static_cast<size_t>(E * G), 0);
+    const int64_t* pr = priority.data_ptr<int64_t>();
+    for (int64_t q = 0; q < N * K; ++q) {
+      const int64_t i = pr[q];
+      if (!keep.reshape({-1})[i].item<bool>()) continue;
+      const auto b = static_cast<size_t>(expert.reshape({-1})[i].item<int64_t>() * G + group.reshape({-1})[i].item<int64_t>());
+      position[i] = next[b];
+      next[b] += gaps ? 2 : 1;
+    }
+    const RoutedChoices rc{expert, at::rand({N, K}), keep, group, position.reshape({N, K}), 2 * N * K, G};
+    const auto p = d->plan(rc);
+    at::Tensor key = (expert.reshape({-1}) * G + group.reshape({-1})) * (2 * N * K) + position;
+    key = key.masked_fill(keep.reshape({-1}).logical_not(), std::numeric_limits<int64_t>::max());
+    const at::Tensor want = std::get<1>(key.sort(true, 0, false)).narrow(0, 0, keep.sum().item<int64_t>());
+    EXPECT_TRUE(at::equal(p->choice, want)) << (gaps ? "with gaps" : "positions 0 .. n-1");
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, DispatcherContract,

@@ -11,6 +11,7 @@
 #include "core/config.h"
 #include "core/precision.h"
 #include "dist/mesh.h"
+#include "dist/node_memory.h"
 #include "model/vit.h"
 #include "train/trainer.h"
 #include "test_models.h"
@@ -212,6 +213,100 @@ INSTANTIATE_TEST_SUITE_P(Cases, PipelinedExperts,
                          ::testing::Values(PipeCase{8, 2, 1, false}, PipeCase{16, 1, 1, false},
                                            PipeCase{8, 2, 2, false}, PipeCase{16, 2, 1, true},
                                            PipeCase{4, 1, 1, true}));
+
+// The exchange through node memory (dist/node_memory.h; senders write rows into
+// the receiver's buffer, the combine reads the other ranks' expert outputs in
+// place) against the same layer exchanging through MPI: outputs, input, router and
+// expert gradients bit for bit, fp32 and bf16, train and eval. Also where rows are
+// not in node memory: experts that write their outputs elsewhere (batched), no room
+// left in node memory (every pair through MPI), room on rank 0 only (pairs of both
+// kinds in one exchange).
+struct NodeCase {
+  int experts, top_k;
+  bool bf16;
+};
+class NodeMemoryExchange : public ::testing::TestWithParam<NodeCase> {};
+
+TEST_P(NodeMemoryExchange, IdenticalToMpi) {
+  const NodeCase c = GetParam();
+  World& w = *g_world;
+  const int W = w.size(), r = w.rank();
+  if (W == 1) GTEST_SKIP() << "one rank exchanges nothing";
+  ModelConfig cfg = small_config(c.experts, c.top_k, 1, true);
+  cfg.moe.capacity_factor = 1.1;
+  const int64_t local_B = 3 * cfg.moe.group_size, T = 5, H = cfg.hidden;
+  at::Tensor x0 = fixed({local_B, T, H}, 23 + static_cast<uint64_t>(r));
+  at::Tensor probe = fixed({local_B, T, H}, 43 + static_cast<uint64_t>(r));
+  const Placement pl = scattered(c.experts, W);
+
+  struct Run {
+    at::Tensor y, gx;
+    std::vector<at::Tensor> grads;
+    size_t node_peak = 0;
+  };
+  // node: whether the communicator may make node memory; limit: its bytes (-1: all).
+  const auto run = [&](bool node, ExpertGemm gemm, bool train, int64_t limit) {
+    MPI_Comm dup;
+    MPI_Comm_dup(w.host_comm().handle(), &dup);
+    Run out;
+    {
+      set_node_memory_enabled(node);
+      MpiCommunicator comm(dup);
+      const std::shared_ptr<NodeMemory> m = comm.node_memory();  // collective: made here, used by the layer
+      set_node_memory_enabled(true);
+      EXPECT_EQ(m != nullptr, node) << "node memory on one node of same-user processes";
+      if (m && limit >= 0) m->set_limit(static_cast<size_t>(limit));
+      at::manual_seed(5);
+      MoeLayer layer(cfg, 1, pl, comm, 77);
+      layer->set_runtime({DispatcherKind::Kernels, gemm, 1});
+      ForwardContext ctx;
+      ctx.in.train = train;
+      ctx.in.noise_seed = 3;
+      ctx.in.total_groups = W * local_B / cfg.moe.group_size;
+      ctx.in.first_group = r * local_B / cfg.moe.group_size;
+      at::Tensor x = x0.clone().requires_grad_(train);
+      {
+        AutocastGuard amp(x.device(), c.bf16 ? Precision::Bf16 : Precision::Fp32);
+        out.y = layer->forward(x, ctx);
+      }
+      if (train) {
+        ((out.y.to(at::kFloat) * probe).sum() + ctx.aux_loss).backward();
+        out.gx = x.grad();
+        for (const auto& p : layer->parameters()) out.grads.push_back(p.grad().defined() ? p.grad() : at::Tensor());
+      }
+      if (m) out.node_peak = m->peak();
+    }
+    MPI_Comm_free(&dup);
+    return out;
+  };
+  const auto same = [&](const Run& a, const Run& b, bool train, const std::string& what) {
+    EXPECT_TRUE(at::equal(a.y, b.y)) << what << ": outputs";
+    if (!train) return;
+    EXPECT_TRUE(at::equal(a.gx, b.gx)) << what << ": input gradients";
+    ASSERT_EQ(a.grads.size(), b.grads.size());
+    for (size_t i = 0; i < a.grads.size(); ++i) {
+      ASSERT_EQ(a.grads[i].defined(), b.grads[i].defined()) << what << ": parameter " << i;
+      if (a.grads[i].defined()) {
+        EXPECT_TRUE(at::equal(a.grads[i], b.grads[i])) << what << ": gradient of parameter " << i;
+      }
+    }
+  };
+  for (bool train : {true, false}) {
+    for (ExpertGemm gemm : {ExpertGemm::Loop, ExpertGemm::Batched}) {
+      const std::string what = std::string(train ? "train" : "eval") + ", rank 0 " + str(gemm);
+      const Run mpi = run(false, gemm, train, -1);
+      const Run node = run(true, gemm, train, -1);
+      EXPECT_GT(node.node_peak, 0u) << what << ": node memory was not used";
+      same(node, mpi, train, what);
+      // No room at all: every row through MPI; room on rank 0 only: pairs of both kinds.
+      same(run(true, gemm, train, 0), mpi, train, what + ", no room");
+      same(run(true, gemm, train, r == 0 ? -1 : 0), mpi, train, what + ", room on rank 0 only");
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, NodeMemoryExchange,
+                         ::testing::Values(NodeCase{8, 2, false}, NodeCase{16, 1, false}, NodeCase{8, 2, true}));
 
 // One training forward + backward of the whole model: on every rank its slice of a
 // fixed global batch with placement `per_layer` in every MoE block (over the mesh's

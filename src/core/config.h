@@ -179,6 +179,7 @@ struct MoeRuntime {
 struct RuntimeConfig {
   MoeRuntime moe;                 // runtime.dispatcher, runtime.expert_gemm
   bool malloc_tune = true;        // keep freed host blocks up to 32 MiB in the heap (dist/world.cpp)
+  bool node_memory = true;        // ranks of one node exchange rows in place (dist/node_memory.h)
   int threads = 0;                // torch intra-op threads per rank (0 = OMP_NUM_THREADS, else cores / ranks per node)
 };
 

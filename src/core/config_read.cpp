@@ -227,6 +227,7 @@ void read_runtime(MapReader r, RuntimeConfig& rt) {
   r.choice("expert_gemm", rt.moe.expert_gemm);
   r.get("dispatch_chunks", rt.moe.dispatch_chunks);
   r.get("malloc_tune", rt.malloc_tune);
+  r.get("node_memory", rt.node_memory);
   r.get("threads", rt.threads);
   r.finish();
 }

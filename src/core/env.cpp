@@ -31,6 +31,7 @@ void apply_env_overrides(RuntimeConfig& rt) {
   if (const int g = env_choice("MOEPRUNE_EXPERT_GEMM", {"auto", "loop", "grouped", "batched"}); g >= 0)
     rt.moe.expert_gemm = gemms[g];
   if (const int m = env_choice("MOEPRUNE_MALLOC_TUNE", {"0", "1"}); m >= 0) rt.malloc_tune = m == 1;
+  if (const int m = env_choice("MOEPRUNE_NODE_MEMORY", {"0", "1"}); m >= 0) rt.node_memory = m == 1;
 }
 
 int resolve_threads(const RuntimeConfig& rt, int ranks_per_node) {

@@ -5,6 +5,7 @@
 //   MOEPRUNE_EXPERT_GEMM=auto|loop|grouped|batched  runtime.expert_gemm
 //   MOEPRUNE_MALLOC_TUNE=0|1          runtime.malloc_tune; 0 also leaves LibTorch's huge pages
 //                                     off (THP_MEM_ALLOC_ENABLE, set by World otherwise)
+//   MOEPRUNE_NODE_MEMORY=0|1          runtime.node_memory
 //   OMP_NUM_THREADS=n                 threads per rank when runtime.threads is 0
 #pragma once
 #include <string>

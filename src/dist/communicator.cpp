@@ -5,6 +5,8 @@
 #include <numeric>
 
 #include "core/error.h"
+#include "core/log.h"
+#include "dist/node_memory.h"
 
 namespace moeprune {
 namespace {
@@ -386,6 +388,18 @@ void MpiCommunicator::exchange_blocks(const at::Tensor& src, const at::Tensor& r
   }
   pending->wait();
   if (local_error) std::rethrow_exception(local_error);
+}
+
+std::shared_ptr<NodeMemory> MpiCommunicator::node_memory() {
+  if (!node_tried_) {
+    node_tried_ = true;
+    if (size_ > 1) {
+      std::string why;
+      node_ = NodeMemory::create(comm_, &why);
+      if (!node_ && rank_ == 0) log::info(concat("node memory: not used by the ", size_, "-rank exchange (", why, ")"));
+    }
+  }
+  return node_;
 }
 
 std::vector<int64_t> MpiCommunicator::exchange_counts(const std::vector<int64_t>& send, int block) {

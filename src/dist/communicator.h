@@ -13,6 +13,8 @@
 
 namespace moeprune {
 
+class NodeMemory;  // dist/node_memory.h
+
 enum class ReduceOp { Sum, Max };
 
 // A block of rows of a local buffer exchanged with one peer: rows
@@ -102,6 +104,10 @@ class Communicator {
   virtual void send(const at::Tensor& t, int dst, int tag) = 0;
   virtual void recv(at::Tensor& t, int src, int tag) = 0;    // t preallocated with the right shape
   virtual void barrier() = 0;
+  // Memory every rank of this communicator reads and writes in place (one node,
+  // host memory; dist/node_memory.h), or null where there is none. Collective on
+  // the first call, which every rank makes at the same point; then a lookup.
+  virtual std::shared_ptr<NodeMemory> node_memory() { return nullptr; }
 };
 
 // One process, no MPI: every collective is the identity.
@@ -157,11 +163,14 @@ class MpiCommunicator final : public Communicator {
   void send(const at::Tensor& t, int dst, int tag) override;
   void recv(at::Tensor& t, int src, int tag) override;
   void barrier() override;
+  std::shared_ptr<NodeMemory> node_memory() override;
 
  private:
   MPI_Comm comm_;
   int rank_ = 0;
   int size_ = 1;
+  bool node_tried_ = false;
+  std::shared_ptr<NodeMemory> node_;
 };
 
 // Checks blocks against the communicator size and the buffers' rows; returns the

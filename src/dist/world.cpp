@@ -15,6 +15,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "dist/mesh.h"
+#include "dist/node_memory.h"
 #ifdef MOEPRUNE_WITH_CUDA
 #include "dist/nccl_communicator.h"
 #endif
@@ -151,6 +152,7 @@ void World::abort(int code, const std::string& msg) {
 
 void World::apply_runtime(const RuntimeConfig& rt) {
   if (rt.malloc_tune) tune_host_allocator();
+  set_node_memory_enabled(rt.node_memory);
   at::set_num_threads(resolve_threads(rt, local_size_));
   at::set_num_interop_threads(1);
 }

@@ -6,11 +6,14 @@
 #include <torch/autograd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstring>
 #include <cstdint>
 #include <tuple>
 #include <vector>
 
 #include "core/error.h"
+#include "dist/node_memory.h"
 
 namespace moeprune {
 namespace {
@@ -104,20 +107,21 @@ Communicator& comm_of(torch::autograd::AutogradContext* ctx) {
 constexpr int64_t kGrainElements = 1024;
 
 // out[n] = sum_j weight[n, j] * row(where[n, j]) over the K choices of token n
-// whose `where` is >= 0; row(i) is own[i] for i < own rows, else back[i - own rows].
-// Without weight: plain sums. Each output row is written once (no zero fill, no
-// read-modify-write), rows of a token summed in choice order.
-at::Tensor gather_sum(const at::Tensor& where, const at::Tensor& weight, int64_t K, const at::Tensor& own,
-                      const at::Tensor& back) {
-  const int64_t N = where.size(0) / std::max<int64_t>(K, 1), H = own.size(1), R = own.size(0);
-  at::Tensor out = at::empty({N, H}, own.options());
+// whose `where` is >= 0, row(i) = rows[i] (a row of `like`'s type and width,
+// anywhere in memory). Without weight: plain sums. Each output row is written once
+// (no zero fill, no read-modify-write), rows of a token summed in choice order.
+// With `stash`, every row i >= stash_from whose row(i) is not already
+// stash[i - stash_from] is also copied there as it is read.
+at::Tensor gather_sum_rows(const at::Tensor& where, const at::Tensor& weight, int64_t K, const at::Tensor& like,
+                           const std::vector<const void*>& rows, at::Tensor stash = {}, int64_t stash_from = 0) {
+  const int64_t N = where.size(0) / std::max<int64_t>(K, 1), H = like.size(1);
+  at::Tensor out = at::empty({N, H}, like.options());
   if (N == 0 || H == 0) return out;
   const int64_t* wh = where.data_ptr<int64_t>();
   const float* g = weight.defined() ? weight.data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, own.scalar_type(), "gather_sum", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, like.scalar_type(), "gather_sum", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
-    const scalar_t* y = own.data_ptr<scalar_t>();
-    const scalar_t* b = back.data_ptr<scalar_t>();
+    scalar_t* st = stash.defined() ? stash.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, N, std::max<int64_t>(1, kGrainElements / H), [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
         scalar_t* dst = o + n * H;
@@ -125,7 +129,9 @@ at::Tensor gather_sum(const at::Tensor& where, const at::Tensor& weight, int64_t
         for (int64_t j = 0; j < K; ++j) {
           const int64_t i = wh[n * K + j];
           if (i < 0) continue;
-          const scalar_t* src = i < R ? y + i * H : b + (i - R) * H;
+          const auto* src = static_cast<const scalar_t*>(rows[static_cast<size_t>(i)]);
+          if (st && i >= stash_from && src != st + (i - stash_from) * H)
+            std::memcpy(st + (i - stash_from) * H, src, static_cast<size_t>(H) * sizeof(scalar_t));
           const float w = g ? g[n * K + j] : 1.0f;
           if (first) {  // 0 + w * row, rounded as the torch ops' mul then index_add
             for (int64_t c = 0; c < H; ++c) dst[c] = static_cast<scalar_t>(w * static_cast<float>(src[c]));
@@ -143,6 +149,20 @@ at::Tensor gather_sum(const at::Tensor& where, const at::Tensor& weight, int64_t
     });
   });
   return out;
+}
+
+// gather_sum_rows with row(i) = own[i] for i < own rows, else back[i - own rows].
+at::Tensor gather_sum(const at::Tensor& where, const at::Tensor& weight, int64_t K, const at::Tensor& own,
+                      const at::Tensor& back) {
+  const int64_t R = own.size(0), B = back.defined() ? back.size(0) : 0, rb = row_bytes(own);
+  std::vector<const void*> rows(static_cast<size_t>(R + B));
+  const auto* y = static_cast<const char*>(own.data_ptr());
+  for (int64_t i = 0; i < R; ++i) rows[static_cast<size_t>(i)] = y + i * rb;
+  if (B) {
+    const auto* b = static_cast<const char*>(back.data_ptr());
+    for (int64_t i = 0; i < B; ++i) rows[static_cast<size_t>(R + i)] = b + i * rb;
+  }
+  return gather_sum_rows(where, weight, K, own, rows);
 }
 
 // out[i] = gate[i] * src[index[i]] (out: a contiguous run of rows).
@@ -213,17 +233,193 @@ void own_and_gate_grads(const Route& r, const at::Tensor& g, const at::Tensor& t
                back.narrow(0, b.offset, b.rows));
 }
 
+// ---------------------------------------------------------------------------
+// The exchange through node memory (dist/node_memory.h: every rank of the
+// communicator on this node maps every other rank's segment). Dispatch: each rank
+// writes the rows it sends straight into the receiver's buffer. Combine: each rank
+// reads the other ranks' expert outputs where their experts wrote them while it
+// sums. One pass over the rows each, against a copy followed by a pass through MPI.
+// Rows whose buffer is not in node memory (no room left, or experts that wrote
+// elsewhere) go through MPI as before; both sides of a pair know which from the
+// offsets they swap first.
+constexpr int kRowTag = 0x3fff, kOffsetTag = 0x3ffe, kSignalTag = 0x3ffd;
+
+// Small int64 messages: to[p] goes to rank p, from[p] values come from rank p (both
+// sides know the counts), with `meanwhile` run while they travel.
+std::vector<std::vector<int64_t>> swap_values(Communicator& comm, const std::vector<std::vector<int64_t>>& to,
+                                              const std::vector<int64_t>& from, int tag,
+                                              const std::function<void()>& meanwhile = {}) {
+  const int W = comm.size();
+  std::vector<RowBlock> sb, rbk;
+  int64_t n_out = 0, n_in = 0;
+  for (int p = 0; p < W; ++p) {
+    const auto n = static_cast<int64_t>(to[static_cast<size_t>(p)].size());
+    if (n) sb.push_back({p, n_out, n}), n_out += n;
+    if (const int64_t f = from[static_cast<size_t>(p)]) rbk.push_back({p, n_in, f}), n_in += f;
+  }
+  at::Tensor out = at::empty({n_out, 1}, at::kLong), in = at::empty({n_in, 1}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  for (const auto& v : to) o = std::copy(v.begin(), v.end(), o);
+  std::atomic_thread_fence(std::memory_order_seq_cst);  // what was written before goes out before the message
+  std::unique_ptr<PendingBlocks> pending = comm.post_blocks(out, {}, sb, std::vector<int>(sb.size(), tag), in, rbk,
+                                                            std::vector<int>(rbk.size(), tag));
+  std::exception_ptr local_error;
+  try {
+    if (meanwhile) meanwhile();
+  } catch (...) {
+    local_error = std::current_exception();  // after the wait: no request is left pending
+  }
+  pending->wait();
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (local_error) std::rethrow_exception(local_error);
+  std::vector<std::vector<int64_t>> got(static_cast<size_t>(W));
+  const int64_t* g = in.data_ptr<int64_t>();
+  for (const RowBlock& b : rbk) got[static_cast<size_t>(b.peer)].assign(g + b.offset, g + b.offset + b.rows);
+  return got;
+}
+
+std::vector<int64_t> blocks_per_peer(const std::vector<RowBlock>& blocks, int W) {
+  std::vector<int64_t> n(static_cast<size_t>(W), 0);
+  for (const RowBlock& b : blocks) ++n[static_cast<size_t>(b.peer)];
+  return n;
+}
+
+// Where each of `blocks` lies in node memory for its peer (a byte offset in this
+// rank's segment), -1 for all when `buf` is not in node memory; per peer, in order.
+std::vector<std::vector<int64_t>> offsets_for_peers(const NodeMemory& m, const at::Tensor& buf,
+                                                    const std::vector<RowBlock>& blocks, int W) {
+  const int64_t rb = row_bytes(buf);
+  const int64_t base = buf.numel() ? m.offset_of(buf.data_ptr(), static_cast<size_t>(buf.size(0) * rb)) : -1;
+  std::vector<std::vector<int64_t>> to(static_cast<size_t>(W));
+  for (const RowBlock& b : blocks) to[static_cast<size_t>(b.peer)].push_back(base < 0 ? -1 : base + b.offset * rb);
+  return to;
+}
+
+at::Tensor node_dispatch(const at::Tensor& x, const Route& r, const at::Tensor& token, Communicator& comm,
+                         const std::shared_ptr<NodeMemory>& m) {
+  const int W = comm.size();
+  const int64_t H = x.size(1), rb = row_bytes(x), src_rows = x.size(0);
+  at::Tensor recv = node_empty(m, {r.recv_rows, H}, x.options());
+  if (!recv.defined()) recv = at::empty({r.recv_rows, H}, x.options());  // no room: the senders use MPI
+  const int64_t* idx = token.data_ptr<int64_t>();
+  for (const RowBlock& b : r.send_peer)  // checked before any row is written into another rank's memory
+    for (int64_t i = b.offset; i < b.offset + b.rows; ++i)
+      TORCH_CHECK(idx[i] >= 0 && idx[i] < src_rows, "direct dispatch: row index ", idx[i], " outside the ", src_rows,
+                  " rows of x");
+  // 1. Every rank tells each sender where its blocks go.
+  const std::vector<std::vector<int64_t>> to = offsets_for_peers(*m, recv, r.recv_peer, W);
+  const bool here = !to.empty() && std::any_of(to.begin(), to.end(), [](const auto& v) { return !v.empty() && v[0] >= 0; });
+  const auto at_peer = swap_values(comm, to, blocks_per_peer(r.send_peer, W), kOffsetTag);
+  // 2. Blocks to ranks without node memory for them go through MPI, the others are
+  // written into the receiver's buffer here.
+  std::vector<RowBlock> mpi_send, mpi_recv;
+  std::vector<std::pair<RowBlock, int64_t>> writes;
+  std::vector<int64_t> next(static_cast<size_t>(W), 0);
+  std::vector<std::vector<int64_t>> written(static_cast<size_t>(W));
+  for (const RowBlock& b : r.send_peer) {
+    const int64_t off = at_peer[static_cast<size_t>(b.peer)][static_cast<size_t>(next[static_cast<size_t>(b.peer)]++)];
+    if (off < 0) {
+      mpi_send.push_back(b);
+    } else {
+      writes.emplace_back(b, off);
+      written[static_cast<size_t>(b.peer)] = {1};
+    }
+  }
+  if (!here) mpi_recv = r.recv_peer;
+  std::unique_ptr<PendingBlocks> pending = comm.post_blocks(x, token, mpi_send, std::vector<int>(mpi_send.size(), kRowTag),
+                                                            recv, mpi_recv, std::vector<int>(mpi_recv.size(), kRowTag));
+  const auto* xs = static_cast<const char*>(x.data_ptr());
+  for (const auto& [b, off] : writes) {
+    char* dst = m->segment(b.peer) + off;
+    const int64_t first = b.offset;
+    at::parallel_for(0, b.rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(H, 1)), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) std::memcpy(dst + i * rb, xs + idx[first + i] * rb, static_cast<size_t>(rb));
+    });
+  }
+  // 3. The writers say they are done (each waits for its own writers) while the
+  // rank's own rows are gathered into place.
+  std::vector<int64_t> expect(static_cast<size_t>(W), 0);
+  if (here)
+    for (const RowBlock& b : r.recv_peer) expect[static_cast<size_t>(b.peer)] = 1;
+  swap_values(comm, written, expect, kSignalTag, [&] {
+    for (const Route::Pair& q : r.own) {
+      at::Tensor dst = recv.narrow(0, q.ro, q.n);
+      at::index_select_out(dst, x, 0, token.narrow(0, q.so, q.n));
+    }
+  });
+  pending->wait();
+  return recv;
+}
+
+// The combine through node memory. keep: the other ranks' rows are also copied
+// into `back` as they are read (the backward's gate gradients need them).
+at::Tensor node_combine(const at::Tensor& y, const at::Tensor& gate, const Route& r, const at::Tensor& choice,
+                        Communicator& comm, const std::shared_ptr<NodeMemory>& m, bool keep, at::Tensor& back) {
+  const int W = comm.size();
+  const int64_t H = y.size(1), rb = row_bytes(y), R = r.recv_rows;
+  const std::vector<std::vector<int64_t>> to = offsets_for_peers(*m, y, r.recv_peer, W);
+  const bool mine_shared =
+      std::any_of(to.begin(), to.end(), [](const auto& v) { return !v.empty() && v[0] >= 0; });
+  at::Tensor where, weight;
+  const auto at_peer = swap_values(comm, to, blocks_per_peer(r.send_peer, W), kOffsetTag,
+                                   [&] { std::tie(where, weight) = r.sources(choice, gate); });
+  std::vector<RowBlock> mpi_send, mpi_recv;
+  if (!mine_shared) mpi_send = r.recv_peer;
+  std::vector<const void*> rows(static_cast<size_t>(R + r.send_rows));
+  const auto* ys = static_cast<const char*>(y.data_ptr());
+  for (int64_t i = 0; i < R; ++i) rows[static_cast<size_t>(i)] = ys + i * rb;
+  std::vector<int64_t> next(static_cast<size_t>(W), 0);
+  std::vector<std::vector<int64_t>> read(static_cast<size_t>(W));
+  std::vector<std::pair<RowBlock, int64_t>> in_place;
+  for (const RowBlock& b : r.send_peer) {
+    const int64_t off = at_peer[static_cast<size_t>(b.peer)][static_cast<size_t>(next[static_cast<size_t>(b.peer)]++)];
+    if (off < 0) {
+      mpi_recv.push_back(b);
+    } else {
+      in_place.emplace_back(b, off);
+      read[static_cast<size_t>(b.peer)] = {1};
+    }
+  }
+  if (keep || !mpi_recv.empty()) back = at::empty({r.send_rows, H}, y.options());
+  const at::Tensor into = back.defined() ? back : at::empty({0, H}, y.options());
+  std::unique_ptr<PendingBlocks> pending = comm.post_blocks(y, {}, mpi_send, std::vector<int>(mpi_send.size(), kRowTag),
+                                                            into, mpi_recv, std::vector<int>(mpi_recv.size(), kRowTag));
+  if (back.defined()) {
+    const auto* bs = static_cast<const char*>(back.data_ptr());
+    for (const RowBlock& b : mpi_recv)
+      for (int64_t i = 0; i < b.rows; ++i) rows[static_cast<size_t>(R + b.offset + i)] = bs + (b.offset + i) * rb;
+  }
+  for (const auto& [b, off] : in_place) {
+    const char* src = m->segment(b.peer) + off;
+    for (int64_t i = 0; i < b.rows; ++i) rows[static_cast<size_t>(R + b.offset + i)] = src + i * rb;
+  }
+  pending->wait();
+  at::Tensor out = gather_sum_rows(where, weight, r.top_k, y, rows, keep ? back : at::Tensor(), R);
+  // The readers say they are done: until then no rank may free or overwrite the
+  // outputs the others read.
+  std::vector<int64_t> expect(static_cast<size_t>(W), 0);
+  if (mine_shared)
+    for (const RowBlock& b : r.recv_peer) expect[static_cast<size_t>(b.peer)] = 1;
+  swap_values(comm, read, expect, kSignalTag);
+  return out;
+}
+
 struct DirectDispatchFn : public torch::autograd::Function<DirectDispatchFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x_in, const Route& r,
                             const at::Tensor& token, const at::Tensor& choice, Communicator* comm) {
     const at::Tensor x = x_in.contiguous();
-    at::Tensor recv = at::empty({r.recv_rows, x.size(1)}, x.options());
-    comm->exchange_blocks(x, token, r.send_peer, recv, r.recv_peer, [&] {
-      for (const Route::Pair& q : r.own) {
-        at::Tensor dst = recv.narrow(0, q.ro, q.n);
-        at::index_select_out(dst, x, 0, token.narrow(0, q.so, q.n));
-      }
-    });
+    at::Tensor recv;
+    if (const std::shared_ptr<NodeMemory> m = comm->node_memory()) {
+      recv = node_dispatch(x, r, token, *comm, m);
+    } else {
+      recv = at::empty({r.recv_rows, x.size(1)}, x.options());
+      comm->exchange_blocks(x, token, r.send_peer, recv, r.recv_peer, [&] {
+        for (const Route::Pair& q : r.own) {
+          at::Tensor dst = recv.narrow(0, q.ro, q.n);
+          at::index_select_out(dst, x, 0, token.narrow(0, q.so, q.n));
+        }
+      });
+    }
     save(ctx, r, token, *comm);
     ctx->saved_data["choice"] = choice;
     ctx->saved_data["width"] = x.size(1);
@@ -250,14 +446,20 @@ struct DirectDispatchFn : public torch::autograd::Function<DirectDispatchFn> {
 
 struct DirectCombineFn : public torch::autograd::Function<DirectCombineFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& y_in, const at::Tensor& gate_in,
-                            const Route& r, const at::Tensor& token, const at::Tensor& choice, Communicator* comm) {
+                            const Route& r, const at::Tensor& token, const at::Tensor& choice, Communicator* comm,
+                            bool keep) {
     const at::Tensor y = y_in.contiguous();
     const at::Tensor gate = gate_in.detach().to(at::kFloat).contiguous();
-    at::Tensor back = at::empty({r.send_rows, y.size(1)}, y.options());  // the other ranks' rows, in send order
-    at::Tensor where, weight;
-    comm->exchange_blocks(y, {}, r.recv_peer, back, r.send_peer,
-                          [&] { std::tie(where, weight) = r.sources(choice, gate); });
-    at::Tensor out = gather_sum(where, weight, r.top_k, y, back);
+    at::Tensor back, out;  // back: the other ranks' rows, in send order
+    if (const std::shared_ptr<NodeMemory> m = comm->node_memory()) {
+      out = node_combine(y, gate, r, choice, *comm, m, keep, back);
+    } else {
+      back = at::empty({r.send_rows, y.size(1)}, y.options());
+      at::Tensor where, weight;
+      comm->exchange_blocks(y, {}, r.recv_peer, back, r.send_peer,
+                            [&] { std::tie(where, weight) = r.sources(choice, gate); });
+      out = gather_sum(where, weight, r.top_k, y, back);
+    }
     save(ctx, r, token, *comm);
     ctx->saved_data["y"] = y;
     ctx->saved_data["back"] = back;
@@ -284,7 +486,7 @@ struct DirectCombineFn : public torch::autograd::Function<DirectCombineFn> {
     comm.exchange_blocks(scaled, {}, r.send_peer, grad_y, r.recv_peer,
                          [&] { own_and_gate_grads(r, g, token, gate, y, back, grad_y, grad_gate); });
     const auto gate_dtype = static_cast<at::ScalarType>(ctx->saved_data["gate_dtype"].toInt());
-    return {grad_y, grad_gate.to(gate_dtype), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {grad_y, grad_gate.to(gate_dtype), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -485,8 +687,10 @@ at::Tensor direct_dispatch(const at::Tensor& x, const DispatchPlan& plan, Commun
 
 at::Tensor direct_combine(const at::Tensor& y, const DispatchPlan& plan, Communicator& comm) {
   check_input_rows(y, plan.recv_rows, "y");
+  // The other ranks' rows are kept for the backward only where there will be one.
+  const bool keep = at::GradMode::is_enabled() && (y.requires_grad() || plan.gate.requires_grad());
   return DirectCombineFn::apply(y, plan.gate, Route::of(plan, comm.rank()), plan.token.contiguous(),
-                                plan.choice.contiguous(), &comm);
+                                plan.choice.contiguous(), &comm, keep);
 }
 
 namespace {

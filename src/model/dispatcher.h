@@ -22,6 +22,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <memory>
 #include <string_view>
 #include <vector>
@@ -74,6 +75,12 @@ class TokenDispatcher : public SlotSelector {
   virtual at::Tensor dispatch(const at::Tensor& x, const DispatchPlan& plan) const = 0;
   // y: [sum(expert_counts), H] expert outputs in dispatch() order -> [N, H].
   virtual at::Tensor combine(const at::Tensor& y, const DispatchPlan& plan) const = 0;
+  // Where the experts should write their outputs for combine() (RowsAlloc of
+  // model/expert_bank.h), given the dispatched rows; empty: anywhere. Called on every
+  // rank at the same point, after dispatch().
+  virtual std::function<at::Tensor(int64_t, int64_t, const at::TensorOptions&)> output_alloc(const at::Tensor&) const {
+    return {};
+  }
 
  protected:
   // The plan every backend shares: send order, count exchange, blocks.
@@ -111,6 +118,10 @@ class KernelDispatcher final : public TokenDispatcher {
   std::unique_ptr<DispatchPlan> plan(const RoutedChoices& c) const override;
   at::Tensor dispatch(const at::Tensor& x, const DispatchPlan& plan) const override;
   at::Tensor combine(const at::Tensor& y, const DispatchPlan& plan) const override;
+  // On CPUs: the node memory of the direct exchange, so that the combine reads the
+  // outputs in place on the other ranks.
+  std::function<at::Tensor(int64_t, int64_t, const at::TensorOptions&)> output_alloc(
+      const at::Tensor& rows) const override;
 };
 
 // The backend for `kind` on `device`: auto = kernels on CPUs and on a CUDA device

@@ -65,14 +65,14 @@ ExpertGemm ExpertBankImpl::resolved_gemm(const at::Tensor& x) const {
 }
 
 at::Tensor ExpertBankImpl::forward(const at::Tensor& x, const std::vector<int64_t>& counts, int64_t rows_bound,
-                                   const ExpertHooksPtr& hooks) {
+                                   const ExpertHooksPtr& hooks, const RowsAlloc& alloc) {
   TORCH_CHECK(static_cast<int>(counts.size()) == num_local(), "expert bank: ", counts.size(), " counts for ",
               num_local(), " experts");
   const ExpertGemm g = resolved_gemm(x);
   TORCH_CHECK(!hooks || g == ExpertGemm::Loop, "expert bank: hooks need the loop strategy, not ", str(g));
   if (x.size(0) > 0 && g == ExpertGemm::Grouped) return forward_grouped(x, counts);
   if (x.size(0) > 0 && g == ExpertGemm::Batched) return forward_batched(x, counts, rows_bound);
-  return forward_loop(x, counts, hooks);
+  return forward_loop(x, counts, hooks, alloc);
 }
 
 at::Tensor ExpertBankImpl::forward_grouped(const at::Tensor& x, const std::vector<int64_t>& counts) {
@@ -211,6 +211,7 @@ namespace {
 struct LoopSpec {
   std::vector<int64_t> counts, start;  // rows per expert and first row
   bool pad = false;
+  RowsAlloc alloc;  // the output's allocation (empty: at::empty)
   int64_t rows(size_t i) const { return pad ? padded_rows(counts[i]) : counts[i]; }
 };
 
@@ -232,7 +233,7 @@ at::Tensor loop_forward(const at::Tensor& x, const at::Tensor& w1, const at::Ten
     const at::Tensor xi = expert_rows(x, s, i);
     const at::Tensor pre = at::addmm(b1[i], xi, w1[i]);
     const at::Tensor h = at::gelu(pre, "tanh");
-    if (!out.defined()) out = at::empty({x.size(0), w2.size(2)}, h.options());
+    if (!out.defined()) out = s.alloc ? s.alloc(x.size(0), w2.size(2), h.options()) : at::empty({x.size(0), w2.size(2)}, h.options());
     at::Tensor yo = out.narrow(0, s.start[i], s.counts[i]);
     if (s.rows(i) == s.counts[i]) at::addmm_out(yo, b2[i], h, w2[i]);
     else yo.copy_(at::addmm(b2[i], h, w2[i]).narrow(0, 0, s.counts[i]));
@@ -310,7 +311,7 @@ struct LoopExperts : public torch::autograd::Function<LoopExperts> {
 }  // namespace
 
 at::Tensor ExpertBankImpl::forward_loop(const at::Tensor& x, const std::vector<int64_t>& counts,
-                                        const ExpertHooksPtr& hooks) {
+                                        const ExpertHooksPtr& hooks, const RowsAlloc& alloc) {
   // bf16 products on CPUs go to oneDNN, which generates a kernel for every new
   // shape (~0.6 ms each on a Xeon with AMX, against ~0.04 ms for the product
   // itself at the tiny default's sizes) and keeps 1024 of them: expert row counts
@@ -320,6 +321,7 @@ at::Tensor ExpertBankImpl::forward_loop(const at::Tensor& x, const std::vector<i
   // outputs are dropped.
   LoopSpec s;
   s.pad = cpu_bf16(x);
+  s.alloc = alloc;
   s.counts = counts;
   s.start.assign(1, 0);
   for (int64_t n : counts) s.start.push_back(s.start.back() + n);

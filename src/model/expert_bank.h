@@ -15,6 +15,7 @@
 #include <torch/nn/pimpl.h>
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "core/choices.h"
@@ -43,6 +44,11 @@ class ExpertHooks : public torch::CustomClassHolder {
 };
 using ExpertHooksPtr = c10::intrusive_ptr<ExpertHooks>;
 
+// Allocates the [rows, cols] output of the experts where the combine wants it
+// (TokenDispatcher::output_alloc: the node memory of the CPU direct exchange, which
+// the other ranks read in place). Empty: a plain tensor.
+using RowsAlloc = std::function<at::Tensor(int64_t rows, int64_t cols, const at::TensorOptions& options)>;
+
 class ExpertBankImpl : public torch::nn::Module {
  public:
   // expert_ids: the layer's expert ids this rank holds, ascending.
@@ -53,9 +59,10 @@ class ExpertBankImpl : public torch::nn::Module {
   // of the expert-parallel group (the same on every rank, and in one process); 0 =
   // unknown. The batched product pads every expert to it, so that an expert's bits do
   // not depend on which experts share its rank; without it, to the largest local count.
-  // hooks: only with the loop strategy (resolved_gemm(x) == Loop).
+  // hooks: only with the loop strategy (resolved_gemm(x) == Loop). alloc: where the
+  // loop strategy writes its output (the others return their products' tensors).
   at::Tensor forward(const at::Tensor& x, const std::vector<int64_t>& counts, int64_t rows_bound = 0,
-                     const ExpertHooksPtr& hooks = {});
+                     const ExpertHooksPtr& hooks = {}, const RowsAlloc& alloc = {});
   // The strategy `auto` resolves to for input x: grouped on GPUs; on CPUs batched for
   // experts of hidden x mlp < 128 x 512 computing in bf16, a GEMM pair per expert else.
   ExpertGemm resolved_gemm(const at::Tensor& x) const;
@@ -68,7 +75,8 @@ class ExpertBankImpl : public torch::nn::Module {
   at::Tensor w1, b1, w2, b2;
 
  private:
-  at::Tensor forward_loop(const at::Tensor& x, const std::vector<int64_t>& counts, const ExpertHooksPtr& hooks);
+  at::Tensor forward_loop(const at::Tensor& x, const std::vector<int64_t>& counts, const ExpertHooksPtr& hooks,
+                          const RowsAlloc& alloc);
   at::Tensor forward_grouped(const at::Tensor& x, const std::vector<int64_t>& counts);
   at::Tensor forward_batched(const at::Tensor& x, const std::vector<int64_t>& counts, int64_t rows_bound);
 

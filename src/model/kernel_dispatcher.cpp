@@ -7,6 +7,7 @@
 #include "model/dispatcher.h"
 #include "model/direct_exchange.h"
 #include "model/fused_dispatch.h"
+#include "dist/node_memory.h"
 
 namespace moeprune {
 namespace {
@@ -50,6 +51,17 @@ at::Tensor KernelDispatcher::dispatch(const at::Tensor& x, const DispatchPlan& p
 at::Tensor KernelDispatcher::combine(const at::Tensor& y, const DispatchPlan& p) const {
   if (y.is_cpu()) return direct_combine(y, p, *comm_);
   return combine_autograd(send_back(y, p), p.gate, p.token, kernel_plan(p).send_row_of);
+}
+
+std::function<at::Tensor(int64_t, int64_t, const at::TensorOptions&)> KernelDispatcher::output_alloc(
+    const at::Tensor& rows) const {
+  if (!rows.is_cpu()) return {};
+  std::shared_ptr<NodeMemory> m = comm_->node_memory();
+  if (!m) return {};
+  return [m](int64_t n, int64_t cols, const at::TensorOptions& o) {
+    at::Tensor t = node_empty(m, {n, cols}, o);
+    return t.defined() ? t : at::empty({n, cols}, o);  // no room left: the combine moves these rows by MPI
+  };
 }
 
 }  // namespace moeprune

@@ -308,7 +308,8 @@ at::Tensor MoeLayerImpl::forward(const at::Tensor& x, ForwardContext& ctx) {
   laps.lap(&MoeTimers::dispatch);
 
   range.next("moe::experts");
-  at::Tensor expert_out = experts->forward(expert_in, plan->expert_counts, rows_bound(*plan, expert_in));
+  at::Tensor expert_out =
+      experts->forward(expert_in, plan->expert_counts, rows_bound(*plan, expert_in), {}, d.output_alloc(expert_in));
   laps.lap(&MoeTimers::experts);
 
   range.next("moe::combine");
