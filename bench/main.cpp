@@ -2,6 +2,7 @@
 #include <CLI/CLI.hpp>
 
 #include "benches.h"
+#include "core/env.h"
 #include "core/error.h"
 #include "test_tmp.h"
 
@@ -60,7 +61,9 @@ int main(int argc, char** argv) {
     return world.rank() == 0 ? app.exit(e) : 0;
   }
   return run_ranks(world, [&](World& w) {
-    w.apply_runtime(RuntimeConfig{});
+    RuntimeConfig rt;  // defaults, with the documented MOEPRUNE_* overrides (e.g. MOEPRUNE_NODE_MEMORY=0)
+    apply_env_overrides(rt);
+    w.apply_runtime(rt);
     if (*moe) return bench::moe(w, o);
     if (*dsp) return bench::dispatch(w, o);
     if (*krn) return bench::kernels(w, o);

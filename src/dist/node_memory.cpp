@@ -69,6 +69,7 @@ std::shared_ptr<NodeMemory> NodeMemory::create(MPI_Comm comm, std::string* why) 
         ok = 0, reason = concat("mmap: ", std::strerror(errno));
       } else {
         m->bases_[static_cast<size_t>(rank)] = static_cast<char*>(p);
+        madvise(p, m->bytes_, MADV_HUGEPAGE);  // huge pages where the kernel gives them to shared memory (shmem_enabled)
         cookie = (static_cast<uint64_t>(getpid()) << 32) ^
                  static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
                  reinterpret_cast<uintptr_t>(p);
