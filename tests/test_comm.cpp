@@ -6,6 +6,7 @@
 
 #include "dist/all_to_all.h"
 #include "dist/mesh.h"
+#include "dist/node_memory.h"
 #include "test_world.h"
 
 namespace moeprune::test {
@@ -220,6 +221,61 @@ namespace {
 // communicators per group on GPUs, MPI ones on CPUs), split even when D = 1:
 // an all-reduce over each axis sums the right ranks, an all-to-all inside an
 // expert-parallel group reaches the right peers.
+// Node memory (dist/node_memory.h): every rank sees what every other rank wrote
+// into its segment, at the offset that rank reports; freed blocks are reused first
+// fit and coalesce; the limit and a full segment give no block (the caller's
+// fallback); tensors made in it give their block back when freed.
+TEST(NodeMemory, SegmentsMappedEverywhereAndBlocksReused) {
+  auto& host = g_world->host_comm();
+  MPI_Comm dup;
+  MPI_Comm_dup(host.handle(), &dup);
+  {
+    std::string why;
+    const std::shared_ptr<NodeMemory> m = NodeMemory::create(dup, &why);
+    ASSERT_NE(m, nullptr) << why;
+    auto* mine = static_cast<int64_t*>(m->allocate(3 * sizeof(int64_t)));
+    ASSERT_NE(mine, nullptr);
+    mine[0] = 1000 + host.rank(), mine[1] = 7, mine[2] = -host.rank();
+    at::Tensor off = host.all_gather(at::tensor({m->offset_of(mine, 3 * sizeof(int64_t))}, at::kLong));
+    host.barrier();
+    for (int r = 0; r < host.size(); ++r) {
+      const auto* theirs = reinterpret_cast<const int64_t*>(m->segment(r) + off[r][0].item<int64_t>());
+      EXPECT_EQ(theirs[0], 1000 + r);
+      EXPECT_EQ(theirs[2], -r);
+    }
+    host.barrier();  // nobody reads mine any more
+    EXPECT_EQ(m->offset_of(&why, 1), -1) << "a pointer outside the segment";
+    // First fit with reuse and coalescing (blocks are whole pages).
+    m->release(mine);
+    EXPECT_EQ(m->in_use(), 0u);
+    void* a = m->allocate(10000);
+    void* b = m->allocate(5000);
+    ASSERT_TRUE(a && b);
+    EXPECT_EQ(static_cast<char*>(b) - static_cast<char*>(a), 12288) << "10000 bytes take three pages";
+    m->release(a);
+    EXPECT_EQ(m->allocate(8000), a) << "the freed block is reused first";
+    m->release(a);
+    m->release(b);
+    EXPECT_EQ(m->allocate(16384), a) << "neighbouring free blocks coalesce";
+    m->release(a);
+    // The limit, and tensors.
+    m->set_limit(8192);
+    EXPECT_EQ(m->allocate(8193), nullptr);
+    EXPECT_FALSE(node_empty(m, {4, 1024}, at::kFloat).defined()) << "16 KiB over an 8 KiB limit";
+    m->set_limit(SIZE_MAX);
+    EXPECT_EQ(m->allocate(m->segment_bytes()), nullptr) << "more than the segment";
+    {
+      at::Tensor t = node_empty(m, {4, 1024}, at::kFloat);
+      ASSERT_TRUE(t.defined());
+      EXPECT_GE(m->offset_of(t.data_ptr(), t.nbytes()), 0);
+      EXPECT_EQ(m->in_use(), 16384u);
+    }
+    EXPECT_EQ(m->in_use(), 0u) << "a freed tensor gives its block back";
+    EXPECT_GE(m->peak(), 16384u);
+  }
+  MPI_Comm_free(&dup);
+}
+
 TEST(Mesh, SubCommunicatorsOnTheDevice) {
   World& w = *g_world;
   const int W = w.size(), r = w.rank();
