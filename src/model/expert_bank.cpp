@@ -212,6 +212,12 @@ struct LoopSpec {
   std::vector<int64_t> counts, start;  // rows per expert and first row
   bool pad = false;
   RowsAlloc alloc;  // the output's allocation (empty: at::empty)
+  // Under autocast: the type each expert's weight matrices are cast to, one expert at
+  // a time (Undefined: used as they are).
+  at::ScalarType compute = at::ScalarType::Undefined;
+  at::Tensor weight(const at::Tensor& w, size_t i) const {
+    return compute == at::ScalarType::Undefined ? w[static_cast<int64_t>(i)] : w[static_cast<int64_t>(i)].to(compute);
+  }
   int64_t rows(size_t i) const { return pad ? padded_rows(counts[i]) : counts[i]; }
 };
 
@@ -223,7 +229,8 @@ at::Tensor expert_rows(const at::Tensor& x, const LoopSpec& s, size_t i) {
 }
 
 // The forward over all experts; with `saved`, keeps what backward needs (per expert
-// with rows: its padded input, its pre-activation and its activation).
+// with rows: its padded input, its pre-activation, its activation and its two weight
+// matrices as the products used them).
 at::Tensor loop_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                         const at::Tensor& b2, const LoopSpec& s, ExpertHooks* hooks, std::vector<at::Tensor>* saved) {
   at::Tensor out;
@@ -231,14 +238,15 @@ at::Tensor loop_forward(const at::Tensor& x, const at::Tensor& w1, const at::Ten
     if (s.counts[i] == 0) continue;
     if (hooks) hooks->rows_ready(static_cast<int>(i));
     const at::Tensor xi = expert_rows(x, s, i);
-    const at::Tensor pre = at::addmm(b1[i], xi, w1[i]);
+    const at::Tensor w1i = s.weight(w1, i), w2i = s.weight(w2, i);
+    const at::Tensor pre = at::addmm(b1[i], xi, w1i);
     const at::Tensor h = at::gelu(pre, "tanh");
     if (!out.defined()) out = s.alloc ? s.alloc(x.size(0), w2.size(2), h.options()) : at::empty({x.size(0), w2.size(2)}, h.options());
     at::Tensor yo = out.narrow(0, s.start[i], s.counts[i]);
-    if (s.rows(i) == s.counts[i]) at::addmm_out(yo, b2[i], h, w2[i]);
-    else yo.copy_(at::addmm(b2[i], h, w2[i]).narrow(0, 0, s.counts[i]));
+    if (s.rows(i) == s.counts[i]) at::addmm_out(yo, b2[i], h, w2i);
+    else yo.copy_(at::addmm(b2[i], h, w2i).narrow(0, 0, s.counts[i]));
     if (hooks) hooks->outputs_done(static_cast<int>(i), yo);
-    if (saved) saved->insert(saved->end(), {xi, pre, h});
+    if (saved) saved->insert(saved->end(), {xi, pre, h, w1i, w2i});
   }
   return out;
 }
@@ -253,6 +261,7 @@ struct LoopExperts : public torch::autograd::Function<LoopExperts> {
     ctx->saved_data["counts"] = s.counts;
     ctx->saved_data["start"] = s.start;
     ctx->saved_data["pad"] = s.pad;
+    ctx->saved_data["compute"] = static_cast<int64_t>(s.compute);
     ctx->saved_data["b1_dtype"] = static_cast<int64_t>(b1.scalar_type());
     ctx->saved_data["b2_dtype"] = static_cast<int64_t>(b2.scalar_type());
     ctx->saved_data["x_rows"] = x.size(0);
@@ -268,6 +277,7 @@ struct LoopExperts : public torch::autograd::Function<LoopExperts> {
     s.counts = ctx->saved_data["counts"].toIntVector();
     s.start = ctx->saved_data["start"].toIntVector();
     s.pad = ctx->saved_data["pad"].toBool();
+    s.compute = static_cast<at::ScalarType>(ctx->saved_data["compute"].toInt());
     ExpertHooksPtr hooks;
     if (ctx->saved_data.count("hooks"))
       hooks = c10::static_intrusive_pointer_cast<ExpertHooks>(ctx->saved_data["hooks"].toCapsule());
@@ -285,21 +295,26 @@ struct LoopExperts : public torch::autograd::Function<LoopExperts> {
         gw1[i].zero_(), gw2[i].zero_(), gb1[i].zero_(), gb2[i].zero_();  // as unbind's backward for unused experts
         continue;
       }
-      k -= 3;
-      const at::Tensor &xi = saved[k], &pre = saved[k + 1], &h = saved[k + 2];
+      k -= 5;
+      const at::Tensor &xi = saved[k], &pre = saved[k + 1], &h = saved[k + 2], &w1i = saved[k + 3],
+                       &w2i = saved[k + 4];
       at::Tensor dy = gy.defined() ? gy.narrow(0, s.start[i], s.counts[i])
                                    : at::zeros({s.counts[i], H}, h.options());
       if (hooks) dy = hooks->output_grad(static_cast<int>(i), dy);
       const int64_t rows = s.rows(i);
       if (rows != s.counts[i]) dy = at::constant_pad_nd(dy, {0, 0, 0, rows - s.counts[i]});
       // addmm's backward: d mat2 = mat1^T g, d mat1 = g mat2^T, d bias = g summed to the bias.
+      // Under autocast each weight gradient is computed in the compute type and widened
+      // into its place (what the cast's backward did for the stacked gradient).
       at::Tensor gw2_i = gw2[i], gb2_i = gb2[i], gw1_i = gw1[i], gb1_i = gb1[i];
-      at::mm_out(gw2_i, h.t(), dy);
+      if (gw2_i.scalar_type() == h.scalar_type()) at::mm_out(gw2_i, h.t(), dy);
+      else gw2_i.copy_(at::mm(h.t(), dy));
       gb2_i.copy_(at::sum_to(dy, at::IntArrayRef{H}));
-      const at::Tensor dpre = at::gelu_backward(at::mm(dy, w2[i].t()), pre, "tanh");
-      at::mm_out(gw1_i, xi.t(), dpre);
+      const at::Tensor dpre = at::gelu_backward(at::mm(dy, w2i.t()), pre, "tanh");
+      if (gw1_i.scalar_type() == dpre.scalar_type()) at::mm_out(gw1_i, xi.t(), dpre);
+      else gw1_i.copy_(at::mm(xi.t(), dpre));
       gb1_i.copy_(at::sum_to(dpre, at::IntArrayRef{F}));
-      const at::Tensor dxi = at::mm(dpre, w1[i].t());
+      const at::Tensor dxi = at::mm(dpre, w1i.t());
       if (!gx.defined()) gx = at::empty({ctx->saved_data["x_rows"].toInt(), dxi.size(1)}, dxi.options());
       at::Tensor gxi = gx.narrow(0, s.start[i], s.counts[i]);
       gxi.copy_(rows == s.counts[i] ? dxi : dxi.narrow(0, 0, s.counts[i]));
@@ -326,16 +341,22 @@ at::Tensor ExpertBankImpl::forward_loop(const at::Tensor& x, const std::vector<i
   s.start.assign(1, 0);
   for (int64_t n : counts) s.start.push_back(s.start.back() + n);
   if (s.start.back() == 0) return x.narrow(0, 0, 0) * 0;  // keeps the graph connected to x
-  // Under autocast the stacked weights are cast once (the same values as autocast's
-  // cast of each expert's slice); the backward then widens each gradient in one pass.
-  // The rows too, where they are not in that type yet (autocast would cast each
-  // expert's rows; the MoE layer casts before the dispatch).
-  at::Tensor xc = x, w1c = w1, b1c = b1, w2c = w2, b2c = b2;
+  // Under autocast each expert's weight matrices are cast when it computes (the values
+  // of autocast's cast), and its weight gradients are widened into the float32
+  // gradient as they are computed: a cast of the stacked weights and of the stacked
+  // gradient made four fresh tensors of 151-302 MB per layer and step at 4096 x 768,
+  // E = 32, each above glibc's mmap threshold and so page-faulted in again every step
+  // (~140 ms of ~800; one expert's cast reuses heap blocks). The biases are cast
+  // stacked (small), and the rows where they are not in that type yet (autocast would
+  // cast each expert's rows; the MoE layer casts before the dispatch).
+  at::Tensor xc = x, b1c = b1, b2c = b2;
   if (const auto dev = x.device().type(); at::autocast::is_autocast_enabled(dev)) {
     const auto dt = at::autocast::get_autocast_dtype(dev);
-    w1c = w1.to(dt), b1c = b1.to(dt), w2c = w2.to(dt), b2c = b2.to(dt);
+    if (w1.scalar_type() != dt) s.compute = dt;
+    b1c = b1.to(dt), b2c = b2.to(dt);
     if (x.is_floating_point()) xc = x.to(dt);
   }
+  const at::Tensor &w1c = w1, &w2c = w2;
   // One autograd node for all experts (its backward writes the stacked weight
   // gradients in place: on 4096 x 768, E = 32, bf16 the stack of per-expert
   // gradients and the per-expert nodes had cost ~85 of ~800 ms); without gradients,
