@@ -345,8 +345,10 @@ at::Tensor ExpertBankImpl::forward_loop(const at::Tensor& x, const std::vector<i
   // of autocast's cast), and its weight gradients are widened into the float32
   // gradient as they are computed: a cast of the stacked weights and of the stacked
   // gradient made four fresh tensors of 151-302 MB per layer and step at 4096 x 768,
-  // E = 32, each above glibc's mmap threshold and so page-faulted in again every step
-  // (~140 ms of ~800; one expert's cast reuses heap blocks). The biases are cast
+  // E = 32, each above glibc's mmap threshold and so page-faulted in again every step,
+  // and the GEMMs read the stacked bf16 weights back from memory; one expert's cast
+  // reuses heap blocks and is still in cache for its GEMM (that layer 22% faster,
+  // docs/performance.md). The biases are cast
   // stacked (small), and the rows where they are not in that type yet (autocast would
   // cast each expert's rows; the MoE layer casts before the dispatch).
   at::Tensor xc = x, b1c = b1, b2c = b2;
