@@ -154,6 +154,17 @@ void Communicator::exchange_blocks(const at::Tensor& src, const at::Tensor& rows
   if (meanwhile) meanwhile();
 }
 
+void PendingBlocks::wait_after(const std::function<void()>& meanwhile) {
+  std::exception_ptr local_error;
+  try {
+    if (meanwhile) meanwhile();
+  } catch (...) {
+    local_error = std::current_exception();
+  }
+  wait();
+  if (local_error) std::rethrow_exception(local_error);
+}
+
 std::unique_ptr<PendingBlocks> Communicator::post_blocks(const at::Tensor&, const at::Tensor&,
                                                          const std::vector<RowBlock>&, const std::vector<int>&,
                                                          const at::Tensor&, const std::vector<RowBlock>&,
@@ -380,14 +391,7 @@ void MpiCommunicator::exchange_blocks(const at::Tensor& src, const at::Tensor& r
   std::unique_ptr<PendingBlocks> pending =
       post_blocks(src, rows, send_blocks, std::vector<int>(send_blocks.size(), kTag), recv, recv_blocks,
                   std::vector<int>(recv_blocks.size(), kTag));
-  std::exception_ptr local_error;
-  try {
-    if (meanwhile) meanwhile();
-  } catch (...) {
-    local_error = std::current_exception();  // after the wait: no request is left pending
-  }
-  pending->wait();
-  if (local_error) std::rethrow_exception(local_error);
+  pending->wait_after(meanwhile);
 }
 
 std::shared_ptr<NodeMemory> MpiCommunicator::node_memory() {

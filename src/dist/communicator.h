@@ -41,6 +41,9 @@ class PendingBlocks {
  public:
   virtual ~PendingBlocks() = default;
   virtual void wait() = 0;
+  // Runs `meanwhile` (if any) while the messages travel, then waits; an exception of
+  // `meanwhile` is rethrown after the wait, so that no request is left pending.
+  void wait_after(const std::function<void()>& meanwhile);
 };
 
 class Communicator {

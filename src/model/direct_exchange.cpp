@@ -263,15 +263,8 @@ std::vector<std::vector<int64_t>> swap_values(Communicator& comm, const std::vec
   std::atomic_thread_fence(std::memory_order_seq_cst);  // what was written before goes out before the message
   std::unique_ptr<PendingBlocks> pending = comm.post_blocks(out, {}, sb, std::vector<int>(sb.size(), tag), in, rbk,
                                                             std::vector<int>(rbk.size(), tag));
-  std::exception_ptr local_error;
-  try {
-    if (meanwhile) meanwhile();
-  } catch (...) {
-    local_error = std::current_exception();  // after the wait: no request is left pending
-  }
-  pending->wait();
+  pending->wait_after(meanwhile);
   std::atomic_thread_fence(std::memory_order_seq_cst);
-  if (local_error) std::rethrow_exception(local_error);
   std::vector<std::vector<int64_t>> got(static_cast<size_t>(W));
   const int64_t* g = in.data_ptr<int64_t>();
   for (const RowBlock& b : rbk) got[static_cast<size_t>(b.peer)].assign(g + b.offset, g + b.offset + b.rows);
@@ -295,6 +288,33 @@ std::vector<std::vector<int64_t>> offsets_for_peers(const NodeMemory& m, const a
   return to;
 }
 
+// This rank's blocks (send order) split by where their peer said they lie (offsets
+// per peer, in block order; see offsets_for_peers): those with no place in node
+// memory (MPI) and those with one (block, offset), with a one-value signal for each
+// peer that has blocks of the second kind.
+struct NodeSplit {
+  std::vector<RowBlock> mpi;
+  std::vector<std::pair<RowBlock, int64_t>> shared;
+  std::vector<std::vector<int64_t>> signal;
+};
+NodeSplit split_by_offsets(const std::vector<RowBlock>& blocks, const std::vector<std::vector<int64_t>>& at_peer,
+                           int W) {
+  NodeSplit split;
+  split.signal.resize(static_cast<size_t>(W));
+  std::vector<size_t> next(static_cast<size_t>(W), 0);
+  for (const RowBlock& b : blocks) {
+    const auto p = static_cast<size_t>(b.peer);
+    const int64_t off = at_peer[p][next[p]++];
+    if (off < 0) {
+      split.mpi.push_back(b);
+    } else {
+      split.shared.emplace_back(b, off);
+      split.signal[p] = {1};
+    }
+  }
+  return split;
+}
+
 at::Tensor node_dispatch(const at::Tensor& x, const Route& r, const at::Tensor& token, Communicator& comm,
                          const std::shared_ptr<NodeMemory>& m) {
   const int W = comm.size();
@@ -312,24 +332,14 @@ at::Tensor node_dispatch(const at::Tensor& x, const Route& r, const at::Tensor& 
   const auto at_peer = swap_values(comm, to, blocks_per_peer(r.send_peer, W), kOffsetTag);
   // 2. Blocks to ranks without node memory for them go through MPI, the others are
   // written into the receiver's buffer here.
-  std::vector<RowBlock> mpi_send, mpi_recv;
-  std::vector<std::pair<RowBlock, int64_t>> writes;
-  std::vector<int64_t> next(static_cast<size_t>(W), 0);
-  std::vector<std::vector<int64_t>> written(static_cast<size_t>(W));
-  for (const RowBlock& b : r.send_peer) {
-    const int64_t off = at_peer[static_cast<size_t>(b.peer)][static_cast<size_t>(next[static_cast<size_t>(b.peer)]++)];
-    if (off < 0) {
-      mpi_send.push_back(b);
-    } else {
-      writes.emplace_back(b, off);
-      written[static_cast<size_t>(b.peer)] = {1};
-    }
-  }
+  const NodeSplit send = split_by_offsets(r.send_peer, at_peer, W);
+  const std::vector<RowBlock>& mpi_send = send.mpi;
+  std::vector<RowBlock> mpi_recv;
   if (!here) mpi_recv = r.recv_peer;
   std::unique_ptr<PendingBlocks> pending = comm.post_blocks(x, token, mpi_send, std::vector<int>(mpi_send.size(), kRowTag),
                                                             recv, mpi_recv, std::vector<int>(mpi_recv.size(), kRowTag));
   const auto* xs = static_cast<const char*>(x.data_ptr());
-  for (const auto& [b, off] : writes) {
+  for (const auto& [b, off] : send.shared) {
     char* dst = m->segment(b.peer) + off;
     const int64_t first = b.offset;
     at::parallel_for(0, b.rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(H, 1)), [&](int64_t i0, int64_t i1) {
@@ -341,7 +351,7 @@ at::Tensor node_dispatch(const at::Tensor& x, const Route& r, const at::Tensor& 
   std::vector<int64_t> expect(static_cast<size_t>(W), 0);
   if (here)
     for (const RowBlock& b : r.recv_peer) expect[static_cast<size_t>(b.peer)] = 1;
-  swap_values(comm, written, expect, kSignalTag, [&] {
+  swap_values(comm, send.signal, expect, kSignalTag, [&] {
     for (const Route::Pair& q : r.own) {
       at::Tensor dst = recv.narrow(0, q.ro, q.n);
       at::index_select_out(dst, x, 0, token.narrow(0, q.so, q.n));
@@ -363,23 +373,13 @@ at::Tensor node_combine(const at::Tensor& y, const at::Tensor& gate, const Route
   at::Tensor where, weight;
   const auto at_peer = swap_values(comm, to, blocks_per_peer(r.send_peer, W), kOffsetTag,
                                    [&] { std::tie(where, weight) = r.sources(choice, gate); });
-  std::vector<RowBlock> mpi_send, mpi_recv;
+  std::vector<RowBlock> mpi_send;
   if (!mine_shared) mpi_send = r.recv_peer;
+  const NodeSplit in = split_by_offsets(r.send_peer, at_peer, W);
+  const std::vector<RowBlock>& mpi_recv = in.mpi;
   std::vector<const void*> rows(static_cast<size_t>(R + r.send_rows));
   const auto* ys = static_cast<const char*>(y.data_ptr());
   for (int64_t i = 0; i < R; ++i) rows[static_cast<size_t>(i)] = ys + i * rb;
-  std::vector<int64_t> next(static_cast<size_t>(W), 0);
-  std::vector<std::vector<int64_t>> read(static_cast<size_t>(W));
-  std::vector<std::pair<RowBlock, int64_t>> in_place;
-  for (const RowBlock& b : r.send_peer) {
-    const int64_t off = at_peer[static_cast<size_t>(b.peer)][static_cast<size_t>(next[static_cast<size_t>(b.peer)]++)];
-    if (off < 0) {
-      mpi_recv.push_back(b);
-    } else {
-      in_place.emplace_back(b, off);
-      read[static_cast<size_t>(b.peer)] = {1};
-    }
-  }
   if (keep || !mpi_recv.empty()) back = at::empty({r.send_rows, H}, y.options());
   const at::Tensor into = back.defined() ? back : at::empty({0, H}, y.options());
   std::unique_ptr<PendingBlocks> pending = comm.post_blocks(y, {}, mpi_send, std::vector<int>(mpi_send.size(), kRowTag),
@@ -389,7 +389,7 @@ at::Tensor node_combine(const at::Tensor& y, const at::Tensor& gate, const Route
     for (const RowBlock& b : mpi_recv)
       for (int64_t i = 0; i < b.rows; ++i) rows[static_cast<size_t>(R + b.offset + i)] = bs + (b.offset + i) * rb;
   }
-  for (const auto& [b, off] : in_place) {
+  for (const auto& [b, off] : in.shared) {
     const char* src = m->segment(b.peer) + off;
     for (int64_t i = 0; i < b.rows; ++i) rows[static_cast<size_t>(R + b.offset + i)] = src + i * rb;
   }
@@ -400,7 +400,7 @@ at::Tensor node_combine(const at::Tensor& y, const at::Tensor& gate, const Route
   std::vector<int64_t> expect(static_cast<size_t>(W), 0);
   if (mine_shared)
     for (const RowBlock& b : r.recv_peer) expect[static_cast<size_t>(b.peer)] = 1;
-  swap_values(comm, read, expect, kSignalTag);
+  swap_values(comm, in.signal, expect, kSignalTag);
   return out;
 }
 
