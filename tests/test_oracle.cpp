@@ -138,6 +138,27 @@ INSTANTIATE_TEST_SUITE_P(Cases, MoeLayerOracle,
                                                               LayerCase{8, 1, 2, false, false}),
                                             ::testing::Values(DispatcherKind::Torch, DispatcherKind::Kernels)));
 
+// One MoE layer call, forward (and backward when trained) on one rank: what the
+// identical-results tests below compare.
+struct LayerRun {
+  at::Tensor y, gx;
+  std::vector<at::Tensor> grads;
+};
+
+// Outputs bit for bit; with train also the input gradients and every parameter's.
+void expect_same_bits(const LayerRun& a, const LayerRun& b, bool train, const std::string& what) {
+  EXPECT_TRUE(at::equal(a.y, b.y)) << what << ": outputs";
+  if (!train) return;
+  EXPECT_TRUE(at::equal(a.gx, b.gx)) << what << ": input gradients";
+  ASSERT_EQ(a.grads.size(), b.grads.size());
+  for (size_t i = 0; i < a.grads.size(); ++i) {
+    ASSERT_EQ(a.grads[i].defined(), b.grads[i].defined()) << what << ": parameter " << i;
+    if (a.grads[i].defined()) {
+      EXPECT_TRUE(at::equal(a.grads[i], b.grads[i])) << what << ": gradient of parameter " << i;
+    }
+  }
+}
+
 // runtime.dispatch_chunks: the exchange overlapped with the experts gives the same
 // bits as one exchange then the experts (outputs, input, router and expert
 // gradients), float32 and bf16, every chunk count, experts per rank 1 to 8; and the
@@ -161,9 +182,7 @@ TEST_P(PipelinedExperts, IdenticalToOneExchange) {
   at::Tensor probe = fixed({M * local_B, T, H}, 41 + static_cast<uint64_t>(r));
   const Placement pl = scattered(c.experts, W);
 
-  struct Run {
-    at::Tensor y, gx;
-    std::vector<at::Tensor> grads;
+  struct Run : LayerRun {
     MoeTimers timers;
   };
   const auto run = [&](int chunks, bool train) {
@@ -195,16 +214,7 @@ TEST_P(PipelinedExperts, IdenticalToOneExchange) {
     for (int chunks : {2, 3, most + 1}) {
       const Run piped = run(chunks, train);
       EXPECT_EQ(piped.timers.pipelined, 1) << chunks << " chunks: the overlapped path did not run";
-      EXPECT_TRUE(at::equal(piped.y, one.y)) << chunks << " chunks: outputs, train " << train;
-      if (!train) continue;
-      EXPECT_TRUE(at::equal(piped.gx, one.gx)) << chunks << " chunks: input gradients";
-      ASSERT_EQ(piped.grads.size(), one.grads.size());
-      for (size_t i = 0; i < one.grads.size(); ++i) {
-        ASSERT_EQ(piped.grads[i].defined(), one.grads[i].defined()) << "parameter " << i;
-        if (one.grads[i].defined()) {
-          EXPECT_TRUE(at::equal(piped.grads[i], one.grads[i])) << chunks << " chunks: gradient of parameter " << i;
-        }
-      }
+      expect_same_bits(piped, one, train, std::to_string(chunks) + " chunks, train " + std::to_string(train));
     }
   }
 }
@@ -239,9 +249,7 @@ TEST_P(NodeMemoryExchange, IdenticalToMpi) {
   at::Tensor probe = fixed({local_B, T, H}, 43 + static_cast<uint64_t>(r));
   const Placement pl = scattered(c.experts, W);
 
-  struct Run {
-    at::Tensor y, gx;
-    std::vector<at::Tensor> grads;
+  struct Run : LayerRun {
     size_t node_peak = 0;
   };
   // node: whether the communicator may make node memory; limit: its bytes (-1: all).
@@ -279,28 +287,16 @@ TEST_P(NodeMemoryExchange, IdenticalToMpi) {
     MPI_Comm_free(&dup);
     return out;
   };
-  const auto same = [&](const Run& a, const Run& b, bool train, const std::string& what) {
-    EXPECT_TRUE(at::equal(a.y, b.y)) << what << ": outputs";
-    if (!train) return;
-    EXPECT_TRUE(at::equal(a.gx, b.gx)) << what << ": input gradients";
-    ASSERT_EQ(a.grads.size(), b.grads.size());
-    for (size_t i = 0; i < a.grads.size(); ++i) {
-      ASSERT_EQ(a.grads[i].defined(), b.grads[i].defined()) << what << ": parameter " << i;
-      if (a.grads[i].defined()) {
-        EXPECT_TRUE(at::equal(a.grads[i], b.grads[i])) << what << ": gradient of parameter " << i;
-      }
-    }
-  };
   for (bool train : {true, false}) {
     for (ExpertGemm gemm : {ExpertGemm::Loop, ExpertGemm::Batched}) {
       const std::string what = std::string(train ? "train" : "eval") + ", rank 0 " + str(gemm);
       const Run mpi = run(false, gemm, train, -1);
       const Run node = run(true, gemm, train, -1);
       EXPECT_GT(node.node_peak, 0u) << what << ": node memory was not used";
-      same(node, mpi, train, what);
+      expect_same_bits(node, mpi, train, what);
       // No room at all: every row through MPI; room on rank 0 only: pairs of both kinds.
-      same(run(true, gemm, train, 0), mpi, train, what + ", no room");
-      same(run(true, gemm, train, r == 0 ? -1 : 0), mpi, train, what + ", room on rank 0 only");
+      expect_same_bits(run(true, gemm, train, 0), mpi, train, what + ", no room");
+      expect_same_bits(run(true, gemm, train, r == 0 ? -1 : 0), mpi, train, what + ", room on rank 0 only");
     }
   }
 }
