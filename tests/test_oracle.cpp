@@ -145,6 +145,30 @@ struct LayerRun {
   std::vector<at::Tensor> grads;
 };
 
+// One call of `layer` on x0 (a rank's rows of groups [first_group, ...) out of
+// total_groups), under autocast in bf16 when asked; with train, backward of
+// <y, probe> + the auxiliary loss, keeping the input and parameter gradients.
+LayerRun run_layer(MoeLayer& layer, const at::Tensor& x0, const at::Tensor& probe, bool train, bool bf16,
+                   int64_t total_groups, int64_t first_group, MoeTimers* timers = nullptr) {
+  LayerRun out;
+  ForwardContext ctx;
+  ctx.in.train = train;
+  ctx.in.noise_seed = 3;
+  ctx.in.total_groups = total_groups;
+  ctx.in.first_group = first_group;
+  ctx.probes.timers = timers;
+  at::Tensor x = x0.clone().requires_grad_(train);
+  {
+    AutocastGuard amp(x.device(), bf16 ? Precision::Bf16 : Precision::Fp32);
+    out.y = layer->forward(x, ctx);
+  }
+  if (!train) return out;
+  ((out.y.to(at::kFloat) * probe).sum() + ctx.aux_loss).backward();
+  out.gx = x.grad();
+  for (const auto& p : layer->parameters()) out.grads.push_back(p.grad().defined() ? p.grad() : at::Tensor());
+  return out;
+}
+
 // Outputs bit for bit; with train also the input gradients and every parameter's.
 void expect_same_bits(const LayerRun& a, const LayerRun& b, bool train, const std::string& what) {
   EXPECT_TRUE(at::equal(a.y, b.y)) << what << ": outputs";
@@ -190,21 +214,8 @@ TEST_P(PipelinedExperts, IdenticalToOneExchange) {
     MoeLayer layer(cfg, 1, pl, w.host_comm(), 77);
     layer->set_runtime({DispatcherKind::Kernels, ExpertGemm::Loop, chunks});
     Run out;
-    ForwardContext ctx;
-    ctx.in.train = train;
-    ctx.in.noise_seed = 3;
-    ctx.in.total_groups = W * local_B / cfg.moe.group_size;
-    ctx.in.first_group = r * local_B / cfg.moe.group_size;
-    ctx.probes.timers = &out.timers;
-    at::Tensor x = x0.clone().requires_grad_(train);
-    {
-      AutocastGuard amp(x.device(), c.bf16 ? Precision::Bf16 : Precision::Fp32);
-      out.y = layer->forward(x, ctx);
-    }
-    if (!train) return out;
-    ((out.y.to(at::kFloat) * probe).sum() + ctx.aux_loss).backward();
-    out.gx = x.grad();
-    for (const auto& p : layer->parameters()) out.grads.push_back(p.grad().defined() ? p.grad() : at::Tensor());
+    static_cast<LayerRun&>(out) = run_layer(layer, x0, probe, train, c.bf16, W * local_B / cfg.moe.group_size,
+                                            r * local_B / cfg.moe.group_size, &out.timers);
     return out;
   };
   const int most = (c.experts + W - 1) / W;
@@ -267,21 +278,8 @@ TEST_P(NodeMemoryExchange, IdenticalToMpi) {
       at::manual_seed(5);
       MoeLayer layer(cfg, 1, pl, comm, 77);
       layer->set_runtime({DispatcherKind::Kernels, gemm, 1});
-      ForwardContext ctx;
-      ctx.in.train = train;
-      ctx.in.noise_seed = 3;
-      ctx.in.total_groups = W * local_B / cfg.moe.group_size;
-      ctx.in.first_group = r * local_B / cfg.moe.group_size;
-      at::Tensor x = x0.clone().requires_grad_(train);
-      {
-        AutocastGuard amp(x.device(), c.bf16 ? Precision::Bf16 : Precision::Fp32);
-        out.y = layer->forward(x, ctx);
-      }
-      if (train) {
-        ((out.y.to(at::kFloat) * probe).sum() + ctx.aux_loss).backward();
-        out.gx = x.grad();
-        for (const auto& p : layer->parameters()) out.grads.push_back(p.grad().defined() ? p.grad() : at::Tensor());
-      }
+      static_cast<LayerRun&>(out) = run_layer(layer, x0, probe, train, c.bf16, W * local_B / cfg.moe.group_size,
+                                              r * local_B / cfg.moe.group_size);
       if (m) out.node_peak = m->peak();
     }
     MPI_Comm_free(&dup);
