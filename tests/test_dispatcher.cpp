@@ -109,27 +109,52 @@ TEST_P(DispatcherContract, KeptChoicesInKeyOrderWithAndWithoutGaps) {
   const int64_t N = 300, K = 2, E = 5, G = 4;
   at::manual_seed(11);
   at::Tensor expert = at::randint(0, E, {N, K}, at::kLong);
-  at::Tensor group = at::arange(N, at::kLong).floor_divide(N / G).unsqueeze(1).expand({N, K}).contiguous();
+  at::Tensor group = at::arange(N, at::kLong).floor_divide(N / G).unsqueeze(1).expand({N, K});
   at::Tensor keep = at::rand({N, K}) > 0.15;
+  at::Tensor gate = at::rand({N, K});
   at::Tensor priority = at::randperm(N * K, at::kLong);
-  for (bool gaps : {false, true}) {
-    at::Tensor position = at::zeros({N * K}, at::kLong);
-    std::vector<int64_t> next(static_cast<size_t>(E * G), 0);
-    const int64_t* pr = priority.data_ptr<int64_t>();
-    for (int64_t q = 0; q < N * K; ++q) {
-      const int64_t i = pr[q];
-      if (!keep.reshape({-1})[i].item<bool>()) continue;
-      const auto b = static_cast<size_t>(expert.reshape({-1})[i].item<int64_t>() * G + group.reshape({-1})[i].item<int64_t>());
-      position[i] = next[b];
-      next[b] += gaps ? 2 : 1;
+  // Choice-major views (as the selectors return them; strides (1, N)) and a group
+  // broadcast over k (stride 0) must read as the same choices.
+  const auto choice_major = [&](const at::Tensor& t) { return t.t().contiguous().t(); };
+  for (bool gaps : {false, true})
+    for (bool views : {false, true}) {
+      at::Tensor position = at::zeros({N * K}, at::kLong);
+      std::vector<int64_t> next(static_cast<size_t>(E * G), 0);
+      const int64_t* pr = priority.data_ptr<int64_t>();
+      for (int64_t q = 0; q < N * K; ++q) {
+        const int64_t i = pr[q];
+        if (!keep.reshape({-1})[i].item<bool>()) continue;
+        const auto b = static_cast<size_t>(expert.reshape({-1})[i].item<int64_t>() * G + group.reshape({-1})[i].item<int64_t>());
+        position[i] = next[b];
+        next[b] += gaps ? 2 : 1;
+      }
+      const auto in = [&](const at::Tensor& t) { return views ? choice_major(t) : t.contiguous(); };
+      const RoutedChoices rc{in(expert), in(gate), in(keep), views ? group : group.contiguous(),
+                             in(position.reshape({N, K})), 2 * N * K, G};
+      const auto p = d->plan(rc);
+      // The counting pass itself (the plan would hide a wrong pass behind its sort):
+      // taken for positions 0 .. n-1 in either layout, declined with gaps.
+      const detail::HostOrder h = detail::kept_in_key_order(at::arange(E, at::kLong), rc.expert, rc.group,
+                                                            rc.position, rc.keep, G, K, static_cast<int>(E));
+      EXPECT_EQ(h.order.defined(), !gaps);
+      const std::string what = std::string(gaps ? "with gaps" : "positions 0 .. n-1") + (views ? ", views" : "");
+      at::Tensor key = (expert.reshape({-1}) * G + group.reshape({-1})) * (2 * N * K) + position;
+      key = key.masked_fill(keep.reshape({-1}).logical_not(), std::numeric_limits<int64_t>::max());
+      const at::Tensor want = std::get<1>(key.sort(true, 0, false)).narrow(0, 0, keep.sum().item<int64_t>());
+      EXPECT_TRUE(at::equal(p->choice, want)) << what;
+      EXPECT_TRUE(at::equal(p->token, want.floor_divide(K))) << what;
+      EXPECT_TRUE(at::equal(p->send_expert, expert.reshape({-1}).index_select(0, want))) << what;
+      EXPECT_TRUE(at::equal(p->gate, gate.reshape({-1}).index_select(0, want))) << what;
+      const at::Tensor counts = at::bincount(expert.reshape({-1}).masked_select(keep.reshape({-1})), {}, E);
+      EXPECT_EQ(p->send_counts, std::vector<int64_t>(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + E))
+          << what;
+      if (h.order.defined()) {
+        EXPECT_TRUE(at::equal(h.order, want)) << what;
+        EXPECT_TRUE(at::equal(h.token, want.floor_divide(K))) << what;
+        EXPECT_TRUE(at::equal(h.expert, expert.reshape({-1}).index_select(0, want))) << what;
+        EXPECT_EQ(h.counts, p->send_counts) << what;
+      }
     }
-    const RoutedChoices rc{expert, at::rand({N, K}), keep, group, position.reshape({N, K}), 2 * N * K, G};
-    const auto p = d->plan(rc);
-    at::Tensor key = (expert.reshape({-1}) * G + group.reshape({-1})) * (2 * N * K) + position;
-    key = key.masked_fill(keep.reshape({-1}).logical_not(), std::numeric_limits<int64_t>::max());
-    const at::Tensor want = std::get<1>(key.sort(true, 0, false)).narrow(0, 0, keep.sum().item<int64_t>());
-    EXPECT_TRUE(at::equal(p->choice, want)) << (gaps ? "with gaps" : "positions 0 .. n-1");
-  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, DispatcherContract,

@@ -6,46 +6,74 @@
 #include <limits>
 
 namespace moeprune {
-namespace {
+namespace detail {
 
 // The kept choices in the order of their sort key ((send slot, group), then
 // position) without a sort, for host tensors: the kept choices of one (slot, group)
 // hold positions 0 .. n-1 (capacity slots are handed out in turn), so each one's
 // place is its bucket's start plus its position. A stable sort of 8192 keys took
-// 0.8 ms on one core, most of a plan. Undefined when the positions are not like
-// that (then the caller sorts; same order either way, the kept keys being unique).
-at::Tensor kept_in_key_order(const at::Tensor& slot_of, const at::Tensor& expert, const at::Tensor& group,
-                             const at::Tensor& position, const at::Tensor& keep, int64_t groups) {
-  const int64_t n = expert.numel(), S = slot_of.numel(), buckets = S * std::max<int64_t>(groups, 1);
-  if (buckets > std::max<int64_t>(16 * n, 1 << 16)) return {};
-  const at::Tensor e = expert.reshape({-1}).contiguous(), g = group.reshape({-1}).to(at::kLong).contiguous(),
-                   ps = position.reshape({-1}).to(at::kLong).contiguous(),
-                   kp = keep.reshape({-1}).to(at::kBool).contiguous();
-  const int64_t *ep = e.data_ptr<int64_t>(), *gp = g.data_ptr<int64_t>(), *pp = ps.data_ptr<int64_t>(),
-                *so = slot_of.data_ptr<int64_t>();
-  const bool* kk = kp.data_ptr<bool>();
-  std::vector<int64_t> start(static_cast<size_t>(buckets) + 1, 0);
+// 0.8 ms on one core, most of a plan. In the same passes: the kept choices per
+// expert, and each kept choice's token and expert (the tensor operations that did
+// this cost ~0.1 ms per plan, more than the passes). `order` is undefined
+// when the positions are not like that (then the caller sorts; same order either
+// way, the kept keys being unique).
+HostOrder kept_in_key_order(const at::Tensor& slot_of, const at::Tensor& expert, const at::Tensor& group,
+                            const at::Tensor& position, const at::Tensor& keep, int64_t groups, int64_t K, int E) {
+  HostOrder h;
+  if (K < 1 || expert.dim() != 2 || expert.size(1) != K) return h;
+  const int64_t N = expert.size(0), S = slot_of.numel(), G = std::max<int64_t>(groups, 1), buckets = S * G;
+  if (buckets > std::max<int64_t>(16 * N * K, 1 << 16)) return h;
+  // Read in place, strides and all (the selectors' outputs are choice-major views;
+  // a copy costs as much as a pass here): only another dtype is converted.
+  const auto as = [&](const at::Tensor& t, at::ScalarType dt) {
+    const at::Tensor v = t.reshape({N, K});
+    return v.scalar_type() == dt ? v : v.to(dt);
+  };
+  const at::Tensor e = as(expert, at::kLong), g = as(group, at::kLong), ps = as(position, at::kLong),
+                   kp = as(keep, at::kBool);
+  const auto reader = [](const at::Tensor& t, auto* p) {
+    return [p, s0 = t.stride(0), s1 = t.stride(1)](int64_t i, int64_t j) { return p[i * s0 + j * s1]; };
+  };
+  const auto ep = reader(e, e.data_ptr<int64_t>()), gp = reader(g, g.data_ptr<int64_t>()),
+             pp = reader(ps, ps.data_ptr<int64_t>());
+  const auto kk = reader(kp, kp.data_ptr<bool>());
+  const int64_t* so = slot_of.data_ptr<int64_t>();
+  std::vector<int64_t> start(static_cast<size_t>(buckets) + 1, 0), counts(static_cast<size_t>(E), 0);
   int64_t kept = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (!kk[i]) continue;
-    if (ep[i] < 0 || ep[i] >= S || gp[i] < 0 || gp[i] >= std::max<int64_t>(groups, 1)) return {};
-    ++start[static_cast<size_t>(so[ep[i]] * groups + gp[i] + 1)];
-    ++kept;
-  }
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t j = 0; j < K; ++j) {
+      if (!kk(i, j)) continue;
+      const int64_t ex = ep(i, j), gr = gp(i, j);
+      if (ex < 0 || ex >= E || ex >= S || gr < 0 || gr >= G) return h;
+      ++start[static_cast<size_t>(so[ex] * G + gr + 1)];
+      ++counts[static_cast<size_t>(ex)];
+      ++kept;
+    }
   for (int64_t b = 0; b < buckets; ++b) start[static_cast<size_t>(b + 1)] += start[static_cast<size_t>(b)];
-  at::Tensor out = at::full({kept}, -1, at::kLong);
-  int64_t* o = out.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) {
-    if (!kk[i]) continue;
-    const auto b = static_cast<size_t>(so[ep[i]] * groups + gp[i]);
-    const int64_t at = start[b] + pp[i];
-    if (pp[i] < 0 || at >= start[b + 1] || o[at] != -1) return {};  // positions not 0 .. n-1: sort instead
-    o[at] = i;
-  }
-  return out;
+  at::Tensor out = at::empty({3, kept}, at::kLong);  // order, token, expert
+  int64_t *o = out.data_ptr<int64_t>(), *t = o + kept, *x = t + kept;
+  std::vector<uint64_t> taken(static_cast<size_t>(kept + 63) / 64, 0);
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t j = 0; j < K; ++j) {
+      if (!kk(i, j)) continue;
+      const int64_t ex = ep(i, j), pos = pp(i, j);
+      const auto b = static_cast<size_t>(so[ex] * G + gp(i, j));
+      const int64_t at = start[b] + pos;
+      if (pos < 0 || at >= start[b + 1]) return h;  // gaps: sort instead
+      uint64_t& word = taken[static_cast<size_t>(at) / 64];
+      const uint64_t bit = uint64_t{1} << (at % 64);
+      if (word & bit) return h;  // two choices in one place: positions repeat
+      word |= bit;
+      o[at] = i * K + j, t[at] = i, x[at] = ex;
+    }
+  h.order = out[0];
+  h.token = out[1];
+  h.expert = out[2];
+  h.counts = std::move(counts);
+  return h;
 }
 
-}  // namespace
+}  // namespace detail
 
 void TokenDispatcher::fill_plan(const RoutedChoices& c, DispatchPlan& p) const {
   const Placement& pl = *placement_;
@@ -69,30 +97,35 @@ void TokenDispatcher::fill_plan(const RoutedChoices& c, DispatchPlan& p) const {
   }
   at::Tensor keep = c.keep.reshape({-1});
   at::Tensor e_all = expert.reshape({-1});
-  at::Tensor order;
-  if (expert.is_cpu()) order = kept_in_key_order(slot_of_, e_all, c.group, c.position, keep, c.num_groups);
-  if (!order.defined()) {
+  detail::HostOrder h;
+  if (expert.is_cpu()) h = detail::kept_in_key_order(slot_of_, expert, c.group, c.position, keep, c.num_groups, K, E);
+  if (h.order.defined()) {
+    p.send_counts = std::move(h.counts);
+    p.choice = h.order;
+    p.token = h.token;
+    p.send_expert = h.expert;
+  } else {
     at::Tensor key = (slot_of_.index_select(0, e_all) * c.num_groups + c.group.reshape({-1})) * c.capacity +
                      c.position.reshape({-1});
     key = key.masked_fill(keep.logical_not(), std::numeric_limits<int64_t>::max());
-    order = std::get<1>(key.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
-  }
+    at::Tensor order = std::get<1>(key.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
 
-  // Counts per expert (by expert id) on the host: they size the exchange. Bin E
-  // collects the dropped choices. (index_add, not bincount: CUDA's bincount reads
-  // the input's maximum back to the host first.)
-  at::Tensor bin = at::where(keep, e_all, E);
-  at::Tensor counts_t =
-      at::zeros({E + 1}, e_all.options()).index_add_(0, bin, at::ones_like(bin)).to(at::kCPU);
-  const int64_t* cnt = counts_t.data_ptr<int64_t>();
-  p.send_counts.assign(cnt, cnt + E);
-  int64_t kept_total = 0;
-  for (int ex = 0; ex < E; ++ex) kept_total += cnt[ex];
-  order = order.narrow(0, 0, kept_total);
-  p.choice = order;
-  p.token = at::floor_divide(p.choice, K);
+    // Counts per expert (by expert id) on the host: they size the exchange. Bin E
+    // collects the dropped choices. (index_add, not bincount: CUDA's bincount reads
+    // the input's maximum back to the host first.)
+    at::Tensor bin = at::where(keep, e_all, E);
+    at::Tensor counts_t =
+        at::zeros({E + 1}, e_all.options()).index_add_(0, bin, at::ones_like(bin)).to(at::kCPU);
+    const int64_t* cnt = counts_t.data_ptr<int64_t>();
+    p.send_counts.assign(cnt, cnt + E);
+    int64_t kept_total = 0;
+    for (int ex = 0; ex < E; ++ex) kept_total += cnt[ex];
+    order = order.narrow(0, 0, kept_total);
+    p.choice = order;
+    p.token = at::floor_divide(p.choice, K);
+    p.send_expert = e_all.index_select(0, order);
+  }
   p.gate = c.gate.reshape({-1}).index_select(0, p.choice);
-  p.send_expert = e_all.index_select(0, order);
 
   // Tell every rank how many rows each of its experts gets from here. Send order
   // is (rank, its local experts in order), so each (rank, expert) is one block.

@@ -130,4 +130,18 @@ class KernelDispatcher final : public TokenDispatcher {
 std::unique_ptr<TokenDispatcher> make_dispatcher(DispatcherKind kind, c10::Device device, Communicator& comm,
                                                  const Placement& placement);
 
+namespace detail {
+// The plan's host path (in the header for its test): the kept choices of [N, k]
+// host tensors (any strides) in send-key order ((slot_of[expert], group), then
+// position) by a counting pass, with their tokens and experts and the kept choices
+// per expert. `order` is undefined where a (slot, group)'s positions are not
+// 0 .. n-1 (plan() then sorts).
+struct HostOrder {
+  at::Tensor order, token, expert;  // [kept] int64 each
+  std::vector<int64_t> counts;      // [E] kept choices per expert
+};
+HostOrder kept_in_key_order(const at::Tensor& slot_of, const at::Tensor& expert, const at::Tensor& group,
+                            const at::Tensor& position, const at::Tensor& keep, int64_t groups, int64_t K, int E);
+}  // namespace detail
+
 }  // namespace moeprune
