@@ -165,33 +165,70 @@ at::Tensor gather_sum(const at::Tensor& where, const at::Tensor& weight, int64_t
   return gather_sum_rows(where, weight, K, own, rows);
 }
 
-// out[i] = gate[i] * src[index[i]] (out: a contiguous run of rows).
-void gather_scaled(at::Tensor out, const at::Tensor& src, const at::Tensor& index, const at::Tensor& gate) {
-  const int64_t n = index.size(0), H = src.size(1);
-  if (n == 0 || H == 0) return;
+// Runs of rows: row `to + i` goes with index `from + i` for i < n. The helpers
+// below make one parallel pass over all rows of their runs (a tensor operation per
+// run cost ~10 us: 16 runs per rank and step at E = 32 on 2 ranks).
+struct Run {
+  int64_t to, from, n;
+};
+std::vector<Run> runs_of(const std::vector<Route::Pair>& own) {  // received row ro + i, send row so + i
+  std::vector<Run> v;
+  for (const Route::Pair& q : own) v.push_back({q.ro, q.so, q.n});
+  return v;
+}
+std::vector<Run> runs_of(const std::vector<RowBlock>& blocks) {  // send rows, in place
+  std::vector<Run> v;
+  for (const RowBlock& b : blocks) v.push_back({b.offset, b.offset, b.rows});
+  return v;
+}
+
+int64_t rows_in(const std::vector<Run>& runs) {
+  int64_t n = 0;
+  for (const Run& q : runs) n += q.n;
+  return n;
+}
+
+// fn(to, from) for every row of `runs`, rows split among threads (grain: rows of H elements).
+template <class F>
+void for_each_row(const std::vector<Run>& runs, int64_t H, const F& fn) {
+  std::vector<int64_t> first(runs.size() + 1, 0);  // run q's rows are [first[q], first[q + 1]) of the pass
+  for (size_t q = 0; q < runs.size(); ++q) first[q + 1] = first[q] + runs[q].n;
+  if (first.back() == 0) return;
+  at::parallel_for(0, first.back(), std::max<int64_t>(1, kGrainElements / std::max<int64_t>(H, 1)),
+                   [&](int64_t a0, int64_t a1) {
+                     auto q = static_cast<size_t>(std::upper_bound(first.begin(), first.end(), a0) - first.begin() - 1);
+                     for (int64_t a = a0; a < a1; ++a) {
+                       while (a >= first[q + 1]) ++q;
+                       const int64_t i = a - first[q];
+                       fn(runs[q].to + i, runs[q].from + i);
+                     }
+                   });
+}
+
+// out[to] = gate[from] * src[index[from]] over the runs.
+void gather_scaled(at::Tensor& out, const at::Tensor& src, const at::Tensor& index, const at::Tensor& gate,
+                   const std::vector<Run>& runs) {
+  const int64_t H = src.size(1);
+  if (H == 0 || rows_in(runs) == 0) return;
   const int64_t* idx = index.data_ptr<int64_t>();
   const float* g = gate.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "gather_scaled", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     const scalar_t* s = src.data_ptr<scalar_t>();
-    at::parallel_for(0, n, std::max<int64_t>(1, kGrainElements / H), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const scalar_t* row = s + idx[i] * H;
-        const float w = g[i];
-        for (int64_t c = 0; c < H; ++c) o[i * H + c] = static_cast<scalar_t>(w * static_cast<float>(row[c]));
-      }
+    for_each_row(runs, H, [&](int64_t to, int64_t from) {
+      const scalar_t* row = s + idx[from] * H;
+      const float w = g[from];
+      scalar_t* d = o + to * H;
+      for (int64_t c = 0; c < H; ++c) d[c] = static_cast<scalar_t>(w * static_cast<float>(row[c]));
     });
   });
 }
 
-// The rank's own rows: dst row q.ro + i = src row token[q.so + i] for each own
-// pair q, in one parallel pass of row copies (an index_select per pair cost ~10 us
-// each: 16 pairs per rank at E = 32 on 2 ranks).
+// The rank's own rows into the received rows: dst[ro + i] = src[token[so + i]] for
+// each own pair, bounds checked (rows of x are read by index).
 void gather_own(at::Tensor& dst, const at::Tensor& src, const at::Tensor& token, const std::vector<Route::Pair>& own) {
-  std::vector<int64_t> first(own.size() + 1, 0);  // pair q's rows are [first[q], first[q + 1]) of the pass
-  for (size_t q = 0; q < own.size(); ++q) first[q + 1] = first[q] + own[q].n;
-  const int64_t total = first.back(), rb = row_bytes(src), H = src.size(1), rows = src.size(0);
-  if (total == 0) return;
+  const int64_t rb = row_bytes(src), H = src.size(1), rows = src.size(0);
+  if (rows_in(runs_of(own)) == 0) return;
   TORCH_CHECK(dst.is_contiguous() && src.is_contiguous() && row_bytes(dst) == rb,
               "direct dispatch: own rows need contiguous buffers of one row size");
   const int64_t* idx = token.data_ptr<int64_t>();
@@ -201,36 +238,30 @@ void gather_own(at::Tensor& dst, const at::Tensor& src, const at::Tensor& token,
                   " rows of x");
   auto* d = static_cast<char*>(dst.data_ptr());
   const auto* s = static_cast<const char*>(src.data_ptr());
-  at::parallel_for(0, total, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(H, 1)), [&](int64_t a0, int64_t a1) {
-    auto q = static_cast<size_t>(std::upper_bound(first.begin(), first.end(), a0) - first.begin() - 1);
-    for (int64_t a = a0; a < a1; ++a) {
-      while (a >= first[q + 1]) ++q;
-      const int64_t i = a - first[q];
-      std::memcpy(d + (own[q].ro + i) * rb, s + idx[own[q].so + i] * rb, static_cast<size_t>(rb));
-    }
+  for_each_row(runs_of(own), H, [&](int64_t to, int64_t from) {
+    std::memcpy(d + to * rb, s + idx[from] * rb, static_cast<size_t>(rb));
   });
 }
 
-// dst[i] = <src[index[i]], rows[i]>, accumulated in float.
-void row_dots(at::Tensor dst, const at::Tensor& src, const at::Tensor& index, const at::Tensor& rows) {
-  const int64_t n = index.size(0), H = src.size(1);
-  if (n == 0) return;
+// dst[from] = <src[index[from]], rows[to]> over the runs, accumulated in float.
+void row_dots(at::Tensor& dst, const at::Tensor& src, const at::Tensor& index, const at::Tensor& rows,
+              const std::vector<Run>& runs) {
+  const int64_t H = src.size(1);
+  if (rows_in(runs) == 0) return;
   const int64_t* idx = index.data_ptr<int64_t>();
   float* d = dst.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "row_dots", [&] {
     const scalar_t* s = src.data_ptr<scalar_t>();
     const scalar_t* y = rows.data_ptr<scalar_t>();
-    at::parallel_for(0, n, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(H, 1)), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const scalar_t* a = s + idx[i] * H;
-        const scalar_t* b = y + i * H;
-        float acc[4] = {0, 0, 0, 0};  // four partial sums: the loop vectorises
-        int64_t c = 0;
-        for (; c + 4 <= H; c += 4)
-          for (int u = 0; u < 4; ++u) acc[u] += static_cast<float>(a[c + u]) * static_cast<float>(b[c + u]);
-        for (; c < H; ++c) acc[0] += static_cast<float>(a[c]) * static_cast<float>(b[c]);
-        d[i] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-      }
+    for_each_row(runs, H, [&](int64_t to, int64_t from) {
+      const scalar_t* a = s + idx[from] * H;
+      const scalar_t* b = y + to * H;
+      float acc[4] = {0, 0, 0, 0};  // four partial sums: the loop vectorises
+      int64_t c = 0;
+      for (; c + 4 <= H; c += 4)
+        for (int u = 0; u < 4; ++u) acc[u] += static_cast<float>(a[c + u]) * static_cast<float>(b[c + u]);
+      for (; c < H; ++c) acc[0] += static_cast<float>(a[c]) * static_cast<float>(b[c]);
+      d[from] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     });
   });
 }
@@ -239,10 +270,7 @@ void row_dots(at::Tensor dst, const at::Tensor& src, const at::Tensor& index, co
 // in send order (to be sent back to the experts).
 at::Tensor scaled_peer_rows(const Route& r, const at::Tensor& g, const at::Tensor& token, const at::Tensor& gate) {
   at::Tensor scaled = at::empty({r.send_rows, g.size(1)}, g.options());
-  for (const RowBlock& b : r.send_peer)
-    if (b.rows)
-      gather_scaled(scaled.narrow(0, b.offset, b.rows), g, token.narrow(0, b.offset, b.rows),
-                    gate.narrow(0, b.offset, b.rows));
+  gather_scaled(scaled, g, token, gate, runs_of(r.send_peer));
   return scaled;
 }
 
@@ -250,14 +278,10 @@ at::Tensor scaled_peer_rows(const Route& r, const at::Tensor& g, const at::Tenso
 // d gate[a] = <g[token[a]], y[a]> with the other ranks' outputs y[a] in `back`.
 void own_and_gate_grads(const Route& r, const at::Tensor& g, const at::Tensor& token, const at::Tensor& gate,
                         const at::Tensor& y, const at::Tensor& back, at::Tensor& grad_y, at::Tensor& grad_gate) {
-  for (const Route::Pair& q : r.own) {
-    gather_scaled(grad_y.narrow(0, q.ro, q.n), g, token.narrow(0, q.so, q.n), gate.narrow(0, q.so, q.n));
-    row_dots(grad_gate.narrow(0, q.so, q.n), g, token.narrow(0, q.so, q.n), y.narrow(0, q.ro, q.n));
-  }
-  for (const RowBlock& b : r.send_peer)
-    if (b.rows)
-      row_dots(grad_gate.narrow(0, b.offset, b.rows), g, token.narrow(0, b.offset, b.rows),
-               back.narrow(0, b.offset, b.rows));
+  const std::vector<Run> own = runs_of(r.own);
+  gather_scaled(grad_y, g, token, gate, own);
+  row_dots(grad_gate, g, token, y, own);
+  row_dots(grad_gate, g, token, back, runs_of(r.send_peer));
 }
 
 // ---------------------------------------------------------------------------
