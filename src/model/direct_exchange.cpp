@@ -235,22 +235,27 @@ void gather_scaled(at::Tensor& out, const at::Tensor& src, const at::Tensor& ind
   });
 }
 
+// idx[first .. first + n) are rows of x (x has `rows`): checked before any row is
+// read by them, or written into another rank's memory.
+void check_rows_of_x(const int64_t* idx, int64_t first, int64_t n, int64_t rows) {
+  for (int64_t i = first; i < first + n; ++i)
+    TORCH_CHECK(idx[i] >= 0 && idx[i] < rows, "direct dispatch: row index ", idx[i], " outside the ", rows, " rows of x");
+}
+
 // The rank's own rows into the received rows: dst[ro + i] = src[token[so + i]] for
 // each own pair, bounds checked (rows of x are read by index).
 void gather_own(at::Tensor& dst, const at::Tensor& src, const at::Tensor& token, const std::vector<Route::Pair>& own) {
   const int64_t rb = row_bytes(src), H = src.size(1), rows = src.size(0);
-  if (rows_in(runs_of(own)) == 0) return;
+  const std::vector<Run> runs = runs_of(own);
+  if (rows_in(runs) == 0) return;
   TORCH_CHECK(dst.is_contiguous() && src.is_contiguous() && row_bytes(dst) == rb,
               "direct dispatch: own rows need contiguous buffers of one row size");
   const int64_t* idx = token.data_ptr<int64_t>();
-  for (const Route::Pair& q : own)
-    for (int64_t i = q.so; i < q.so + q.n; ++i)
-      TORCH_CHECK(idx[i] >= 0 && idx[i] < rows, "direct dispatch: row index ", idx[i], " outside the ", rows,
-                  " rows of x");
+  for (const Run& q : runs) check_rows_of_x(idx, q.from, q.n, rows);
   auto* d = static_cast<char*>(dst.data_ptr());
   const auto* s = static_cast<const char*>(src.data_ptr());
   const int64_t n_idx = token.numel();
-  for_each_row(runs_of(own), H, [&](int64_t to, int64_t from) {
+  for_each_row(runs, H, [&](int64_t to, int64_t from) {
     if (from + 2 < n_idx && idx[from + 2] >= 0 && idx[from + 2] < rows) prefetch_row(s + idx[from + 2] * rb, rb);
     std::memcpy(d + to * rb, s + idx[from] * rb, static_cast<size_t>(rb));
   });
@@ -386,10 +391,7 @@ at::Tensor node_dispatch(const at::Tensor& x, const Route& r, const at::Tensor& 
   at::Tensor recv = node_empty(m, {r.recv_rows, H}, x.options());
   if (!recv.defined()) recv = at::empty({r.recv_rows, H}, x.options());  // no room: the senders use MPI
   const int64_t* idx = token.data_ptr<int64_t>();
-  for (const RowBlock& b : r.send_peer)  // checked before any row is written into another rank's memory
-    for (int64_t i = b.offset; i < b.offset + b.rows; ++i)
-      TORCH_CHECK(idx[i] >= 0 && idx[i] < src_rows, "direct dispatch: row index ", idx[i], " outside the ", src_rows,
-                  " rows of x");
+  for (const RowBlock& b : r.send_peer) check_rows_of_x(idx, b.offset, b.rows, src_rows);
   // 1. Every rank tells each sender where its blocks go.
   const std::vector<std::vector<int64_t>> to = offsets_for_peers(*m, recv, r.recv_peer, W);
   const bool here = !to.empty() && std::any_of(to.begin(), to.end(), [](const auto& v) { return !v.empty() && v[0] >= 0; });
