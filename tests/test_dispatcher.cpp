@@ -157,6 +157,19 @@ TEST_P(DispatcherContract, KeptChoicesInKeyOrderWithAndWithoutGaps) {
     }
 }
 
+TEST_P(DispatcherContract, RowIndexOutsideTheInputIsAnErrorNotARead) {
+  auto p = d->plan(make_case().choices());
+  const at::Tensor x = at::randn({12, 8});
+  p->token = p->token.clone();
+  p->token[3] = 12;  // one past the last row of x
+  try {
+    d->dispatch(x, *p);
+    if (GetParam() == DispatcherKind::Kernels) ADD_FAILURE() << "a row index outside x was read";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("12"), std::string::npos) << e.what();
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Backends, DispatcherContract,
                          ::testing::Values(DispatcherKind::Torch, DispatcherKind::Kernels),
                          [](const auto& info) { return str(info.param); });
