@@ -110,6 +110,14 @@ inline void prefetch_row(const void* row, int64_t bytes) {
   for (int64_t b = 0; b < std::min<int64_t>(bytes, 512); b += 64) __builtin_prefetch(p + b, 0, 3);
 }
 
+// dst_row = row idx[a] of x (row size rb), asking for row idx[a + 2] of x meanwhile
+// where a + 2 < end and it is a row of x (`rows` of them).
+inline void copy_row_ahead(char* dst_row, const char* xs, const int64_t* idx, int64_t a, int64_t end, int64_t rows,
+                           int64_t rb) {
+  if (a + 2 < end && idx[a + 2] >= 0 && idx[a + 2] < rows) prefetch_row(xs + idx[a + 2] * rb, rb);
+  std::memcpy(dst_row, xs + idx[a] * rb, static_cast<size_t>(rb));
+}
+
 // Elements per task of the row-parallel loops: enough to amortise a task.
 constexpr int64_t kGrainElements = 1024;
 
@@ -255,10 +263,7 @@ void gather_own(at::Tensor& dst, const at::Tensor& src, const at::Tensor& token,
   auto* d = static_cast<char*>(dst.data_ptr());
   const auto* s = static_cast<const char*>(src.data_ptr());
   const int64_t n_idx = token.numel();
-  for_each_row(runs, H, [&](int64_t to, int64_t from) {
-    if (from + 2 < n_idx && idx[from + 2] >= 0 && idx[from + 2] < rows) prefetch_row(s + idx[from + 2] * rb, rb);
-    std::memcpy(d + to * rb, s + idx[from] * rb, static_cast<size_t>(rb));
-  });
+  for_each_row(runs, H, [&](int64_t to, int64_t from) { copy_row_ahead(d + to * rb, s, idx, from, n_idx, rows, rb); });
 }
 
 // dst[from] = <src[index[from]], rows[to]> over the runs, accumulated in float.
@@ -409,10 +414,7 @@ at::Tensor node_dispatch(const at::Tensor& x, const Route& r, const at::Tensor& 
     char* dst = m->segment(b.peer) + off;
     const int64_t first = b.offset;
     at::parallel_for(0, b.rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(H, 1)), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        if (i + 2 < i1) prefetch_row(xs + idx[first + i + 2] * rb, rb);
-        std::memcpy(dst + i * rb, xs + idx[first + i] * rb, static_cast<size_t>(rb));
-      }
+      for (int64_t i = i0; i < i1; ++i) copy_row_ahead(dst + i * rb, xs, idx, first + i, first + i1, src_rows, rb);
     });
   }
   // 3. The writers say they are done (each waits for its own writers) while the

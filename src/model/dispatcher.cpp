@@ -95,16 +95,15 @@ void TokenDispatcher::fill_plan(const RoutedChoices& c, DispatchPlan& p) const {
     for (int ex = 0; ex < E; ++ex) slot_table[ex] = pl.send_slot(ex);
     slot_of_ = at::tensor(slot_table, at::kLong).to(expert.device());
   }
-  at::Tensor keep = c.keep.reshape({-1});
-  at::Tensor e_all = expert.reshape({-1});
   detail::HostOrder h;
-  if (expert.is_cpu()) h = detail::kept_in_key_order(slot_of_, expert, c.group, c.position, keep, c.num_groups, K, E);
+  if (expert.is_cpu()) h = detail::kept_in_key_order(slot_of_, expert, c.group, c.position, c.keep, c.num_groups, K, E);
   if (h.order.defined()) {
     p.send_counts = std::move(h.counts);
     p.choice = h.order;
     p.token = h.token;
     p.send_expert = h.expert;
   } else {
+    const at::Tensor keep = c.keep.reshape({-1}), e_all = expert.reshape({-1});
     at::Tensor key = (slot_of_.index_select(0, e_all) * c.num_groups + c.group.reshape({-1})) * c.capacity +
                      c.position.reshape({-1});
     key = key.masked_fill(keep.logical_not(), std::numeric_limits<int64_t>::max());
